@@ -1,0 +1,134 @@
+"""``mergekit-fw``: the fast path and the pieces of a Frank-Wolfe merge.
+
+Thin by design: parsing and validation live in :mod:`mergekit_fw.config` and
+:mod:`mergekit_fw.mergekit_adapter`, the work in :mod:`mergekit_fw.runner`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from mergekit_fw.config import ConfigError, parameter_descriptions
+
+LOG = logging.getLogger("mergekit_fw")
+
+
+def _parameters_help() -> str:
+    lines = ["\b", "Parameters of merge_method: frank_wolfe (the config's parameters: block):"]
+    for name, description in parameter_descriptions().items():
+        lines.append(f"  {name}: {description}")
+    return "\n".join(lines)
+
+
+
+
+def _setup(verbose: bool, threads: Optional[int]) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _fail(error: Exception) -> None:
+    click.echo(f"mergekit-fw: error: {error}", err=True)
+    sys.exit(2)
+
+
+@click.group(epilog=_parameters_help())
+def main() -> None:
+    """Frank-Wolfe merging of LoRA and full fine-tunes, for mergekit configs."""
+
+
+_config_arg = click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
+_verbose = click.option("-v", "--verbose", is_flag=True, help="Log progress at INFO level.")
+_threads = click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+_quiet = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+@main.command(epilog=_parameters_help())
+@_config_arg
+@click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out-shard-size", default="5B", show_default=True, help="Largest output shard (e.g. 500M, 5B).")
+@_verbose
+@_threads
+@_quiet
+def run(config_file: Path, out_path: Path, out_shard_size: str, verbose: bool, threads: Optional[int], quiet: bool) -> None:
+    """Solve and write the merged model, never expanding LoRAs to full copies."""
+    _setup(verbose, threads)
+    try:
+        from mergekit_fw.mergekit_adapter import load_merge_config, output_dtype, parse_size, pool_and_parameters
+        from mergekit_fw.report import summary, write_artifacts
+        from mergekit_fw.runner import solve_cached
+        from mergekit_fw.writer import write_merged_model
+
+        merge_config = load_merge_config(config_file)
+        spec, params = pool_and_parameters(merge_config, source=str(config_file))
+        shard_size = parse_size(out_shard_size)
+        result = solve_cached(spec, params, progress=not quiet)
+        write_merged_model(
+            result.pool,
+            result.table,
+            out_path,
+            dtype=output_dtype(merge_config),
+            max_shard_size=shard_size,
+            progress=not quiet,
+            extra_writer=lambda folder: write_artifacts(folder, result, merge_config),
+        )
+    except (ConfigError, ValueError, OSError) as error:
+        _fail(error)
+    click.echo(summary(result))
+    click.echo(f"merged model written to {out_path}")
+
+
+@main.command(epilog=_parameters_help())
+@_config_arg
+@click.option("--table", "table_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Where to write the coefficient table JSON.")
+@_verbose
+@_threads
+@_quiet
+def solve(config_file: Path, table_path: Path, verbose: bool, threads: Optional[int], quiet: bool) -> None:
+    """Run only the optimisation and save the coefficient table."""
+    _setup(verbose, threads)
+    try:
+        from mergekit_fw.mergekit_adapter import load_merge_config, pool_and_parameters
+        from mergekit_fw.report import summary
+        from mergekit_fw.runner import solve_cached
+
+        merge_config = load_merge_config(config_file)
+        spec, params = pool_and_parameters(merge_config, source=str(config_file))
+        result = solve_cached(spec, params, progress=not quiet)
+        result.table.save(table_path)
+    except (ConfigError, ValueError, OSError) as error:
+        _fail(error)
+    click.echo(summary(result))
+    click.echo(f"table written to {table_path}")
+
+
+@main.command()
+@click.argument("table_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Output YAML (default: fw_mergekit.yml beside the table).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The fw.yml the table came from, to carry over dtype and tokenizer settings.")
+def export(table_path: Path, output: Optional[Path], config_file: Optional[Path]) -> None:
+    """Write a stock mergekit config (task_arithmetic, per-tensor weights) for a table."""
+    try:
+        from mergekit_fw.export import REPLAY_FILE, write_replay
+        from mergekit_fw.mergekit_adapter import load_merge_config
+        from mergekit_fw.table import CoefficientTable
+
+        table = CoefficientTable.load(table_path)
+        merge_config = load_merge_config(config_file) if config_file else None
+        output = output or table_path.with_name(REPLAY_FILE)
+        write_replay(table, merge_config, output)
+    except (ConfigError, ValueError, OSError) as error:
+        _fail(error)
+    click.echo(f"replay config written to {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""The pool: the base model and its candidates, checked before any maths.
+
+A candidate is a PEFT LoRA adapter (``BASE+ADAPTER`` in mergekit's notation) or a
+full checkpoint folder. Everything is resolved to local folders first (hub ids go
+through ``huggingface_hub.snapshot_download``, which honours ``HF_HUB_OFFLINE``),
+then checked to fit the base: same architecture, same tensor shapes, LoRA deltas
+that land on real base weights. Task vectors are served lazily, one tensor at a
+time; only the adapters' own low-rank factors are kept resident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from safetensors import safe_open
+
+LOG = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py")
+
+
+class PoolError(ValueError):
+    """A base or candidate that cannot be merged; the message names it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model folder or hub id, optionally with a revision."""
+
+    path: str
+    revision: Optional[str] = None
+
+    def __str__(self) -> str:
+        return self.path if not self.revision else f"{self.path}@{self.revision}"
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """One pool member as the user wrote it (``name`` is mergekit's reference string)."""
+
+    name: str
+    model: ModelSource
+    lora: Optional[ModelSource] = None
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    base: ModelSource
+    candidates: Tuple[CandidateSpec, ...]
+
+
+def local_dir(source: ModelSource, what: str) -> Path:
+    """A local folder for a model reference (downloading it when online)."""
+    path = Path(source.path).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise PoolError(f"{what} {source}: expected a folder, found a file")
+    looks_like_repo = re.fullmatch(r"[\w.-]+/[\w.-]+", source.path) is not None
+    if not looks_like_repo:
+        raise PoolError(f"{what} {source}: folder not found")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(source.path, revision=source.revision, allow_patterns=list(WEIGHT_PATTERNS))
+        )
+    except Exception as error:
+        raise PoolError(
+            f"{what} {source}: not a local folder and could not be fetched from the hub ({error})"
+        ) from None
+
+
+class SafetensorsIndex:
+    """Tensor name -> file for a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, folder: Path, what: str):
+        self.folder = folder
+        self.what = what
+        index_file = folder / "model.safetensors.index.json"
+        self.files: Dict[str, Path] = {}
+        if index_file.is_file():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            self.files = {name: folder / shard for name, shard in weight_map.items()}
+        else:
+            shards = sorted(folder.glob("*.safetensors"))
+            shards = [s for s in shards if not s.name.startswith("adapter_model")]
+            if not shards:
+                raise PoolError(f"{what} {folder}: no .safetensors weights found")
+            for shard in shards:
+                with safe_open(str(shard), framework="pt") as handle:
+                    for name in handle.keys():
+                        self.files[name] = shard
+        self._shapes: Dict[str, Tuple[int, ...]] = {}
+
+    def names(self) -> List[str]:
+        return list(self.files)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        if name not in self._shapes:
+            with safe_open(str(self.files[name]), framework="pt") as handle:
+                self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            shard = self.files[name]
+        except KeyError:
+            raise PoolError(f"{self.what} {self.folder}: has no tensor {name!r}") from None
+        with safe_open(str(shard), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def weight_files(self) -> List[Path]:
+        return sorted(set(self.files.values()))
+
+
+@dataclass
+class LoraFactors:
+    """``delta = scale * B @ A`` for one base weight."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scale: float
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.B.to(dtype) @ self.A.to(dtype)) * self.scale
+
+
+@dataclass
+class LoraCandidate:
+    name: str
+    adapter_dir: Path
+    factors: Dict[str, LoraFactors]  # keyed by base tensor name
+
+    kind = "lora"
+
+    def tensor_names(self) -> List[str]:
+        return list(self.factors)
+
+    def delta(self, tensor: str, base: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        factors = self.factors.get(tensor)
+        return None if factors is None else factors.delta()
+
+    def files(self) -> List[Path]:
+        return [self.adapter_dir / "adapter_config.json", self.adapter_dir / "adapter_model.safetensors"]
+
+    def nbytes(self) -> int:
+        return sum(f.A.numel() * f.A.element_size() + f.B.numel() * f.B.element_size() for f in self.factors.values())
+
+
+@dataclass
+class DenseCandidate:
+    name: str
+    folder: Path
+    index: SafetensorsIndex
+    touched: List[str] = field(default_factory=list)
+
+    kind = "dense"
+
+    def tensor_names(self) -> List[str]:
+        return self.touched
+
+    def delta(self, tensor: str, base: torch.Tensor) -> Optional[torch.Tensor]:
+        if tensor not in self.index.files:
+            return None
+        dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+        return self.index.get(tensor).to(dtype) - base.to(dtype)
+
+    def files(self) -> List[Path]:
+        return [self.folder / "config.json", *self.index.weight_files()]
+
+
+Candidate = Union[LoraCandidate, DenseCandidate]
+
+
+def _pattern_value(patterns: Dict[str, float], module: str) -> Optional[float]:
+    """PEFT's rank/alpha pattern lookup: a key matches a module name suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex) -> LoraCandidate:
+    config_file = adapter_dir / "adapter_config.json"
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise PoolError(f"candidate {name}: {config_file} not found (is it a PEFT adapter folder?)")
+    if not weights_file.is_file():
+        if (adapter_dir / "adapter_model.bin").is_file():
+            raise PoolError(f"candidate {name}: {adapter_dir}/adapter_model.bin: only safetensors adapters are supported")
+        raise PoolError(f"candidate {name}: {weights_file} not found")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise PoolError(f"candidate {name}: {config_file}: not valid JSON ({error.msg})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise PoolError(f"candidate {name}: {config_file}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise PoolError(f"candidate {name}: {config_file}: DoRA adapters are not supported")
+    if config.get("modules_to_save"):
+        raise PoolError(f"candidate {name}: {config_file}: modules_to_save (full trained modules) are not supported")
+    alpha = float(config.get("lora_alpha", 8))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+
+    pairs: Dict[str, Dict[str, torch.Tensor]] = {}
+    with safe_open(str(weights_file), framework="pt") as handle:
+        for key in handle.keys():
+            match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+            if "lora_embedding" in key or "lora_magnitude" in key or match is None:
+                raise PoolError(f"candidate {name}: {weights_file}: unsupported adapter tensor {key!r}")
+            module, which = match.group(1), match.group(2)
+            pairs.setdefault(module, {})[which] = handle.get_tensor(key)
+
+    factors: Dict[str, LoraFactors] = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise PoolError(f"candidate {name}: {weights_file}: module {module} lacks lora_A or lora_B")
+        tensor = f"{module}.weight"
+        if tensor not in base_index.files:
+            raise PoolError(f"candidate {name}: targets {module}, but the base has no tensor {tensor!r}")
+        A, B = pair["lora_A"].to(torch.float32), pair["lora_B"].to(torch.float32)
+        rank = A.shape[0]
+        if B.shape[1] != rank:
+            raise PoolError(f"candidate {name}: {module}: lora_A rank {rank} != lora_B rank {B.shape[1]}")
+        base_shape = base_index.shape(tensor)
+        delta_shape = (B.shape[0], A.shape[1])
+        if fan_in_fan_out:
+            delta_shape = delta_shape[::-1]
+        if tuple(base_shape) != delta_shape:
+            raise PoolError(
+                f"candidate {name}: {module}: LoRA delta shape {delta_shape} does not match "
+                f"base weight {tensor} shape {tuple(base_shape)} (adapter for another base?)"
+            )
+        module_alpha = _pattern_value(alpha_pattern, module)
+        module_alpha = alpha if module_alpha is None else float(module_alpha)
+        scale = module_alpha / (math.sqrt(rank) if rslora else rank)
+        if fan_in_fan_out:  # delta = (B @ A).T: store the transposed product's factors
+            A, B = B.T.contiguous(), A.T.contiguous()
+        factors[tensor] = LoraFactors(A=A, B=B, scale=scale)
+    if not factors:
+        raise PoolError(f"candidate {name}: {weights_file}: no LoRA weights")
+    return LoraCandidate(name=name, adapter_dir=adapter_dir, factors=factors)
+
+
+_ARCH_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def _read_config(folder: Path, what: str) -> dict:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise PoolError(f"{what} {folder}: config.json not found")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise PoolError(f"{what} {config_file}: not valid JSON ({error.msg})") from None
+
+
+def load_dense(name: str, folder: Path, base_config: dict, base_index: SafetensorsIndex) -> DenseCandidate:
+    config = _read_config(folder, f"candidate {name}:")
+    for key in _ARCH_KEYS:
+        if config.get(key) != base_config.get(key):
+            raise PoolError(
+                f"candidate {name}: {folder}/config.json: {key} = {config.get(key)!r}, "
+                f"but the base has {base_config.get(key)!r}"
+            )
+    index = SafetensorsIndex(folder, f"candidate {name}:")
+    touched = []
+    for tensor in index.names():
+        if tensor not in base_index.files:
+            raise PoolError(f"candidate {name}: tensor {tensor!r} is not in the base model")
+        if index.shape(tensor) != base_index.shape(tensor):
+            raise PoolError(
+                f"candidate {name}: tensor {tensor} has shape {index.shape(tensor)}, "
+                f"the base {base_index.shape(tensor)}"
+            )
+        touched.append(tensor)
+    return DenseCandidate(name=name, folder=folder, index=index, touched=touched)
+
+
+@dataclass
+class Pool:
+    base_dir: Path
+    base_config: dict
+    base_index: SafetensorsIndex
+    candidates: List[Candidate]
+
+    @property
+    def names(self) -> List[str]:
+        return [c.name for c in self.candidates]
+
+    def tensor_names(self) -> List[str]:
+        """Tensors that some candidate moves, in the base checkpoint's order."""
+        moved = set()
+        for candidate in self.candidates:
+            moved.update(candidate.tensor_names())
+        return [name for name in self.base_index.names() if name in moved]
+
+    def lora_candidates(self) -> List[Tuple[int, LoraCandidate]]:
+        return [(i, c) for i, c in enumerate(self.candidates) if isinstance(c, LoraCandidate)]
+
+    def dense_candidates(self) -> List[Tuple[int, DenseCandidate]]:
+        return [(i, c) for i, c in enumerate(self.candidates) if isinstance(c, DenseCandidate)]
+
+    def files(self) -> List[Path]:
+        out = [self.base_dir / "config.json", *self.base_index.weight_files()]
+        for candidate in self.candidates:
+            out.extend(candidate.files())
+        return out
+
+
+def open_pool(spec: PoolSpec) -> Pool:
+    """Resolve and check the whole pool; raise :class:`PoolError` on the first misfit."""
+    if not spec.candidates:
+        raise PoolError("the pool has no candidates (models:) to merge")
+    names = [c.name for c in spec.candidates]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise PoolError(f"candidate listed twice: {', '.join(sorted(duplicates))}")
+    base_dir = local_dir(spec.base, "base_model")
+    base_config = _read_config(base_dir, "base_model")
+    base_index = SafetensorsIndex(base_dir, "base_model")
+    candidates: List[Candidate] = []
+    for candidate in spec.candidates:
+        if candidate.lora is not None:
+            if candidate.model != spec.base:
+                raise PoolError(
+                    f"candidate {candidate.name}: its LoRA is applied to {candidate.model}, "
+                    f"but base_model is {spec.base}; Frank-Wolfe needs every adapter on the base"
+                )
+            adapter_dir = local_dir(candidate.lora, f"candidate {candidate.name}: adapter")
+            candidates.append(load_lora(candidate.name, adapter_dir, base_index))
+        else:
+            folder = local_dir(candidate.model, f"candidate {candidate.name}:")
+            if folder == base_dir:
+                raise PoolError(f"candidate {candidate.name}: is the base model itself (its task vector is zero)")
+            candidates.append(load_dense(candidate.name, folder, base_config, base_index))
+    pool = Pool(base_dir=base_dir, base_config=base_config, base_index=base_index, candidates=candidates)
+    LOG.info(
+        "pool: base %s, %d LoRA and %d dense candidates, %d tensors moved",
+        base_dir, len(pool.lora_candidates()), len(pool.dense_candidates()), len(pool.tensor_names()),
+    )
+    return pool
+
+
+def file_fingerprint(paths: Iterable[Path], small_limit: int = 1 << 20) -> List[Tuple[str, str]]:
+    """(path, digest) per file: content hash for small files, size+mtime for weights.
+
+    Size+mtime is what notices a rebuilt pool at the same path (the case where
+    mergekit's path-keyed LoRA cache goes stale) without hashing gigabytes.
+    """
+    out = []
+    for path in sorted({Path(p).resolve() for p in paths}):
+        stat = path.stat()
+        if stat.st_size <= small_limit:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            digest = f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
+        out.append((str(path), digest))
+    return out
+
+
+def fingerprint(parts: Sequence[object]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]

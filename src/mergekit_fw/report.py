@@ -1,0 +1,38 @@
+"""What every output folder carries beside the weights: the coefficient table,
+the trace of the run and the replay config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mergekit_fw.export import REPLAY_FILE, write_replay
+from mergekit_fw.runner import TABLE_FILE, TRACE_FILE, SolveResult
+from mergekit_fw.table import write_json_atomic
+
+LOG = logging.getLogger(__name__)
+
+
+def write_artifacts(out_path: Path, result: SolveResult, merge_config) -> None:
+    out_path.mkdir(parents=True, exist_ok=True)
+    result.table.save(out_path / TABLE_FILE)
+    trace = result.trace.to_json()
+    trace["cache"] = str(result.cache_dir)
+    trace["reused_cached_solve"] = result.reused
+    write_json_atomic(out_path / TRACE_FILE, trace)
+    write_replay(result.table, merge_config, out_path / REPLAY_FILE)
+    LOG.info("wrote %s, %s and %s to %s", TABLE_FILE, TRACE_FILE, REPLAY_FILE, out_path)
+
+
+def summary(result: SolveResult) -> str:
+    trace = result.trace
+    lines = [
+        f"loss {trace.initial_loss:.5f} -> {trace.final_loss:.5f} in {len(trace.iterations)} iterations ({trace.stopped})",
+    ]
+    last = trace.iterations[-1] if trace.iterations else None
+    if last is not None:
+        lines.append(f"last FW gap {last.gap:.4g}")
+    coefficients = result.table.coefficients()
+    for i, name in enumerate(result.table.candidates):
+        lines.append(f"  mean coefficient {float(coefficients[i].mean()):.3f}  {name}")
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""One solve per pool and settings: load, fingerprint, solve or reuse, save.
+
+Both entry points (the mergekit kernel and ``mergekit-fw``) come through
+:func:`solve_cached`, so a solve is cached on disk under a fingerprint of the
+settings and of the pool's files, runs at most once per process (a lock guards
+the threads of mergekit's multi-GPU executor, a file lock other processes), and
+resumes from its last checkpoint when a previous run was interrupted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+
+from mergekit_fw import __version__
+from mergekit_fw.calibration import build_calibration, read_jsonl
+from mergekit_fw.config import FrankWolfeParameters
+from mergekit_fw.pool import Pool, PoolSpec, file_fingerprint, fingerprint, open_pool
+from mergekit_fw.solver import Trace, load_checkpoint, save_checkpoint, solve
+from mergekit_fw.table import CoefficientTable, write_json_atomic
+
+LOG = logging.getLogger(__name__)
+TABLE_FILE = "fw_table.json"
+TRACE_FILE = "fw_trace.json"
+CHECKPOINT_FILE = "fw_checkpoint.json"
+
+_LOCK = threading.Lock()
+_MEMO: Dict[str, Tuple[CoefficientTable, Trace]] = {}
+
+
+@dataclass
+class SolveResult:
+    table: CoefficientTable
+    trace: Trace
+    pool: Pool
+    cache_dir: Path
+    reused: bool
+
+
+def cache_root(params: FrankWolfeParameters) -> Path:
+    root = params.cache_dir or os.environ.get("MERGEKIT_FW_CACHE") or "~/.cache/mergekit_fw"
+    return Path(root).expanduser()
+
+
+def run_fingerprint(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path) -> str:
+    return fingerprint(
+        [
+            "mergekit-fw",
+            __version__,
+            params.fingerprint_fields(),
+            [c.name for c in spec.candidates],
+            file_fingerprint(pool.files()),
+            file_fingerprint([calibration]),
+        ]
+    )
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_base_model(pool: Pool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(pool.base_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(pool.base_dir), dtype=torch.float32)
+    return model, tokenizer
+
+
+def solve_cached(spec: PoolSpec, params: FrankWolfeParameters, *, progress: bool = True) -> SolveResult:
+    """Validate everything cheap first, then solve (or reuse a cached solve)."""
+    calibration = params.resolved_calibration()
+    read_jsonl(calibration)  # a malformed file fails before the pool is opened
+    pool = open_pool(spec)
+    key = run_fingerprint(spec, pool, params, calibration)
+    folder = cache_root(params) / key
+    with _LOCK:
+        if key in _MEMO:
+            table, trace = _MEMO[key]
+            return SolveResult(table, trace, pool, folder, reused=True)
+        with _file_lock(folder / ".lock"):
+            if (folder / TABLE_FILE).is_file() and (folder / TRACE_FILE).is_file():
+                LOG.info("reusing cached Frank-Wolfe solve %s", folder)
+                table = CoefficientTable.load(folder / TABLE_FILE)
+                trace = Trace.from_json(json.loads((folder / TRACE_FILE).read_text()))
+                _MEMO[key] = (table, trace)
+                return SolveResult(table, trace, pool, folder, reused=True)
+            table, trace = _solve(spec, pool, params, calibration, key, folder, progress)
+            _MEMO[key] = (table, trace)
+            return SolveResult(table, trace, pool, folder, reused=False)
+
+
+def _solve(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, key: str, folder: Path, progress: bool):
+    from mergekit_fw.oracle import Oracle
+
+    model, tokenizer = load_base_model(pool)
+    calib = build_calibration(
+        calibration,
+        tokenizer,
+        samples_per_task=params.samples_per_task,
+        batch_size=params.batch_size,
+        max_length=params.max_length,
+    )
+    resumed = load_checkpoint(folder / CHECKPOINT_FILE)
+    if resumed is not None and resumed[0].fingerprint == key:
+        table, trace = resumed
+        LOG.info("resuming Frank-Wolfe solve at iteration %d", len(trace.iterations))
+    else:
+        table = CoefficientTable.at_base(pool.names, pool.tensor_names(), key, str(spec.base))
+        trace = Trace()
+    table.meta.update({"tasks": calib.tasks, "parameters": params.model_dump(), "mergekit_fw": __version__})
+    oracle = Oracle(model, pool, calib, progress=progress)
+    try:
+        table, trace = solve(oracle, table, params, checkpoint=folder / CHECKPOINT_FILE, trace=trace, progress=progress)
+    finally:
+        oracle.close()
+    table.save(folder / TABLE_FILE)
+    write_json_atomic(folder / TRACE_FILE, trace.to_json())
+    (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return table, trace
