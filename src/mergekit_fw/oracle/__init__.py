@@ -72,7 +72,7 @@ class Oracle:
     @torch.no_grad()
     def loss(self, coefficients: torch.Tensor) -> float:
         self.set_point(coefficients)
-        return float(sum(float(self._forward(batch)) for batch in self._batches("loss")))
+        return float(sum(float(self._forward(batch)) for batch in self.calibration.batches))
 
     def loss_and_scores(self, coefficients: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """Loss at the point and ``score[i, l] = <grad_l, delta_i[l]>`` (float64)."""
