@@ -141,7 +141,6 @@ def _coefficients_for(group, params: FrankWolfeParameters) -> Dict[str, Dict[str
 
 def _build_method():
     from mergekit.merge_methods.base import (
-        MISSING,
         BasePolicy,
         GroupMergeMethod,
         InputContract,
@@ -150,12 +149,16 @@ def _build_method():
         ParameterSpec,
     )
 
+    # ``calibration`` is optional at this level only: mergekit's library API
+    # (merge_state_dicts, merge_tensors) calls every registered method with bare
+    # tensors, and there a solve is impossible (see merge_group). Configs are
+    # validated by FrankWolfeParameters, where calibration is required.
     parameters = tuple(
         ParameterSpec(
             name=name,
-            value_type=field.annotation,
+            value_type=Optional[field.annotation] if field.is_required() else field.annotation,
             scope=ParameterScope.SHARED,
-            default=MISSING if field.is_required() else field.default,
+            default=None if field.is_required() else field.default,
             description=field.description,
         )
         for name, field in FrankWolfeParameters.model_fields.items()
@@ -171,11 +174,33 @@ def _build_method():
         )
 
         def merge_group(self, group, /, **kwargs: Any) -> torch.Tensor:
+            from mergekit.common import ModelReference
+
+            solvable = kwargs.get("calibration") is not None and all(
+                isinstance(entry.id, ModelReference) for entry in group.entries
+            )
+            if not solvable:
+                # Bare tensors: no model to compute a loss with. Frank-Wolfe's
+                # starting point (the base) is the only iterate we can give.
+                _warn_unsolvable()
+                return group.base.tensor.clone()
             params = FrankWolfeParameters(**kwargs)
             table = _coefficients_for(group, params)
             return _merge_with_table(group, table.get(group.metadata.name))
 
     return FrankWolfeMerge()
+
+
+_WARNED = threading.Event()
+
+
+def _warn_unsolvable() -> None:
+    if not _WARNED.is_set():
+        _WARNED.set()
+        LOG.warning(
+            "frank_wolfe called on bare tensors (no calibration or no model references): "
+            "nothing to optimise, returning the base tensor (Frank-Wolfe's starting point)"
+        )
 
 
 def register_method() -> None:
