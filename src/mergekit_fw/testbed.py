@@ -269,7 +269,6 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
-    ignore_whitespace: false
 metadata:
   version: 1.0
 """
