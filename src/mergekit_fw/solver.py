@@ -106,8 +106,12 @@ def solve(
     checkpoint: Optional[Path] = None,
     trace: Optional[Trace] = None,
     progress: bool = True,
+    on_iteration: Optional[Callable[[CoefficientTable, IterationRecord], None]] = None,
 ) -> Tuple[CoefficientTable, Trace]:
-    """Run (or continue) hard, layer-wise Frank-Wolfe from ``table``."""
+    """Run (or continue) hard, layer-wise Frank-Wolfe from ``table``.
+
+    ``on_iteration`` sees the table after every step (tests check each iterate).
+    """
     trace = trace or Trace()
     torch.manual_seed(params.seed)
     n_vertices = len(table.vertices)
@@ -158,6 +162,8 @@ def solve(
             line_search=searched,
         )
         trace.iterations.append(record)
+        if on_iteration is not None:
+            on_iteration(table, record)
         LOG.info("iteration %d: loss %.5f gap %.4g gamma %.4f -> %s", t, loss, gap, gamma, loss_after)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", gap=f"{gap:.3g}")

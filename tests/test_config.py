@@ -1,0 +1,62 @@
+"""Bad configs fail before any maths, with a message naming the field."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mergekit_fw.config import ConfigError, parse_parameters
+from tests.conftest import subprocess_env
+
+
+def test_unknown_parameter_is_named():
+    with pytest.raises(ConfigError, match=r"parameters\.step_size: unknown parameter"):
+        parse_parameters({"calibration": "c.jsonl", "step_size": 0.1})
+
+
+def test_iterations_below_one_is_named():
+    with pytest.raises(ConfigError, match=r"parameters\.iterations"):
+        parse_parameters({"calibration": "c.jsonl", "iterations": 0})
+
+
+def test_missing_calibration_field_is_named():
+    with pytest.raises(ConfigError, match=r"parameters\.calibration"):
+        parse_parameters({"iterations": 3})
+
+
+def test_filter_lists_are_rejected_with_the_field_name():
+    with pytest.raises(ConfigError, match=r"parameters\.iterations: frank_wolfe takes a single scalar"):
+        parse_parameters({"calibration": "c.jsonl", "iterations": [{"filter": "x", "value": 2}]})
+
+
+def _config(random_pool, **parameters):
+    return {
+        "merge_method": "frank_wolfe",
+        "base_model": str(random_pool["base"]),
+        "models": [{"model": f"{random_pool['base']}+{random_pool['adapters'][0]}"}],
+        "parameters": {"calibration": str(random_pool["calibration"]), **parameters},
+        "dtype": "float32",
+    }
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"iterations": 0}, "parameters.iterations"),
+        ({"bogus": 1}, "parameters.bogus: unknown parameter"),
+        ({"calibration": "missing.jsonl"}, "parameters.calibration: file not found"),
+    ],
+)
+@pytest.mark.parametrize("command", ["mergekit-fw", "mergekit-yaml"])
+def test_commands_fail_early_naming_the_field(random_pool, tmp_path, parameters, message, command):
+    config = tmp_path / "fw.yml"
+    config.write_text(yaml.safe_dump(_config(random_pool, **parameters)))
+    out = tmp_path / "out"
+    argv = ["mergekit-fw", "run", str(config), str(out)] if command == "mergekit-fw" else [
+        "mergekit-yaml", str(config), str(out), "--lora-merge-cache", str(tmp_path / "cache")]
+    done = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert not out.exists()  # nothing written
+    assert not (tmp_path / "cache").exists()  # failed before mergekit expanded any LoRA

@@ -1,0 +1,117 @@
+"""The spine on the trained tiny pool: mergekit-yaml, mergekit-fw and the replay
+config agree, and Frank-Wolfe beats task arithmetic through lm-eval."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mergekit_fw.testbed import exact_match, read_jsonl
+from tests.conftest import subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+def _tensors(folder):
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def _mergekit_yaml(config, out, cache, **env):
+    subprocess.run(
+        ["mergekit-yaml", str(config), str(out), "--lora-merge-cache", str(cache), "--quiet"],
+        check=True, env=subprocess_env(**env), timeout=600, capture_output=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def merges(testbed, tmp_path_factory):
+    work = tmp_path_factory.mktemp("merges")
+    subprocess.run(["mergekit-fw", "run", str(testbed.root / "fw.yml"), str(work / "fast"), "--quiet"],
+                   check=True, env=subprocess_env(), timeout=600, capture_output=True)
+    _mergekit_yaml(testbed.root / "fw.yml", work / "yaml", work / "cache")
+    _mergekit_yaml(work / "yaml" / "fw_mergekit.yml", work / "replay", work / "cache", MERGEKIT_FW_AUTOLOAD="0")
+    _mergekit_yaml(testbed.root / "ta.yml", work / "ta", work / "cache")
+    return work
+
+
+def test_three_paths_write_the_same_tensors(merges):
+    fast, yaml_out, replay = (_tensors(merges / name) for name in ("fast", "yaml", "replay"))
+    assert set(fast) == set(yaml_out) == set(replay)
+    for name in fast:
+        torch.testing.assert_close(yaml_out[name], fast[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(replay[name], fast[name], rtol=1e-5, atol=1e-6)
+    ta = _tensors(merges / "ta")
+    assert any(not torch.equal(ta[n], fast[n]) for n in fast)  # the comparison can fail
+
+
+def test_outputs_carry_table_trace_and_replay(merges, testbed):
+    for name in ("fast", "yaml"):
+        folder = merges / name
+        table = json.loads((folder / "fw_table.json").read_text())
+        trace = json.loads((folder / "fw_trace.json").read_text())
+        replay = yaml.safe_load((folder / "fw_mergekit.yml").read_text())
+        assert table["format"] == "mergekit-fw/coefficient-table" and table["fingerprint"]
+        assert trace["final_loss"] < trace["initial_loss"]
+        assert all(it["gap"] >= 0 for it in trace["iterations"])
+        assert replay["merge_method"] == "task_arithmetic"
+        assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert not list(merges.glob(".*partial*"))
+
+
+def test_the_solve_ran_once_and_was_reused(merges):
+    assert json.loads((merges / "fast" / "fw_trace.json").read_text())["reused_cached_solve"] is False
+    assert json.loads((merges / "yaml" / "fw_trace.json").read_text())["reused_cached_solve"] is True
+
+
+def test_table_picks_the_relevant_adapters(merges, testbed):
+    table = json.loads((merges / "fast" / "fw_table.json").read_text())
+    relevant = {testbed.reference(t) for t in testbed.asked}
+    names = table["candidates"]
+    wins = 0
+    for tensor, coefficients in table["coefficients"].items():
+        best = names[max(range(len(names)), key=lambda i: coefficients[i])]
+        wins += best in relevant
+    assert wins / len(table["coefficients"]) > 0.6, wins
+
+
+def test_frank_wolfe_beats_task_arithmetic_under_lm_eval(merges, testbed):
+    from mergekit_fw.evaluation import lm_eval_scores
+
+    tasks = [testbed.lm_eval_task(t) for t in testbed.asked]
+    fw = lm_eval_scores(merges / "fast", tasks, testbed.lm_eval_dir)
+    ta = lm_eval_scores(merges / "ta", tasks, testbed.lm_eval_dir)
+    assert sum(fw.values()) > sum(ta.values()) + 0.2, (fw, ta)
+
+
+def test_pool_behaves_like_real_loras(testbed):
+    """The relevant LoRAs merged alone (0.5 each) keep most of each one's gain."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from mergekit_fw.pool import CandidateSpec, ModelSource, PoolSpec, open_pool
+
+    tokenizer = AutoTokenizer.from_pretrained(str(testbed.base))
+    spec = PoolSpec(ModelSource(str(testbed.base)), tuple(
+        CandidateSpec(t, ModelSource(str(testbed.base)), ModelSource(str(testbed.adapters[t]))) for t in testbed.asked))
+    pool = open_pool(spec)
+
+    def score(weights):
+        model = LlamaForCausalLM.from_pretrained(str(testbed.base), dtype=torch.float32)
+        state = model.state_dict()
+        with torch.no_grad():
+            for candidate in pool.candidates:
+                for tensor, factors in candidate.factors.items():
+                    state[tensor].add_(factors.delta(), alpha=weights.get(candidate.name, 0.0))
+        return {t: exact_match(model, tokenizer, read_jsonl(testbed.eval_files[t])) for t in testbed.asked}
+
+    base = score({})
+    pair = score({t: 0.5 for t in testbed.asked})
+    for task in testbed.asked:
+        alone = score({task: 1.0})[task]
+        assert alone - base[task] > 0.4, (task, alone, base[task])
+        assert pair[task] - base[task] >= 0.6 * (alone - base[task]), (task, pair, alone, base)
