@@ -78,3 +78,17 @@ def brute_force(random_pool, spec, tensors, coefficients, calibration):
             if tensor in delta:
                 scores[i, l] = torch.sum(params[tensor].grad * delta[tensor])
     return total, scores
+
+
+def assert_scores_match_brute_force(random_pool, kinds, *, seed: int, scale: float):
+    """Oracle loss and scores at a random feasible-ish point equal the brute force."""
+    spec = pool_spec(random_pool, kinds=kinds)
+    oracle, pool, calibration = make_oracle(random_pool, spec)
+    torch.manual_seed(seed)
+    coefficients = torch.rand(len(pool.candidates), len(oracle.tensors), dtype=torch.float64) * scale
+    loss, scores = oracle.loss_and_scores(coefficients)
+    ref_loss, ref_scores = brute_force(random_pool, spec, oracle.tensors, coefficients, calibration)
+    assert abs(loss - ref_loss) < 1e-9 * max(1.0, abs(ref_loss))
+    assert float(ref_scores.abs().max()) > 1e-6  # the check is not vacuous
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-10)
+    return scores, ref_scores

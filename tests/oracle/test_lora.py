@@ -1,18 +1,10 @@
 import torch
 
-from tests.oracle.helpers import brute_force, make_oracle, pool_spec
+from tests.oracle.helpers import assert_scores_match_brute_force, make_oracle, pool_spec
 
 
 def test_gate_gradients_equal_dense_brute_force(random_pool):
-    spec = pool_spec(random_pool, kinds=("lora",))
-    oracle, pool, calibration = make_oracle(random_pool, spec)
-    torch.manual_seed(1)
-    coefficients = torch.rand(len(pool.candidates), len(oracle.tensors), dtype=torch.float64) * 0.5
-    loss, scores = oracle.loss_and_scores(coefficients)
-    ref_loss, ref_scores = brute_force(random_pool, spec, oracle.tensors, coefficients, calibration)
-    assert abs(loss - ref_loss) < 1e-9 * max(1.0, abs(ref_loss))
-    assert float(ref_scores.abs().max()) > 1e-6  # the check is not vacuous
-    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-10)
+    scores, ref_scores = assert_scores_match_brute_force(random_pool, ("lora",), seed=1, scale=0.5)
     # untargeted (adapter, tensor) pairs score exactly zero
     assert torch.all(scores[ref_scores == 0] == 0)
 
