@@ -1,7 +1,6 @@
 """Bad configs fail before any maths, with a message naming the field."""
 
 import subprocess
-import sys
 
 import pytest
 import yaml

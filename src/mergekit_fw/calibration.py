@@ -12,7 +12,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -148,10 +148,3 @@ def build_calibration(
     LOG.info("calibration: %d examples over %d tasks (%s)", len(rows), len(tasks), ", ".join(tasks))
     return CalibrationSet(tasks=tasks, batches=batches, completion_tokens=completion_tokens)
 
-
-def task_counts(calibration: CalibrationSet) -> Dict[str, int]:
-    counts: Dict[str, int] = {task: 0 for task in calibration.tasks}
-    for batch in calibration.batches:
-        for t in batch.task_index.tolist():
-            counts[calibration.tasks[t]] += 1
-    return counts

@@ -17,7 +17,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Tuple
 
 import torch
 
@@ -25,7 +25,7 @@ from mergekit_fw import __version__
 from mergekit_fw.calibration import build_calibration, read_jsonl
 from mergekit_fw.config import FrankWolfeParameters
 from mergekit_fw.pool import Pool, PoolSpec, file_fingerprint, fingerprint, open_pool
-from mergekit_fw.solver import Trace, load_checkpoint, save_checkpoint, solve
+from mergekit_fw.solver import Trace, load_checkpoint, solve
 from mergekit_fw.table import CoefficientTable, write_json_atomic
 
 LOG = logging.getLogger(__name__)

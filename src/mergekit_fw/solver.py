@@ -118,7 +118,6 @@ def solve(
     check_feasible(table.weights)
     start = len(trace.iterations)
     bar = tqdm(total=params.iterations, initial=start, desc="frank-wolfe", disable=not progress)
-    loss_before: Optional[float] = None
     for t in range(start, params.iterations):
         tick = time.perf_counter()
         loss, scores = oracle.loss_and_scores(table.coefficients())

@@ -9,7 +9,7 @@ no dense gradient is ever formed, and memory grows only with the adapters' bytes
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
