@@ -37,6 +37,7 @@ def test_every_iterate_is_feasible_gap_nonnegative_loss_nonincreasing(random_poo
     assert trace.final_loss < trace.initial_loss
     assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))
     torch.testing.assert_close(torch.tensor(oracle.loss(table.coefficients())), torch.tensor(trace.final_loss))
+    assert trace.stopped
 
 
 def test_schedule_step_uses_two_over_t_plus_two(random_pool):

@@ -1,8 +1,11 @@
-"""Calibration data: task-tagged prompt/completion pairs, tokenised into batches.
+"""Calibration data: task-tagged prompts (and completions), tokenised into batches.
 
-The loss is taken on completion tokens only, and the objective is balanced over
-tasks, so each batch carries the task of every row and the set knows how many
-completion tokens each task has in total (the normaliser of its mean).
+Each batch marks the logit positions the objective counts: the positions that
+predict completion tokens (cross-entropy, labelled data) or every prompt position
+(entropy, unlabelled prompts). The objective is balanced over tasks, so the set
+knows how many counted positions each task has (the normaliser of its mean).
+Batches never mix tasks: per-task gradients (soft FW's task-wise top-k) are then
+a by-product of accumulating batch by batch.
 """
 
 from __future__ import annotations
@@ -35,23 +38,34 @@ class CalibrationExample:
 class CalibrationBatch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
-    labels: torch.Tensor  # (B, T), IGNORE_INDEX outside completions
-    task_index: torch.Tensor  # (B,)
+    targets: torch.Tensor  # (B, T) next-token id at each counted position, IGNORE_INDEX elsewhere
+    positions: torch.Tensor  # (B, T) bool, logit positions the objective counts
+    task: int  # every row of a batch belongs to this task
+
+    def to(self, device) -> "CalibrationBatch":
+        return CalibrationBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
+            self.positions.to(device), self.task,
+        )
 
 
 @dataclass
 class CalibrationSet:
     tasks: List[str]
     batches: List[CalibrationBatch]
-    completion_tokens: torch.Tensor  # (n_tasks,) label tokens per task
+    counted_positions: torch.Tensor  # (n_tasks,) positions the objective counts, per task
+    objective: str = "cross_entropy"
 
     @property
     def num_examples(self) -> int:
         return sum(int(b.input_ids.shape[0]) for b in self.batches)
 
 
-def read_jsonl(path: Path) -> List[CalibrationExample]:
-    """Read and validate every line, so a bad file fails before any model loads."""
+def read_jsonl(path: Path, *, labelled: bool = True) -> List[CalibrationExample]:
+    """Read and validate every line, so a bad file fails before any model loads.
+
+    Unlabelled data (the entropy objective) needs only ``task`` and ``prompt``.
+    """
     if not path.is_file():
         raise CalibrationError(f"{path}: calibration file not found")
     examples = []
@@ -65,14 +79,18 @@ def read_jsonl(path: Path) -> List[CalibrationExample]:
                 raise CalibrationError(f"{path}:{number}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):
                 raise CalibrationError(f"{path}:{number}: expected a JSON object")
+            if not labelled:
+                record.setdefault("completion", "")
             for key in ("task", "prompt", "completion"):
                 if not isinstance(record.get(key), str):
                     raise CalibrationError(
                         f"{path}:{number}: field {key!r} must be a string "
                         f"(got {type(record.get(key)).__name__})"
                     )
-            if not record["completion"]:
+            if labelled and not record["completion"]:
                 raise CalibrationError(f"{path}:{number}: empty completion")
+            if not labelled and not record["prompt"]:
+                raise CalibrationError(f"{path}:{number}: empty prompt (the entropy objective reads prompts)")
             examples.append(CalibrationExample(record["task"], record["prompt"], record["completion"]))
     if not examples:
         raise CalibrationError(f"{path}: no calibration examples")
@@ -94,13 +112,16 @@ def select_per_task(
     return by_task
 
 
-def _encode(tokenizer, example: CalibrationExample, max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt+completion and the number of prompt tokens.
+def _encode(tokenizer, example: CalibrationExample, max_length: int, labelled: bool) -> tuple[list[int], int]:
+    """Token ids of prompt(+completion) and the number of prompt tokens.
 
     Prompt and completion are encoded separately so the boundary is exact; the
     prompt is cut from the left when the pair is too long, never the completion.
     """
     prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+    if not labelled:
+        prompt_ids = prompt_ids[-max_length:]
+        return prompt_ids, len(prompt_ids)
     completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
     if not completion_ids:
         raise CalibrationError(f"task {example.task!r}: completion {example.completion!r} has no tokens")
@@ -117,34 +138,36 @@ def build_calibration(
     samples_per_task: int,
     batch_size: int,
     max_length: int,
+    objective: str = "cross_entropy",
 ) -> CalibrationSet:
-    by_task = select_per_task(read_jsonl(path), samples_per_task)
+    labelled = objective == "cross_entropy"
+    by_task = select_per_task(read_jsonl(path, labelled=labelled), samples_per_task)
     tasks = list(by_task)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    rows = []
-    for task_index, (task, examples) in enumerate(by_task.items()):
-        for example in examples:
-            ids, n_prompt = _encode(tokenizer, example, max_length)
-            rows.append((ids, n_prompt, task_index))
-    # Group similar lengths so padding wastes little compute; order is deterministic.
-    rows.sort(key=lambda row: (len(row[0]), row[2]))
-    completion_tokens = torch.zeros(len(tasks), dtype=torch.float64)
+    counted = torch.zeros(len(tasks), dtype=torch.float64)
     batches = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(ids) for ids, _, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, n_prompt, task_index) in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
-            labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-            completion_tokens[task_index] += len(ids) - n_prompt
-        task_index = torch.tensor([t for _, _, t in chunk], dtype=torch.long)
-        batches.append(CalibrationBatch(input_ids, attention, labels, task_index))
-    LOG.info("calibration: %d examples over %d tasks (%s)", len(rows), len(tasks), ", ".join(tasks))
-    return CalibrationSet(tasks=tasks, batches=batches, completion_tokens=completion_tokens)
-
+    for task_index, examples in enumerate(by_task.values()):
+        rows = [_encode(tokenizer, example, max_length, labelled) for example in examples]
+        # Similar lengths together so padding wastes little compute; deterministic order.
+        rows.sort(key=lambda row: len(row[0]))
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            targets = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+            positions = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for row, (ids, n_prompt) in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention[row, : len(ids)] = 1
+                if labelled:  # position t predicts token t + 1 of the completion
+                    targets[row, n_prompt - 1 : len(ids) - 1] = torch.tensor(ids[n_prompt:])
+                    positions[row, n_prompt - 1 : len(ids) - 1] = True
+                else:
+                    positions[row, :n_prompt] = True
+            counted[task_index] += float(positions.sum())
+            batches.append(CalibrationBatch(input_ids, attention, targets, positions, task_index))
+    LOG.info("calibration: %d examples over %d tasks (%s)", sum(map(len, by_task.values())), len(tasks), ", ".join(tasks))
+    return CalibrationSet(tasks=tasks, batches=batches, counted_positions=counted, objective=objective)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Literal, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -29,27 +29,85 @@ class FrankWolfeParameters(BaseModel):
     samples_per_task: int = Field(
         100, ge=1, description="Calibration samples used per task (the first N of each task)."
     )
-    variant: Literal["hard"] = Field(
-        "hard", description="Frank-Wolfe variant: 'hard' moves towards one vertex per tensor."
+    objective: Literal["cross_entropy", "entropy"] = Field(
+        "cross_entropy",
+        description="Calibration objective, balanced over tasks: 'cross_entropy' on completion "
+        "tokens (labelled data) or 'entropy' of the next-token distribution over prompt tokens "
+        "(unlabelled prompts, AdaMerging's surrogate; completions are ignored).",
     )
-    lmo: Literal["layer"] = Field(
-        "layer", description="Linear minimisation oracle: 'layer' picks the best vertex per tensor."
+    variant: Literal["hard", "soft"] = Field(
+        "hard",
+        description="Frank-Wolfe variant: 'hard' steps towards the single best vertex; 'soft' "
+        "takes the top_k vertices and optimises their weights by projected gradient descent.",
+    )
+    lmo: Literal["layer", "task"] = Field(
+        "layer",
+        description="Linear minimisation oracle: 'layer' picks the best vertex per tensor; 'task' "
+        "one vertex for the whole model from scores summed over tensors.",
+    )
+    lmo_score: Literal["inner_product", "cosine"] = Field(
+        "inner_product",
+        description="How the LMO ranks vertices: 'inner_product' <grad, vertex - base> (the paper) "
+        "or 'cosine', that divided by the vertex's norm (what the authors' code computes).",
     )
     iterations: int = Field(10, ge=1, description="Maximum number of Frank-Wolfe iterations.")
     epsilon: float = Field(
         0.0, ge=0.0, description="Stop once the Frank-Wolfe gap is at or below this value."
     )
-    step: Literal["line_search", "schedule"] = Field(
+    step: Literal["line_search", "schedule", "fixed"] = Field(
         "line_search",
-        description="Step size rule: 'line_search' (golden-section search of gamma in [0, 1] on "
-        "the calibration loss; never increases it) or 'schedule' (gamma = 2 / (t + 2)).",
+        description="Hard FW step size: 'line_search' (golden-section search of gamma in [0, 1] on "
+        "the calibration loss; never increases it), 'schedule' (gamma = 2 / (t + 2)) or 'fixed' "
+        "(gamma_t = gamma / (t + 2), the authors' published rule).",
     )
     line_search_steps: int = Field(
         8, ge=2, le=64, description="Loss evaluations of the golden-section line search."
     )
-    objective: Literal["cross_entropy"] = Field(
-        "cross_entropy",
-        description="Calibration objective: task-balanced cross-entropy on completion tokens.",
+    gamma: float = Field(
+        0.06,
+        gt=0.0,
+        le=2.0,
+        description="Numerator of the 'fixed' step rule gamma_t = gamma / (t + 2); the authors' "
+        "code uses 0.06 (step_size 0.1 times their 0.3 task-arithmetic scaling times 2).",
+    )
+    top_k: int = Field(
+        2, ge=1, description="Soft FW: vertices taken from the LMO's ranking at every iteration."
+    )
+    top_k_per: Literal["all", "task"] = Field(
+        "all",
+        description="Soft FW: rank vertices by the whole objective ('all') or take the top_k of "
+        "each calibration task's own scores and merge their union ('task').",
+    )
+    inner_weights: Literal["layer", "task"] = Field(
+        "layer",
+        description="Soft FW: one simplex of weights per tensor ('layer') or one for the whole "
+        "model ('task').",
+    )
+    inner_steps: int = Field(
+        10, ge=1, le=1000, description="Soft FW: projected gradient steps of the inner problem."
+    )
+    inner_lr: float = Field(
+        1.0,
+        gt=0.0,
+        description="Soft FW: learning rate of the inner projected gradient descent (halved "
+        "whenever a step would raise the loss).",
+    )
+    init: str = Field(
+        "base",
+        description="Starting point: 'base', a mergekit config of the same pool (e.g. ta.yml, "
+        "merged by mergekit and added as a vertex) or a previous run's fw_table.json to continue.",
+    )
+    merge_fn: Literal["convex", "ties"] = Field(
+        "convex",
+        description="How a coefficient table becomes a model: 'convex' (weighted sum of task "
+        "vectors; stays in the convex hull) or 'ties' (mergekit's ties with the table's "
+        "coefficients as weights; may leave the hull).",
+    )
+    density: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="merge_fn ties: fraction of each task vector's largest-magnitude entries kept.",
     )
     batch_size: int = Field(16, ge=1, description="Calibration sequences per forward pass.")
     max_length: int = Field(
@@ -69,6 +127,45 @@ class FrankWolfeParameters(BaseModel):
             raise ValueError("calibration must name a JSONL file")
         return value
 
+    @field_validator("init")
+    @classmethod
+    def _init_kind(cls, value: str) -> str:
+        if value != "base" and not value.endswith((".json", ".yml", ".yaml")):
+            raise ValueError(
+                "init must be 'base', a mergekit config (.yml/.yaml) or a coefficient table (.json)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _settings_fit_the_variant(self) -> "FrankWolfeParameters":
+        """A setting that the chosen variant ignores is almost always a typo in intent:
+        name it instead of silently doing something else."""
+        given = self.model_fields_set
+        only = {
+            "step": ("variant", "hard", "soft FW takes its step from the inner problem"),
+            "line_search_steps": ("step", "line_search", "it only tunes the line search"),
+            "gamma": ("step", "fixed", "it is the numerator of the fixed step rule"),
+            "top_k": ("variant", "soft", "only soft FW takes several vertices"),
+            "top_k_per": ("variant", "soft", "only soft FW takes several vertices"),
+            "inner_weights": ("variant", "soft", "only soft FW has an inner problem"),
+            "inner_steps": ("variant", "soft", "only soft FW has an inner problem"),
+            "inner_lr": ("variant", "soft", "only soft FW has an inner problem"),
+            "density": ("merge_fn", "ties", "only ties trims task vectors"),
+        }
+        for name, (other, needed, why) in only.items():
+            if name in given and getattr(self, other) != needed:
+                raise ValueError(f"{name} needs {other}: {needed} ({why}); {other} is {getattr(self, other)!r}")
+        return self
+
+    def resolved_init(self) -> Optional[Path]:
+        """The init file, checked to exist (None for the base)."""
+        if self.init == "base":
+            return None
+        path = Path(self.init).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"parameters.init: file not found: {self.init!r} (resolved to {path.resolve()})")
+        return path.resolve()
+
     def resolved_calibration(self) -> Path:
         """The calibration file, checked to exist; relative paths are taken from the
         working directory, like mergekit's own model paths."""
@@ -82,7 +179,21 @@ class FrankWolfeParameters(BaseModel):
 
     def fingerprint_fields(self) -> Dict[str, Any]:
         """Fields that change the result (the cache location does not)."""
-        return self.model_dump(exclude={"cache_dir", "calibration"})
+        return self.model_dump(exclude={"cache_dir", "calibration", "init"})
+
+
+def from_method_kwargs(kwargs: Mapping[str, Any]) -> FrankWolfeParameters:
+    """Rebuild the settings from the values mergekit hands a kernel.
+
+    mergekit fills every declared parameter with its default, so defaults are
+    dropped before validation: only what the config set counts as given (the
+    config itself was validated by :func:`parse_parameters` before planning).
+    """
+    fields = FrankWolfeParameters.model_fields
+    given = {
+        k: v for k, v in kwargs.items() if k in fields and (fields[k].is_required() or v != fields[k].default)
+    }
+    return FrankWolfeParameters(**given)
 
 
 def parameter_descriptions() -> Dict[str, str]:
@@ -105,10 +216,14 @@ def parse_parameters(raw: Optional[Mapping[str, Any]], *, source: str = "config"
     except ValidationError as error:
         problems = []
         for item in error.errors():
-            field = ".".join(str(p) for p in item["loc"]) or "parameters"
+            field = ".".join(str(p) for p in item["loc"])
+            if not field:  # a cross-field rule: its message starts with the field's name
+                problems.append("parameters." + item["msg"].removeprefix("Value error, "))
+                continue
             if item["type"] == "extra_forbidden":
                 known = ", ".join(FrankWolfeParameters.model_fields)
                 problems.append(f"parameters.{field}: unknown parameter for frank_wolfe (known: {known})")
             else:
-                problems.append(f"parameters.{field}: {item['msg']} (got {item.get('input')!r})")
+                message = item["msg"].removeprefix("Value error, ")
+                problems.append(f"parameters.{field}: {message} (got {item.get('input')!r})")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None

@@ -1,29 +1,69 @@
 """Pure maths of the linear minimisation oracle and the Frank-Wolfe gap.
 
-Vertices per tensor are: the base (delta 0, score 0), each candidate (its score),
-and optionally the initial merge (its coefficients dotted with the scores). The
-state is a (n_vertices, n_tensors) table of convex weights, one simplex per tensor.
+Vertices per tensor are the base (delta 0, score 0) and each candidate (its
+score; the initial merge, when there is one, is the last candidate). The state is
+a (n_vertices, n_tensors) table of convex weights, one simplex per tensor.
+
+A *point* of the LMO is a choice of one vertex per tensor, a (n_tensors,) index
+vector: the layer-wise LMO picks per column, the task-wise LMO the same row for
+every column. Ranking can use the raw inner product (the paper) or the cosine
+(the authors' code); the FW gap always uses the inner product, because only it
+certifies optimality.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
-
-def vertex_scores(scores: torch.Tensor, init_coefficients: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """<grad, vertex - theta_0> per vertex and tensor, (n_vertices, n_tensors)."""
-    rows = [torch.zeros(1, scores.shape[1], dtype=scores.dtype), scores]
-    if init_coefficients is not None:
-        rows.append((init_coefficients.to(scores.dtype) * scores).sum(dim=0, keepdim=True))
-    return torch.cat(rows, dim=0)
+LMO_KINDS = ("layer", "task")
+SCORE_KINDS = ("inner_product", "cosine")
 
 
-def layerwise_choice(vscores: torch.Tensor) -> torch.Tensor:
-    """Best vertex per tensor (block-coordinate LMO); ties go to the lowest index,
-    so an all-zero column keeps the base."""
-    return torch.argmin(vscores, dim=0)
+def vertex_scores(scores: torch.Tensor) -> torch.Tensor:
+    """<grad_l, vertex_l - base_l> per vertex and tensor, (1 + n_candidates, n_tensors)."""
+    return torch.cat([torch.zeros(1, scores.shape[1], dtype=scores.dtype), scores], dim=0)
+
+
+def vertex_norms(norms: torch.Tensor) -> torch.Tensor:
+    """||vertex_l - base_l|| per vertex and tensor, base first (norm 0)."""
+    return torch.cat([torch.zeros(1, norms.shape[1], dtype=norms.dtype), norms], dim=0)
+
+
+def ranking(vscores: torch.Tensor, lmo: str, score: str, vnorms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What the LMO minimises: (n_vertices, n_tensors) for 'layer', (n_vertices,) for 'task'.
+
+    Cosine divides by the vertex's norm only: the gradient's norm is one positive
+    factor per tensor (layer-wise) or per model (task-wise) and changes no ranking
+    or sign. A zero delta (the base, or a candidate that leaves a tensor alone)
+    ranks 0.
+    """
+    if lmo not in LMO_KINDS or score not in SCORE_KINDS:
+        raise ValueError(f"unknown LMO {lmo!r} / score {score!r}")
+    values = vscores if lmo == "layer" else vscores.sum(dim=1)
+    if score == "inner_product":
+        return values
+    if vnorms is None:
+        raise ValueError("cosine scores need the vertices' norms")
+    norms = vnorms if lmo == "layer" else vnorms.pow(2).sum(dim=1).sqrt()
+    return torch.where(norms > 0, values / norms.clamp(min=torch.finfo(norms.dtype).tiny), torch.zeros_like(values))
+
+
+def ranked_points(rank: torch.Tensor, n_tensors: int, k: int) -> List[torch.Tensor]:
+    """The k best LMO points, best first (ties go to the lower vertex index, so an
+    all-zero column keeps the base)."""
+    n_vertices = rank.shape[0]
+    k = min(k, n_vertices)
+    # a stable sort keeps the lower index first among equal scores
+    order = torch.sort(rank, dim=0, stable=True).indices
+    if rank.dim() == 1:
+        return [order[j].repeat(n_tensors) for j in range(k)]
+    return [order[j] for j in range(k)]
+
+
+def lmo_point(rank: torch.Tensor, n_tensors: int) -> torch.Tensor:
+    return ranked_points(rank, n_tensors, 1)[0]
 
 
 def one_hot(choice: torch.Tensor, n_vertices: int) -> torch.Tensor:
@@ -32,16 +72,19 @@ def one_hot(choice: torch.Tensor, n_vertices: int) -> torch.Tensor:
     return out
 
 
-def fw_gap(weights: torch.Tensor, vscores: torch.Tensor, choice: torch.Tensor) -> float:
-    """<-g, s - theta> summed over tensors; >= 0 because s minimises each column."""
+def direction_gain(weights: torch.Tensor, vscores: torch.Tensor, choice: torch.Tensor) -> float:
+    """<-g, s - theta> for the point ``choice``: the first-order decrease it promises."""
     current = (weights * vscores).sum(dim=0)
     chosen = vscores.gather(0, choice.unsqueeze(0)).squeeze(0)
     return float((current - chosen).sum())
 
 
-def candidate_coefficients(weights: torch.Tensor, n_candidates: int, init_coefficients: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The coefficient of each task vector implied by the vertex weights."""
-    coefficients = weights[1 : 1 + n_candidates].clone()
-    if init_coefficients is not None:
-        coefficients += weights[1 + n_candidates].unsqueeze(0) * init_coefficients
-    return coefficients
+def fw_gap(weights: torch.Tensor, vscores: torch.Tensor) -> float:
+    """The Frank-Wolfe gap max_s <-g, theta - s> over the table's constraint set
+    (one simplex per tensor): >= 0, and 0 exactly at a stationary point."""
+    return direction_gain(weights, vscores, torch.argmin(vscores, dim=0))
+
+
+def candidate_coefficients(weights: torch.Tensor) -> torch.Tensor:
+    """The coefficient of each task vector implied by the vertex weights (row 0 is the base)."""
+    return weights[1:].clone()

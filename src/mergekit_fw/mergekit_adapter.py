@@ -18,20 +18,21 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import yaml
 
 from mergekit_fw import METHOD_NAME
-from mergekit_fw.config import ConfigError, FrankWolfeParameters, parse_parameters
+from mergekit_fw.config import ConfigError, FrankWolfeParameters, from_method_kwargs, parse_parameters
 from mergekit_fw.pool import CandidateSpec, ModelSource, PoolSpec
 
 LOG = logging.getLogger(__name__)
 SUPPORTED_MERGEKIT = "0.1.5"
 
-_TABLES: Dict[Tuple[PoolSpec, FrankWolfeParameters], Dict[str, Dict[str, float]]] = {}
+_TABLES: Dict[Tuple[PoolSpec, FrankWolfeParameters], "KernelPlan"] = {}
 _TABLES_LOCK = threading.Lock()
 
 
@@ -98,23 +99,52 @@ def pool_and_parameters(merge_config, source: str = "config") -> Tuple[PoolSpec,
 # --- the merge method -------------------------------------------------------------
 
 
-def _merge_with_table(group, coefficients: Optional[Dict[str, float]]) -> torch.Tensor:
+@dataclass
+class KernelPlan:
+    """What the kernel needs from a solved table: per-tensor weights, the merge
+    function, and the initial merge's tensors (a vertex mergekit's graph lacks)."""
+
+    coefficients: Dict[str, Dict[str, float]]
+    merge: Any
+    init_index: Any = None  # SafetensorsIndex of the initial merge's folder
+
+    @classmethod
+    def from_result(cls, table, pool) -> "KernelPlan":
+        from mergekit_fw.merge_fn import merge_function
+        from mergekit_fw.table import INIT_VERTEX
+
+        init = next((c for c in pool.candidates if c.name == INIT_VERTEX), None) if table.init else None
+        return cls(table.coefficient_map(), merge_function(table.merge_fn, table.density), getattr(init, "index", None))
+
+
+def _merge_with_plan(group, plan: KernelPlan) -> torch.Tensor:
+    from mergekit_fw.merge_fn import compute_dtype, single_vertex
+    from mergekit_fw.table import INIT_VERTEX
+
     base = group.base
     if base is None:
         raise ValueError(f"{METHOD_NAME}: no base tensor for {group.metadata.name}")
-    if not coefficients:
+    name = group.metadata.name
+    weights = plan.coefficients.get(name)
+    if not weights:
         return base.tensor
-    dtype = torch.float64 if base.tensor.dtype == torch.float64 else torch.float32
-    result = base.tensor.to(dtype).clone()
+    inputs = [(entry.tensor, weights.get(reference_name(entry.id), 0.0)) for entry in group.non_base]
+    if plan.init_index is not None and weights.get(INIT_VERTEX, 0.0) != 0.0 and name in plan.init_index.files:
+        inputs.append((plan.init_index.get(name), weights[INIT_VERTEX]))
+    inputs = [(tensor, weight) for tensor, weight in inputs if weight != 0.0]
+    if not inputs:
+        return base.tensor
+    only = single_vertex([weight for _, weight in inputs])
+    if only is not None:
+        return inputs[only][0].to(base.tensor.dtype)  # exactly the stored vertex
+    dtype = compute_dtype(base.tensor)
     base_value = base.tensor.to(dtype)
-    for entry in group.non_base:
-        weight = coefficients.get(reference_name(entry.id), 0.0)
-        if weight != 0.0:
-            result.add_(entry.tensor.to(dtype) - base_value, alpha=weight)
-    return result.to(base.tensor.dtype)
+    deltas = [tensor.to(dtype) - base_value for tensor, _ in inputs]
+    merged = plan.merge(name, base_value, deltas, [weight for _, weight in inputs])
+    return merged.to(base.tensor.dtype)
 
 
-def _coefficients_for(group, params: FrankWolfeParameters) -> Dict[str, Dict[str, float]]:
+def _plan_for(group, params: FrankWolfeParameters) -> KernelPlan:
     """The solved table for this group's pool, solving lazily if nobody did yet."""
     from mergekit.common import ModelReference
 
@@ -135,7 +165,8 @@ def _coefficients_for(group, params: FrankWolfeParameters) -> Dict[str, Dict[str
             from mergekit_fw.runner import solve_cached
 
             LOG.info("frank_wolfe: no solve registered for this pool; solving now")
-            _TABLES[key] = solve_cached(spec, params).table.coefficient_map()
+            result = solve_cached(spec, params)
+            _TABLES[key] = KernelPlan.from_result(result.table, result.pool)
         return _TABLES[key]
 
 
@@ -184,9 +215,8 @@ def _build_method():
                 # starting point (the base) is the only iterate we can give.
                 _warn_unsolvable()
                 return group.base.tensor.clone()
-            params = FrankWolfeParameters(**kwargs)
-            table = _coefficients_for(group, params)
-            return _merge_with_table(group, table.get(group.metadata.name))
+            params = from_method_kwargs(kwargs)
+            return _merge_with_plan(group, _plan_for(group, params))
 
     return FrankWolfeMerge()
 
@@ -212,9 +242,50 @@ def register_method() -> None:
     registry.register(_build_method())
 
 
-def remember_table(spec: PoolSpec, params: FrankWolfeParameters, coefficient_map: Dict[str, Dict[str, float]]) -> None:
+def remember_solve(spec: PoolSpec, params: FrankWolfeParameters, result) -> None:
     with _TABLES_LOCK:
-        _TABLES[(spec, params)] = coefficient_map
+        _TABLES[(spec, params)] = KernelPlan.from_result(result.table, result.pool)
+
+
+# --- merges that mergekit itself computes -------------------------------------------
+
+
+def config_models(merge_config) -> Tuple[Optional[str], list]:
+    """(base reference string, [model reference strings]) of any mergekit config."""
+    base = reference_name(merge_config.base_model) if merge_config.base_model is not None else None
+    return base, [reference_name(m) for m in merge_config.referenced_models() if reference_name(m) != base]
+
+
+def run_mergekit(merge_config, out_path: Path, *, lora_cache: Path, seed: int, quiet: bool = True) -> None:
+    """Run a stock mergekit merge (the initial point of a solve) into ``out_path``."""
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    options = MergeOptions(lora_merge_cache=str(lora_cache), random_seed=seed, quiet=quiet, copy_tokenizer=True)
+    run_merge(merge_config, str(out_path), options=options)
+
+
+def ties_merge_function(density: float):
+    """A merge function for the oracle and writer that is mergekit's own ``ties``,
+    called on one tensor: weights are the table's coefficients, ``normalize`` is
+    off (the weights are absolute, as in the convex merge) and ``lambda`` is 1."""
+    from mergekit.merge_methods.api import merge_tensors
+
+    def merge(name: str, base: torch.Tensor, deltas, weights) -> torch.Tensor:
+        tensors = [base, *(base + delta for delta in deltas)]
+        return merge_tensors(
+            tensors,
+            "ties",
+            parameters={"weight": list(weights), "density": density, "normalize": False, "lambda": 1.0},
+            base_index=0,
+            name=name,
+        )
+
+    return merge
+
+
+def ties_replay_parameters(density: float) -> Dict[str, Any]:
+    return {"density": density, "normalize": False, "lambda": 1.0}
 
 
 # --- mergekit-yaml ----------------------------------------------------------------
@@ -236,7 +307,7 @@ def wrap_run_merge(module) -> None:
         options = kwargs.get("options", args[0] if args else None)
         spec, params = pool_and_parameters(merge_config)
         result = solve_cached(spec, params, progress=not getattr(options, "quiet", False))
-        remember_table(spec, params, result.table.coefficient_map())
+        remember_solve(spec, params, result)
         value = original(merge_config, out_path, *args, **kwargs)
         write_artifacts(Path(out_path), result, merge_config)
         return value
@@ -245,38 +316,54 @@ def wrap_run_merge(module) -> None:
     module.run_merge = run_merge
 
 
-def replay_config(table, merge_config=None) -> dict:
-    """A stock ``task_arithmetic`` config that reproduces the table's weights.
+INIT_MERGE_NAME = "fw-init"
 
-    mergekit's ``filter:`` is a substring match where the first match wins, so
-    full tensor names are listed longest first (no name can then be shadowed by
-    a shorter one that it contains), closed by a catch-all weight of 0.
+
+def replay_documents(table, merge_config=None) -> List[dict]:
+    """Stock mergekit configs that reproduce the table's model.
+
+    One ``task_arithmetic`` config (``ties`` when that was the merge function)
+    with per-tensor weights; when the run started from another merge, that
+    merge's own config comes first, named ``fw-init`` for ``mergekit-multi``,
+    and the final config uses it as one more model. mergekit's ``filter:`` is a
+    substring match where the first match wins, so full tensor names are listed
+    longest first (no name can then be shadowed by a shorter one that it
+    contains), closed by a catch-all weight of 0.
     """
+    from mergekit_fw.table import INIT_VERTEX
+
     coefficients = table.coefficients()
     order = sorted(range(len(table.tensors)), key=lambda l: (-len(table.tensors[l]), table.tensors[l]))
     models = []
     for i, name in enumerate(table.candidates):
         weights = [{"filter": table.tensors[l], "value": float(coefficients[i, l])} for l in order]
         weights.append({"value": 0.0})
-        models.append({"model": name, "parameters": {"weight": weights}})
+        model = INIT_MERGE_NAME if (table.init is not None and name == INIT_VERTEX) else name
+        models.append({"model": model, "parameters": {"weight": weights}})
+    parameters: Dict[str, Any] = {"normalize": False, "lambda": 1.0}
+    if table.merge_fn == "ties":
+        parameters.update(ties_replay_parameters(table.density if table.density is not None else 1.0))
     config: Dict[str, Any] = {
-        "merge_method": "task_arithmetic",
+        "merge_method": "ties" if table.merge_fn == "ties" else "task_arithmetic",
         "base_model": table.base_model,
         "models": models,
-        "parameters": {"normalize": False, "lambda": 1.0},
+        "parameters": parameters,
     }
     for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
         value = getattr(merge_config, key, None) if merge_config is not None else None
         if value is not None:
             config[key] = value if isinstance(value, str) else str(value)
-    return config
+    if table.init is None:
+        return [config]
+    return [{"name": INIT_MERGE_NAME, **table.init["config"]}, config]
 
 
-def validate_replay(config: dict) -> None:
-    """The replay must be a config mergekit itself accepts."""
+def validate_replay(documents: List[dict]) -> None:
+    """Every document must be a config mergekit itself accepts."""
     from mergekit.config import MergeConfiguration
 
-    MergeConfiguration.model_validate(config)
+    for document in documents:
+        MergeConfiguration.model_validate({k: v for k, v in document.items() if k != "name"})
 
 
 def tensor_writer(out_path: Path, max_shard_size: int):

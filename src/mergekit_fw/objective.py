@@ -1,9 +1,14 @@
 """Task-balanced calibration objectives.
 
-loss = mean over tasks of (that task's mean completion-token loss), so a task with
-long answers does not dominate. The per-token weights are fixed by the whole
+loss = mean over tasks of (that task's mean per-position loss), so a task with
+long answers does not dominate. The per-position weights are fixed by the whole
 calibration set, which makes the loss a plain sum over batches: gradients can be
 accumulated batch by batch (or process by process) and stay exact.
+
+* ``cross_entropy``: the next-token loss at positions that predict completion
+  tokens (labelled prompt/completion pairs).
+* ``entropy``: the entropy of the model's next-token distribution at every prompt
+  position (unlabelled prompts; AdaMerging's test-time surrogate).
 """
 
 from __future__ import annotations
@@ -13,26 +18,25 @@ import torch.nn.functional as F
 
 from mergekit_fw.calibration import IGNORE_INDEX, CalibrationBatch, CalibrationSet
 
-
-def token_weights(calibration: CalibrationSet) -> torch.Tensor:
-    """Weight of one completion token of each task: 1 / (n_tasks * tokens of task)."""
-    return 1.0 / (len(calibration.tasks) * calibration.completion_tokens.clamp(min=1))
+OBJECTIVES = ("cross_entropy", "entropy")
 
 
-def batch_cross_entropy(
-    logits: torch.Tensor, batch: CalibrationBatch, weights: torch.Tensor
-) -> torch.Tensor:
-    """This batch's additive share of the task-balanced cross-entropy."""
-    shift_logits = logits[:, :-1, :]
-    if shift_logits.dtype in (torch.float16, torch.bfloat16):
-        shift_logits = shift_logits.float()
-    shift_labels = batch.labels[:, 1:]
-    per_token = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view_as(shift_labels)
-    row_weight = weights.to(per_token.dtype)[batch.task_index].unsqueeze(1)
-    mask = (shift_labels != IGNORE_INDEX).to(per_token.dtype)
-    return (per_token * mask * row_weight).sum()
+def position_weights(calibration: CalibrationSet) -> torch.Tensor:
+    """Weight of one counted position of each task: 1 / (n_tasks * positions of task)."""
+    return 1.0 / (len(calibration.tasks) * calibration.counted_positions.clamp(min=1))
+
+
+def batch_loss(logits: torch.Tensor, batch: CalibrationBatch, weights: torch.Tensor, objective: str) -> torch.Tensor:
+    """This batch's additive share of the task-balanced objective."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    mask = batch.positions
+    selected = logits[mask]  # (N, vocab): only counted positions
+    if objective == "cross_entropy":
+        per_position = F.cross_entropy(selected, batch.targets[mask], ignore_index=IGNORE_INDEX, reduction="none")
+    elif objective == "entropy":
+        log_p = F.log_softmax(selected, dim=-1)
+        per_position = -(log_p.exp() * log_p).sum(dim=-1)
+    else:
+        raise ValueError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
+    return per_position.sum() * weights[batch.task].to(per_position.dtype)

@@ -133,6 +133,12 @@ class LoraFactors:
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.B.to(dtype) @ self.A.to(dtype)) * self.scale
 
+    def frobenius_norm(self) -> float:
+        """||scale * B @ A||_F from r x r Gram matrices, never the dense product."""
+        A, B = self.A.to(torch.float64), self.B.to(torch.float64)
+        squared = float(((B.T @ B) * (A @ A.T)).sum())
+        return abs(self.scale) * max(squared, 0.0) ** 0.5
+
 
 @dataclass
 class LoraCandidate:
@@ -148,6 +154,10 @@ class LoraCandidate:
     def delta(self, tensor: str, base: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         factors = self.factors.get(tensor)
         return None if factors is None else factors.delta()
+
+    def delta_norm(self, tensor: str, base: Optional[torch.Tensor] = None) -> float:
+        factors = self.factors.get(tensor)
+        return 0.0 if factors is None else factors.frobenius_norm()
 
     def files(self) -> List[Path]:
         return [self.adapter_dir / "adapter_config.json", self.adapter_dir / "adapter_model.safetensors"]
@@ -173,6 +183,10 @@ class DenseCandidate:
             return None
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         return self.index.get(tensor).to(dtype) - base.to(dtype)
+
+    def delta_norm(self, tensor: str, base: torch.Tensor) -> float:
+        delta = self.delta(tensor, base)
+        return 0.0 if delta is None else float(torch.linalg.vector_norm(delta.to(torch.float64)))
 
     def files(self) -> List[Path]:
         return [self.folder / "config.json", *self.index.weight_files()]
@@ -311,6 +325,12 @@ class Pool:
 
     def dense_candidates(self) -> List[Tuple[int, DenseCandidate]]:
         return [(i, c) for i, c in enumerate(self.candidates) if isinstance(c, DenseCandidate)]
+
+    def with_candidate(self, candidate: Candidate) -> "Pool":
+        """This pool plus one more vertex (the initial merge), checked like the others."""
+        if candidate.name in self.names:
+            raise PoolError(f"candidate {candidate.name} is already in the pool")
+        return Pool(self.base_dir, self.base_config, self.base_index, [*self.candidates, candidate])
 
     def files(self) -> List[Path]:
         out = [self.base_dir / "config.json", *self.base_index.weight_files()]

@@ -17,13 +17,15 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from mergekit_fw import __version__
 from mergekit_fw.calibration import build_calibration, read_jsonl
 from mergekit_fw.config import FrankWolfeParameters
+from mergekit_fw.merge_fn import merge_function
+from mergekit_fw.init import attach_init, check_init_config, starting_point
 from mergekit_fw.pool import Pool, PoolSpec, file_fingerprint, fingerprint, open_pool
 from mergekit_fw.solver import Trace, load_checkpoint, solve
 from mergekit_fw.table import CoefficientTable, write_json_atomic
@@ -51,7 +53,7 @@ def cache_root(params: FrankWolfeParameters) -> Path:
     return Path(root).expanduser()
 
 
-def run_fingerprint(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path) -> str:
+def run_fingerprint(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, init: Optional[Path]) -> str:
     return fingerprint(
         [
             "mergekit-fw",
@@ -60,6 +62,7 @@ def run_fingerprint(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, ca
             [c.name for c in spec.candidates],
             file_fingerprint(pool.files()),
             file_fingerprint([calibration]),
+            file_fingerprint([init]) if init is not None else "base",
         ]
     )
 
@@ -86,13 +89,17 @@ def load_base_model(pool: Pool):
 def solve_cached(spec: PoolSpec, params: FrankWolfeParameters, *, progress: bool = True) -> SolveResult:
     """Validate everything cheap first, then solve (or reuse a cached solve)."""
     calibration = params.resolved_calibration()
-    read_jsonl(calibration)  # a malformed file fails before the pool is opened
+    read_jsonl(calibration, labelled=params.objective == "cross_entropy")  # fails before the pool opens
+    init = params.resolved_init()
+    if init is not None and init.suffix != ".json":
+        check_init_config(init, spec)
     pool = open_pool(spec)
-    key = run_fingerprint(spec, pool, params, calibration)
+    key = run_fingerprint(spec, pool, params, calibration, init)
     folder = cache_root(params) / key
     with _LOCK:
         if key in _MEMO:
             table, trace = _MEMO[key]
+            pool = attach_init(pool, table.init, cache_root(params), params.seed)
             return SolveResult(table, trace, pool, folder, reused=True)
         with _file_lock(folder / ".lock"):
             if (folder / TABLE_FILE).is_file() and (folder / TRACE_FILE).is_file():
@@ -100,8 +107,9 @@ def solve_cached(spec: PoolSpec, params: FrankWolfeParameters, *, progress: bool
                 table = CoefficientTable.load(folder / TABLE_FILE)
                 trace = Trace.from_json(json.loads((folder / TRACE_FILE).read_text()))
                 _MEMO[key] = (table, trace)
+                pool = attach_init(pool, table.init, cache_root(params), params.seed)
                 return SolveResult(table, trace, pool, folder, reused=True)
-            table, trace = _solve(spec, pool, params, calibration, key, folder, progress)
+            table, trace, pool = _solve(spec, pool, params, calibration, key, folder, progress)
             _MEMO[key] = (table, trace)
             return SolveResult(table, trace, pool, folder, reused=False)
 
@@ -116,16 +124,19 @@ def _solve(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration
         samples_per_task=params.samples_per_task,
         batch_size=params.batch_size,
         max_length=params.max_length,
+        objective=params.objective,
     )
     resumed = load_checkpoint(folder / CHECKPOINT_FILE)
     if resumed is not None and resumed[0].fingerprint == key:
         table, trace = resumed
+        pool = attach_init(pool, table.init, cache_root(params), params.seed)
         LOG.info("resuming Frank-Wolfe solve at iteration %d", len(trace.iterations))
     else:
-        table = CoefficientTable.at_base(pool.names, pool.tensor_names(), key, str(spec.base))
-        trace = Trace()
+        start = starting_point(params, spec, pool, key, cache_root(params))
+        pool, table, trace = start.pool, start.table, Trace()
     table.meta.update({"tasks": calib.tasks, "parameters": params.model_dump(), "mergekit_fw": __version__})
-    oracle = Oracle(model, pool, calib, progress=progress)
+    merge = merge_function("ties", params.density) if params.merge_fn == "ties" else None
+    oracle = Oracle(model, pool, calib, merge=merge, progress=progress)
     try:
         table, trace = solve(oracle, table, params, checkpoint=folder / CHECKPOINT_FILE, trace=trace, progress=progress)
     finally:
@@ -133,4 +144,4 @@ def _solve(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration
     table.save(folder / TABLE_FILE)
     write_json_atomic(folder / TRACE_FILE, trace.to_json())
     (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
-    return table, trace
+    return table, trace, pool

@@ -1,9 +1,11 @@
 """The coefficient table: the whole state of a Frank-Wolfe run.
 
 For every tensor, the convex weight of each vertex (the base, each candidate
-and, when a run starts from another merge, that merge). It is small, saved as
-JSON beside every output, and carries the fingerprint of the pool it belongs to
-so a table is never applied to a pool that changed under it.
+and, when a run starts from another merge, that merge: the last candidate row,
+described by ``init``). It is small, saved as JSON beside every output, and
+carries the fingerprint of the pool it belongs to so a table is never applied
+to a pool that changed under it. With ``merge_fn`` it is the whole state: the
+model is ``MergeFn(base, task vectors, coefficients)`` per tensor.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import torch
 from mergekit_fw.lmo import candidate_coefficients
 
 TABLE_FORMAT = "mergekit-fw/coefficient-table"
-TABLE_VERSION = 1
+TABLE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 BASE_VERTEX = "base"
+INIT_VERTEX = "init"
 
 
 class TableError(ValueError):
@@ -30,13 +34,14 @@ class TableError(ValueError):
 
 @dataclass
 class CoefficientTable:
-    candidates: List[str]  # mergekit reference strings, pool order
+    candidates: List[str]  # mergekit reference strings, pool order (then INIT_VERTEX)
     tensors: List[str]
     weights: torch.Tensor  # (n_vertices, n_tensors) float64, columns on the simplex
     fingerprint: str
     base_model: str
-    init_coefficients: Optional[torch.Tensor] = None  # (n_candidates, n_tensors)
+    init: Optional[Dict[str, object]] = None  # the initial merge's config and folder
     merge_fn: str = "convex"
+    density: Optional[float] = None  # merge_fn ties only
     meta: Dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -47,8 +52,17 @@ class CoefficientTable:
 
     @property
     def vertices(self) -> List[str]:
-        names = [BASE_VERTEX, *self.candidates]
-        return names + (["init"] if self.init_coefficients is not None else [])
+        return [BASE_VERTEX, *self.candidates]
+
+    @property
+    def pool_candidates(self) -> List[str]:
+        """The user's candidates (without the initial merge's vertex)."""
+        return self.candidates[:-1] if self.init is not None else list(self.candidates)
+
+    @property
+    def in_hull(self) -> bool:
+        """Whether the model is the convex combination the weights describe."""
+        return self.merge_fn == "convex"
 
     def coefficients(self) -> torch.Tensor:
         """Task-vector coefficients ``c[i, l]`` (n_candidates, n_tensors)."""
@@ -56,7 +70,7 @@ class CoefficientTable:
 
     def coefficients_for(self, weights: torch.Tensor) -> torch.Tensor:
         """Task-vector coefficients implied by other vertex weights of this table."""
-        return candidate_coefficients(weights, len(self.candidates), self.init_coefficients)
+        return candidate_coefficients(weights)
 
     def coefficient_map(self) -> Dict[str, Dict[str, float]]:
         """tensor -> candidate -> coefficient, for the merge kernels."""
@@ -73,6 +87,8 @@ class CoefficientTable:
             "fingerprint": self.fingerprint,
             "base_model": self.base_model,
             "merge_fn": self.merge_fn,
+            "density": self.density,
+            "init": self.init,
             "vertices": self.vertices,
             "candidates": self.candidates,
             "weights": {t: [float(x) for x in self.weights[:, l]] for l, t in enumerate(self.tensors)},
@@ -81,31 +97,25 @@ class CoefficientTable:
             },
             "meta": self.meta,
         }
-        if self.init_coefficients is not None:
-            data["init_coefficients"] = {
-                t: [float(x) for x in self.init_coefficients[:, l]] for l, t in enumerate(self.tensors)
-            }
         return data
 
     @classmethod
     def from_json(cls, data: dict, source: str = "table") -> "CoefficientTable":
         if data.get("format") != TABLE_FORMAT:
             raise TableError(f"{source}: not a mergekit-fw coefficient table (format={data.get('format')!r})")
-        if data.get("version") != TABLE_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise TableError(f"{source}: unsupported table version {data.get('version')!r}")
         tensors = list(data["weights"])
         weights = torch.tensor([data["weights"][t] for t in tensors], dtype=torch.float64).T.contiguous()
-        init = None
-        if "init_coefficients" in data:
-            init = torch.tensor([data["init_coefficients"][t] for t in tensors], dtype=torch.float64).T.contiguous()
         table = cls(
             candidates=list(data["candidates"]),
             tensors=tensors,
             weights=weights.reshape(len(data["vertices"]), len(tensors)),
             fingerprint=data["fingerprint"],
             base_model=data["base_model"],
-            init_coefficients=init,
+            init=data.get("init"),
             merge_fn=data.get("merge_fn", "convex"),
+            density=data.get("density"),
             meta=dict(data.get("meta", {})),
         )
         if table.vertices != data["vertices"]:

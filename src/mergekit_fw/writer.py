@@ -13,11 +13,12 @@ import os
 import shutil
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from tqdm.auto import tqdm
 
+from mergekit_fw.merge_fn import MergeFunction, compute_dtype, merge_function, single_vertex
 from mergekit_fw.mergekit_adapter import tensor_writer
 from mergekit_fw.pool import Pool
 from mergekit_fw.table import CoefficientTable
@@ -26,20 +27,19 @@ LOG = logging.getLogger(__name__)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
-def merged_tensor(pool: Pool, coefficients: dict, name: str, base: torch.Tensor) -> torch.Tensor:
-    weights = coefficients.get(name)
+def merged_tensor(pool: Pool, weights: Optional[Dict[str, float]], name: str, base: torch.Tensor, merge: MergeFunction) -> torch.Tensor:
+    """One output tensor: ``merge`` over the candidates with non-zero weight."""
     if not weights or not base.is_floating_point():
         return base
-    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
-    acc = base.to(dtype).clone()
-    for candidate in pool.candidates:
-        weight = weights.get(candidate.name, 0.0)
-        if weight == 0.0:
-            continue
-        delta = candidate.delta(name, base)
-        if delta is not None:
-            acc.add_(delta.to(dtype), alpha=weight)
-    return acc
+    present = [c for c in pool.candidates if weights.get(c.name, 0.0) != 0.0 and name in c.tensor_names()]
+    if not present:
+        return base
+    only = single_vertex([weights[c.name] for c in present])
+    if only is not None and present[only].kind == "dense":
+        return present[only].index.get(name)  # exactly the stored vertex
+    dtype = compute_dtype(base)
+    deltas = [c.delta(name, base).to(dtype) for c in present]
+    return merge(name, base.to(dtype), deltas, [weights[c.name] for c in present])
 
 
 def write_merged_model(
@@ -59,13 +59,14 @@ def write_merged_model(
     if tmp.exists():
         shutil.rmtree(tmp)
     coefficients = table.coefficient_map()
+    merge = merge_function(table.merge_fn, table.density)
     try:
         writer = tensor_writer(tmp, max_shard_size)
         names = pool.base_index.names()
         out_dtype = None
         for name in tqdm(names, desc="writing", disable=not progress):
             base = pool.base_index.get(name)
-            tensor = merged_tensor(pool, coefficients, name, base)
+            tensor = merged_tensor(pool, coefficients.get(name), name, base, merge)
             if tensor.is_floating_point():
                 out_dtype = dtype or base.dtype
                 tensor = tensor.to(out_dtype)

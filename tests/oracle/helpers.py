@@ -10,7 +10,8 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from mergekit_fw.calibration import build_calibration
-from mergekit_fw.objective import batch_cross_entropy, token_weights
+from mergekit_fw.merge_fn import merge_function
+from mergekit_fw.objective import batch_loss, position_weights
 from mergekit_fw.oracle import Oracle
 from mergekit_fw.pool import CandidateSpec, ModelSource, PoolSpec, open_pool
 
@@ -48,47 +49,69 @@ def all_deltas(random_pool, spec: PoolSpec) -> List[Dict[str, torch.Tensor]]:
     return deltas
 
 
-def make_oracle(random_pool, spec: PoolSpec, batch_size: int = 4):
+def make_oracle(random_pool, spec: PoolSpec, batch_size: int = 4, objective: str = "cross_entropy", merge_fn: str = "convex", density: float = 0.5):
     tokenizer = AutoTokenizer.from_pretrained(str(random_pool["base"]))
-    calibration = build_calibration(random_pool["calibration"], tokenizer, samples_per_task=100, batch_size=batch_size, max_length=64)
+    calibration = build_calibration(
+        random_pool["calibration"], tokenizer, samples_per_task=100, batch_size=batch_size, max_length=64, objective=objective
+    )
     pool = open_pool(spec)
     model = LlamaForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64)
-    return Oracle(model, pool, calibration), pool, calibration
+    merge = merge_function(merge_fn, density) if merge_fn != "convex" else None
+    return Oracle(model, pool, calibration, merge=merge), pool, calibration
 
 
-def brute_force(random_pool, spec, tensors, coefficients, calibration):
-    """Loss and <dL/dW_l, delta_i[l]> with every delta merged densely into W."""
+def brute_force(random_pool, spec, tensors, coefficients, calibration, *, merge_fn: str = "convex", density: float = 0.5):
+    """Loss, scores <dL/dW_l, delta_i[l]> and per-task scores, with the merge built
+    densely in W (for ties: mergekit's ties over every full tensor, zero weights included)."""
+    from mergekit.merge_methods.api import merge_tensors
+
     deltas = all_deltas(random_pool, spec)
     model = LlamaForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for l, tensor in enumerate(tensors):
-            for i, delta in enumerate(deltas):
-                if tensor in delta:
-                    params[tensor].add_(coefficients[i, l] * delta[tensor])
-    weights = token_weights(calibration)
+            touching = [i for i, delta in enumerate(deltas) if tensor in delta]
+            base = params[tensor].detach().clone()
+            if merge_fn == "convex":
+                for i in touching:
+                    params[tensor].add_(coefficients[i, l] * deltas[i][tensor])
+            else:
+                params[tensor].copy_(merge_tensors(
+                    [base, *(base + deltas[i][tensor] for i in touching)], "ties", base_index=0,
+                    parameters={"weight": [float(coefficients[i, l]) for i in touching], "density": density, "normalize": False, "lambda": 1.0},
+                ))
+    weights = position_weights(calibration)
+    n_tasks = len(calibration.tasks)
     total = 0.0
-    for batch in calibration.batches:
-        loss = batch_cross_entropy(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch, weights)
-        loss.backward()
-        total += float(loss)
-    scores = torch.zeros(len(deltas), len(tensors), dtype=torch.float64)
-    for l, tensor in enumerate(tensors):
-        for i, delta in enumerate(deltas):
-            if tensor in delta:
-                scores[i, l] = torch.sum(params[tensor].grad * delta[tensor])
-    return total, scores
+    task_scores = torch.zeros(n_tasks, len(deltas), len(tensors), dtype=torch.float64)
+    for task in range(n_tasks):
+        model.zero_grad()
+        for batch in calibration.batches:
+            if batch.task != task:
+                continue
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = batch_loss(logits, batch, weights, calibration.objective)
+            loss.backward()
+            total += float(loss.detach())
+        for l, tensor in enumerate(tensors):
+            for i, delta in enumerate(deltas):
+                if tensor in delta and params[tensor].grad is not None:
+                    task_scores[task, i, l] = torch.sum(params[tensor].grad * delta[tensor])
+    return total, task_scores.sum(0), task_scores
 
 
-def assert_scores_match_brute_force(random_pool, kinds, *, seed: int, scale: float):
-    """Oracle loss and scores at a random feasible-ish point equal the brute force."""
+def assert_scores_match_brute_force(random_pool, kinds, *, seed: int, scale: float, objective: str = "cross_entropy", merge_fn: str = "convex"):
+    """Oracle loss, scores and per-task scores at a random point equal the brute force."""
     spec = pool_spec(random_pool, kinds=kinds)
-    oracle, pool, calibration = make_oracle(random_pool, spec)
+    oracle, pool, calibration = make_oracle(random_pool, spec, objective=objective, merge_fn=merge_fn)
     torch.manual_seed(seed)
     coefficients = torch.rand(len(pool.candidates), len(oracle.tensors), dtype=torch.float64) * scale
-    loss, scores = oracle.loss_and_scores(coefficients)
-    ref_loss, ref_scores = brute_force(random_pool, spec, oracle.tensors, coefficients, calibration)
-    assert abs(loss - ref_loss) < 1e-9 * max(1.0, abs(ref_loss))
+    evaluation = oracle.evaluate(coefficients, per_task=True)
+    ref_loss, ref_scores, ref_task_scores = brute_force(random_pool, spec, oracle.tensors, coefficients, calibration, merge_fn=merge_fn)
+    assert abs(evaluation.loss - ref_loss) < 1e-9 * max(1.0, abs(ref_loss))
     assert float(ref_scores.abs().max()) > 1e-6  # the check is not vacuous
-    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-10)
-    return scores, ref_scores
+    torch.testing.assert_close(evaluation.scores, ref_scores, rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(evaluation.task_scores, ref_task_scores, rtol=1e-4, atol=1e-10)
+    # the totals without per-task harvesting are the same numbers
+    torch.testing.assert_close(oracle.evaluate(coefficients).scores, evaluation.scores, rtol=1e-9, atol=1e-12)
+    return evaluation.scores, ref_scores

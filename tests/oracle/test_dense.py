@@ -7,3 +7,29 @@ def test_dense_scores_equal_brute_force(random_pool):
 
 def test_mixed_pool_scores_equal_brute_force(random_pool):
     assert_scores_match_brute_force(random_pool, ("lora", "dense"), seed=3, scale=0.3)
+
+
+def test_entropy_objective_scores_equal_brute_force(random_pool):
+    assert_scores_match_brute_force(random_pool, ("lora", "dense"), seed=4, scale=0.3, objective="entropy")
+
+
+def test_ties_merge_function_scores_equal_brute_force(random_pool):
+    """With merge_fn ties every candidate takes the dense path; the model is
+    mergekit's ties at the coefficients and the scores are <grad, delta_i>."""
+    assert_scores_match_brute_force(random_pool, ("lora", "dense"), seed=5, scale=0.5, merge_fn="ties")
+
+
+def test_vertex_norms_equal_dense_norms(random_pool):
+    import torch
+
+    from tests.oracle.helpers import all_deltas, make_oracle, pool_spec
+
+    spec = pool_spec(random_pool)
+    oracle, _, _ = make_oracle(random_pool, spec)
+    deltas = all_deltas(random_pool, spec)
+    expected = torch.tensor(
+        [[float(torch.linalg.vector_norm(d[t])) if t in d else 0.0 for t in oracle.tensors] for d in deltas],
+        dtype=torch.float64,
+    )
+    assert float(expected.max()) > 0
+    torch.testing.assert_close(oracle.vertex_norms(), expected, rtol=1e-5, atol=1e-9)

@@ -1,13 +1,17 @@
 """The gradient oracle: calibration loss and LMO scores at a coefficient table.
 
-LoRA candidates are scored through gates (:mod:`.lora`), full checkpoints through
-one dense gradient and streamed deltas (:mod:`.dense`); both fill rows of the same
+LoRA candidates are scored through gates (:mod:`.lora`), full checkpoints (and
+every candidate when the merge function is TIES) through one dense gradient and
+streamed deltas (:mod:`.dense`); both fill rows of the same
 ``(n_candidates, n_tensors)`` score table, in the pool's candidate order.
+Calibration batches never mix tasks, so per-task scores (soft FW's task-wise
+top-k) come from harvesting the accumulated gradients at each task boundary.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -15,7 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mergekit_fw.calibration import CalibrationSet
-from mergekit_fw.objective import batch_cross_entropy, token_weights
+from mergekit_fw.objective import batch_loss, position_weights
+from mergekit_fw.merge_fn import MergeFunction
 from mergekit_fw.oracle.dense import DenseMix
 from mergekit_fw.oracle.lora import LoraGates
 from mergekit_fw.pool import Pool
@@ -23,29 +28,50 @@ from mergekit_fw.pool import Pool
 LOG = logging.getLogger(__name__)
 
 
+@dataclass
+class Evaluation:
+    """Loss and scores at one point; per-task parts when asked for."""
+
+    loss: float
+    scores: torch.Tensor  # (n_candidates, n_tensors) float64
+    task_losses: torch.Tensor  # (n_tasks,) float64, sums to ``loss``
+    task_scores: Optional[torch.Tensor] = None  # (n_tasks, n_candidates, n_tensors)
+
+
 class Oracle:
-    def __init__(self, model: nn.Module, pool: Pool, calibration: CalibrationSet, *, progress: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        pool: Pool,
+        calibration: CalibrationSet,
+        *,
+        merge: Optional[MergeFunction] = None,
+        progress: bool = False,
+    ):
+        """``merge``: a non-linear merge function (TIES); then every candidate takes
+        the dense path, since gates can only express weighted sums."""
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.pool = pool
         self.calibration = calibration
+        self.objective = calibration.objective
         self.tensors = pool.tensor_names()
-        self.weights = token_weights(calibration)
+        self.weights = position_weights(calibration)
         self.progress = progress
         self.lora: Optional[LoraGates] = None
-        lora = pool.lora_candidates()
+        lora = pool.lora_candidates() if merge is None else []
         if lora:
             self.lora_columns = [c for c, t in enumerate(self.tensors) if any(t in cand.factors for _, cand in lora)]
             self.lora = LoraGates(self.model, lora, [self.tensors[c] for c in self.lora_columns])
-        self.dense: Optional[DenseMix] = None
-        if pool.dense_candidates():
-            self.dense = DenseMix(self.model, pool.dense_candidates(), self.tensors)
+        dense = pool.dense_candidates() if merge is None else list(enumerate(pool.candidates))
+        self.dense: Optional[DenseMix] = DenseMix(self.model, dense, self.tensors, merge) if dense else None
         self._device = next(self.model.parameters()).device
         self._current: Optional[torch.Tensor] = None
+        self._norms: Optional[torch.Tensor] = None
 
     def set_point(self, coefficients: torch.Tensor) -> None:
-        """Make the model compute ``theta_0 + sum_i c[i, l] delta_i[l]``."""
+        """Make the model compute the merge at coefficients ``c[i, l]``."""
         coefficients = coefficients.detach().to(torch.float64).cpu()
         if self._current is not None and torch.equal(coefficients, self._current):
             return
@@ -59,51 +85,77 @@ class Oracle:
         return tqdm(self.calibration.batches, desc=desc, leave=False, disable=not self.progress)
 
     def _forward(self, batch) -> torch.Tensor:
-        out = self.model(
-            input_ids=batch.input_ids.to(self._device),
-            attention_mask=batch.attention_mask.to(self._device),
-            use_cache=False,
-        )
-        batch_on_device = type(batch)(
-            batch.input_ids, batch.attention_mask, batch.labels.to(self._device), batch.task_index.to(self._device)
-        )
-        return batch_cross_entropy(out.logits, batch_on_device, self.weights.to(self._device))
+        batch = batch.to(self._device)
+        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return batch_loss(out.logits, batch, self.weights.to(self._device), self.objective)
 
     @torch.no_grad()
     def loss(self, coefficients: torch.Tensor) -> float:
         self.set_point(coefficients)
         return float(sum(float(self._forward(batch)) for batch in self.calibration.batches))
 
-    def loss_and_scores(self, coefficients: torch.Tensor) -> Tuple[float, torch.Tensor]:
+    def _harvest(self) -> torch.Tensor:
+        """Scores from the gradients accumulated so far; the gradients are then cleared."""
+        scores = torch.zeros(len(self.pool.candidates), len(self.tensors), dtype=torch.float64)
+        if self.lora is not None:
+            lora_scores = self.lora.scores().cpu()
+            for k, row in enumerate(self.lora.candidate_rows):
+                scores[row, self.lora_columns] = lora_scores[k]
+            self.lora.gates.grad = None
+        if self.dense is not None:
+            dense_scores = self.dense.scores()
+            for k, (row, _) in enumerate(self.dense.candidates):
+                scores[row] += dense_scores[k]
+            self.dense.clear_grad()
+        return scores
+
+    def evaluate(self, coefficients: torch.Tensor, *, per_task: bool = False) -> Evaluation:
         """Loss at the point and ``score[i, l] = <grad_l, delta_i[l]>`` (float64)."""
         self.set_point(coefficients)
+        n_tasks = len(self.calibration.tasks)
+        task_losses = torch.zeros(n_tasks, dtype=torch.float64)
+        task_scores = torch.zeros(n_tasks, len(self.pool.candidates), len(self.tensors), dtype=torch.float64) if per_task else None
         if self.lora is not None:
             self.lora.gates.grad = None
             self.lora.require_grad(True)
         if self.dense is not None:
             self.dense.require_grad(True)
-        total = 0.0
+        batches = self.calibration.batches
         try:
-            for batch in self._batches("oracle"):
+            for index, batch in enumerate(self._batches("oracle")):
                 loss = self._forward(batch)
                 loss.backward()
-                total += float(loss.detach())
-            scores = torch.zeros(len(self.pool.candidates), len(self.tensors), dtype=torch.float64)
-            if self.lora is not None:
-                lora_scores = self.lora.scores().cpu()
-                for k, row in enumerate(self.lora.candidate_rows):
-                    scores[row, self.lora_columns] = lora_scores[k]
-            if self.dense is not None:
-                dense_scores = self.dense.scores()
-                for k, (row, _) in enumerate(self.dense.candidates):
-                    scores[row] += dense_scores[k]
+                task_losses[batch.task] += float(loss.detach())
+                last_of_task = index + 1 == len(batches) or batches[index + 1].task != batch.task
+                if per_task and last_of_task:
+                    task_scores[batch.task] += self._harvest()
+            scores = task_scores.sum(dim=0) if per_task else self._harvest()
         finally:
             if self.lora is not None:
                 self.lora.require_grad(False)
                 self.lora.gates.grad = None
             if self.dense is not None:
                 self.dense.require_grad(False)
-        return total, scores
+        return Evaluation(float(task_losses.sum()), scores, task_losses, task_scores)
+
+    def loss_and_scores(self, coefficients: torch.Tensor) -> Tuple[float, torch.Tensor]:
+        evaluation = self.evaluate(coefficients)
+        return evaluation.loss, evaluation.scores
+
+    def vertex_norms(self) -> torch.Tensor:
+        """``||delta_i[l]||_F`` per candidate and tensor (cosine LMO scores); computed once."""
+        if self._norms is None:
+            norms = torch.zeros(len(self.pool.candidates), len(self.tensors), dtype=torch.float64)
+            for column, name in enumerate(self.tensors):
+                base = None
+                for row, candidate in enumerate(self.pool.candidates):
+                    if name not in candidate.tensor_names():
+                        continue
+                    if base is None and candidate.kind == "dense":
+                        base = self.pool.base_index.get(name)
+                    norms[row, column] = candidate.delta_norm(name, base)
+            self._norms = norms
+        return self._norms
 
     def close(self) -> None:
         if self.lora is not None:

@@ -1,52 +1,64 @@
-"""LMO scores for full-checkpoint candidates: one dense gradient, streamed deltas.
+"""LMO scores through the model's dense weights: one dense gradient, streamed deltas.
 
-The model's weights hold the dense part of the current iterate
-``W0 + sum_j c[j, l] * (theta_j - W0)``. After one backward pass the gradient of
-every moved tensor is on its parameter; each candidate's tensor is then read from
-its safetensors file one at a time and dotted with it, so resident memory does not
-grow with the number of candidates.
+Used for full-checkpoint candidates, and for every candidate when the merge
+function is not a plain weighted sum (``ties``). The model's weights hold the
+dense part of the current iterate, ``MergeFn(W0, {delta_j}, {c[j, l]})`` per
+tensor, rebuilt one tensor at a time. After one backward pass the gradient of
+every moved tensor is on its parameter; each candidate's delta is then produced
+one at a time (read from safetensors, or a LoRA's low-rank product) and dotted
+with it, so resident memory does not grow with the number of candidates.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from mergekit_fw.pool import DenseCandidate
+from mergekit_fw.merge_fn import MergeFunction, compute_dtype, convex_merge
+from mergekit_fw.pool import Candidate
 
 
 class DenseMix:
-    def __init__(self, model: nn.Module, candidates: Sequence[Tuple[int, DenseCandidate]], tensors: Sequence[str]):
+    def __init__(
+        self,
+        model: nn.Module,
+        candidates: Sequence[Tuple[int, Candidate]],
+        tensors: Sequence[str],
+        merge: Optional[MergeFunction] = None,
+    ):
         self.candidates = list(candidates)
         self.tensors = list(tensors)
-        touched = set()
-        for _, candidate in self.candidates:
-            touched.update(candidate.touched)
+        self.merge = merge or convex_merge
+        self._touches = [set(candidate.tensor_names()) for _, candidate in self.candidates]
+        touched = set().union(*self._touches) if self._touches else set()
         self.columns = [c for c, name in enumerate(self.tensors) if name in touched]
         params = dict(model.named_parameters())
         self.params: Dict[str, nn.Parameter] = {}
         for column in self.columns:
             name = self.tensors[column]
             if name not in params:
-                raise ValueError(f"dense candidate tensor {name!r} is not a parameter of the loaded base model")
+                raise ValueError(f"candidate tensor {name!r} is not a parameter of the loaded base model")
             self.params[name] = params[name]
         # W0 of the moved tensors: the dense iterate is rebuilt from it.
         self.base = {name: p.detach().clone() for name, p in self.params.items()}
 
     def set(self, coefficients: torch.Tensor) -> None:
-        """Write ``W0 + sum_j c[j, l] delta_j`` into the model, one tensor at a time."""
+        """Write ``MergeFn(W0, deltas, c[:, l])`` into the model, one tensor at a time."""
         with torch.no_grad():
             for column in self.columns:
                 name = self.tensors[column]
                 base = self.base[name]
-                acc = base.to(torch.float64 if base.dtype == torch.float64 else torch.float32).clone()
-                for row, candidate in self.candidates:
+                dtype = compute_dtype(base)
+                deltas, weights = [], []
+                for k, (row, candidate) in enumerate(self.candidates):
                     weight = float(coefficients[row, column])
-                    if weight != 0.0 and name in candidate.index.files:
-                        acc.add_(candidate.delta(name, base), alpha=weight)
-                self.params[name].copy_(acc.to(base.dtype))
+                    if weight != 0.0 and name in self._touches[k]:
+                        deltas.append(candidate.delta(name, base).to(dtype))
+                        weights.append(weight)
+                merged = self.merge(name, base.to(dtype), deltas, weights) if deltas else base
+                self.params[name].copy_(merged.to(base.dtype))
 
     def require_grad(self, flag: bool) -> None:
         for p in self.params.values():
@@ -54,8 +66,12 @@ class DenseMix:
             if not flag:
                 p.grad = None
 
+    def clear_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
     def scores(self) -> torch.Tensor:
-        """<grad_l, theta_j[l] - W0[l]> for every dense candidate j and tensor l."""
+        """<grad_l, delta_j[l]> for every candidate j here and tensor l."""
         out = torch.zeros(len(self.candidates), len(self.tensors), dtype=torch.float64)
         for column in self.columns:
             name = self.tensors[column]
@@ -64,7 +80,7 @@ class DenseMix:
                 continue
             grad = grad.to(torch.float64)
             for k, (_, candidate) in enumerate(self.candidates):
-                if name in candidate.index.files:
+                if name in self._touches[k]:
                     delta = candidate.delta(name, self.base[name]).to(torch.float64)
                     out[k, column] = torch.sum(grad * delta)
         return out
