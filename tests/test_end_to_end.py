@@ -2,51 +2,31 @@
 config agree, and Frank-Wolfe beats task arithmetic through lm-eval."""
 
 import json
-import subprocess
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from mergekit_fw.testbed import exact_match, read_jsonl
-from tests.conftest import subprocess_env
+from tests.paths import assert_same_tensors, mergekit_fw_run, mergekit_yaml, replay, tensors
 
 pytestmark = pytest.mark.slow
-
-
-def _tensors(folder):
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(shard)))
-    return out
-
-
-def _mergekit_yaml(config, out, cache, **env):
-    subprocess.run(
-        ["mergekit-yaml", str(config), str(out), "--lora-merge-cache", str(cache), "--quiet"],
-        check=True, env=subprocess_env(**env), timeout=600, capture_output=True,
-    )
 
 
 @pytest.fixture(scope="module")
 def merges(testbed, tmp_path_factory):
     work = tmp_path_factory.mktemp("merges")
-    subprocess.run(["mergekit-fw", "run", str(testbed.root / "fw.yml"), str(work / "fast"), "--quiet"],
-                   check=True, env=subprocess_env(), timeout=600, capture_output=True)
-    _mergekit_yaml(testbed.root / "fw.yml", work / "yaml", work / "cache")
-    _mergekit_yaml(work / "yaml" / "fw_mergekit.yml", work / "replay", work / "cache", MERGEKIT_FW_AUTOLOAD="0")
-    _mergekit_yaml(testbed.root / "ta.yml", work / "ta", work / "cache")
+    mergekit_fw_run(testbed.root / "fw.yml", work / "fast")
+    mergekit_yaml(testbed.root / "fw.yml", work / "yaml", work / "cache")
+    replay(work / "yaml", work / "replay", work / "cache")
+    mergekit_yaml(testbed.root / "ta.yml", work / "ta", work / "cache")
     return work
 
 
 def test_three_paths_write_the_same_tensors(merges):
-    fast, yaml_out, replay = (_tensors(merges / name) for name in ("fast", "yaml", "replay"))
-    assert set(fast) == set(yaml_out) == set(replay)
-    for name in fast:
-        torch.testing.assert_close(yaml_out[name], fast[name], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(replay[name], fast[name], rtol=1e-5, atol=1e-6)
-    ta = _tensors(merges / "ta")
+    fast, yaml_out, replayed = (tensors(merges / name) for name in ("fast", "yaml", "replay"))
+    assert_same_tensors(fast, yaml_out, replayed)
+    ta = tensors(merges / "ta")
     assert any(not torch.equal(ta[n], fast[n]) for n in fast)  # the comparison can fail
 
 

@@ -122,13 +122,46 @@ class SafetensorsIndex:
         return sorted(set(self.files.values()))
 
 
-@dataclass
 class LoraFactors:
-    """``delta = scale * B @ A`` for one base weight."""
+    """``delta = scale * B @ A`` for one base weight.
 
-    A: torch.Tensor  # (r, in)
-    B: torch.Tensor  # (out, r)
-    scale: float
+    The factors are read from the adapter file on first use, not when the pool
+    opens: the oracle copies them straight into its per-module banks and points
+    ``A`` and ``B`` at slices of those, so no adapter is ever held twice.
+    """
+
+    def __init__(self, source: Path, key_A: str, key_B: str, scale: float, rank: int, shape: Tuple[int, int], transpose: bool = False):
+        self.source, self.key_A, self.key_B = source, key_A, key_B
+        self.scale, self.rank, self.shape, self.transpose = scale, rank, shape, transpose
+        self._A: Optional[torch.Tensor] = None
+        self._B: Optional[torch.Tensor] = None
+
+    def _load(self) -> None:
+        with safe_open(str(self.source), framework="pt") as handle:
+            A = handle.get_tensor(self.key_A).to(torch.float32)
+            B = handle.get_tensor(self.key_B).to(torch.float32)
+        if self.transpose:  # fan_in_fan_out: delta = (B @ A).T, stored as the factors of the transpose
+            A, B = B.T.contiguous(), A.T.contiguous()
+        self._A, self._B = A, B
+
+    @property
+    def A(self) -> torch.Tensor:  # (r, in)
+        if self._A is None:
+            self._load()
+        return self._A  # type: ignore[return-value]
+
+    @property
+    def B(self) -> torch.Tensor:  # (out, r)
+        if self._B is None:
+            self._load()
+        return self._B  # type: ignore[return-value]
+
+    def share(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Use these tensors (slices of a bank, same values) from now on."""
+        self._A, self._B = A, B
+
+    def nbytes(self) -> int:
+        return 4 * self.rank * (self.shape[0] + self.shape[1])
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.B.to(dtype) @ self.A.to(dtype)) * self.scale
@@ -163,7 +196,8 @@ class LoraCandidate:
         return [self.adapter_dir / "adapter_config.json", self.adapter_dir / "adapter_model.safetensors"]
 
     def nbytes(self) -> int:
-        return sum(f.A.numel() * f.A.element_size() + f.B.numel() * f.B.element_size() for f in self.factors.values())
+        """Resident bytes of the factors (float32) once loaded."""
+        return sum(f.nbytes() for f in self.factors.values())
 
 
 @dataclass
@@ -227,14 +261,14 @@ def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex) -> Lor
     rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
 
-    pairs: Dict[str, Dict[str, torch.Tensor]] = {}
+    pairs: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
     with safe_open(str(weights_file), framework="pt") as handle:
         for key in handle.keys():
             match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
             if "lora_embedding" in key or "lora_magnitude" in key or match is None:
                 raise PoolError(f"candidate {name}: {weights_file}: unsupported adapter tensor {key!r}")
             module, which = match.group(1), match.group(2)
-            pairs.setdefault(module, {})[which] = handle.get_tensor(key)
+            pairs.setdefault(module, {})[which] = (key, tuple(handle.get_slice(key).get_shape()))
 
     factors: Dict[str, LoraFactors] = {}
     for module, pair in pairs.items():
@@ -243,12 +277,14 @@ def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex) -> Lor
         tensor = f"{module}.weight"
         if tensor not in base_index.files:
             raise PoolError(f"candidate {name}: targets {module}, but the base has no tensor {tensor!r}")
-        A, B = pair["lora_A"].to(torch.float32), pair["lora_B"].to(torch.float32)
-        rank = A.shape[0]
-        if B.shape[1] != rank:
-            raise PoolError(f"candidate {name}: {module}: lora_A rank {rank} != lora_B rank {B.shape[1]}")
+        (key_A, shape_A), (key_B, shape_B) = pair["lora_A"], pair["lora_B"]
+        if len(shape_A) != 2 or len(shape_B) != 2:
+            raise PoolError(f"candidate {name}: {module}: LoRA factors must be matrices, got {shape_A} and {shape_B}")
+        rank = shape_A[0]
+        if shape_B[1] != rank:
+            raise PoolError(f"candidate {name}: {module}: lora_A rank {rank} != lora_B rank {shape_B[1]}")
         base_shape = base_index.shape(tensor)
-        delta_shape = (B.shape[0], A.shape[1])
+        delta_shape = (shape_B[0], shape_A[1])
         if fan_in_fan_out:
             delta_shape = delta_shape[::-1]
         if tuple(base_shape) != delta_shape:
@@ -259,9 +295,7 @@ def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex) -> Lor
         module_alpha = _pattern_value(alpha_pattern, module)
         module_alpha = alpha if module_alpha is None else float(module_alpha)
         scale = module_alpha / (math.sqrt(rank) if rslora else rank)
-        if fan_in_fan_out:  # delta = (B @ A).T: store the transposed product's factors
-            A, B = B.T.contiguous(), A.T.contiguous()
-        factors[tensor] = LoraFactors(A=A, B=B, scale=scale)
+        factors[tensor] = LoraFactors(weights_file, key_A, key_B, scale, rank, tuple(base_shape), transpose=fan_in_fan_out)
     if not factors:
         raise PoolError(f"candidate {name}: {weights_file}: no LoRA weights")
     return LoraCandidate(name=name, adapter_dir=adapter_dir, factors=factors)

@@ -17,6 +17,28 @@ from torch import nn
 from mergekit_fw.pool import LoraCandidate
 
 
+class _GatedLowRank(torch.autograd.Function):
+    """``((x @ A.T) * g) @ B.T`` saving only ``x``, not the (tokens x total rank)
+    product: the gates' backward recomputes it one module at a time, so what
+    autograd keeps alive does not grow with the number of adapters."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, per_rank: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, per_rank, A, B)
+        return ((x @ A.T) * per_rank) @ B.T
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, per_rank, A, B = ctx.saved_tensors
+        v = grad_out @ B  # (..., R)
+        grad_per_rank = None
+        if ctx.needs_input_grad[1]:
+            u = x @ A.T
+            grad_per_rank = (v * u).reshape(-1, u.shape[-1]).sum(dim=0)
+        grad_x = (v * per_rank) @ A if ctx.needs_input_grad[0] else None
+        return grad_x, grad_per_rank, None, None
+
+
 class _ModuleBank:
     """All adapters of one linear module, concatenated along the rank axis."""
 
@@ -41,38 +63,56 @@ class LoraGates:
         self._handles = []
         modules = dict(model.named_modules())
         for column, tensor in enumerate(self.tensors):
-            rows, As, Bs, scales, ranks = [], [], [], [], []
+            rows, here, scales, ranks = [], [], [], []
             for row, (_, candidate) in enumerate(candidates):
                 factors = candidate.factors.get(tensor)
                 if factors is None:
                     continue
                 rows.append(row)
-                As.append(factors.A)
-                Bs.append(factors.B)
+                here.append(factors)
                 scales.append(factors.scale)
-                ranks.append(factors.A.shape[0])
+                ranks.append(factors.rank)
             if not rows:
                 continue
             module_name = tensor[: -len(".weight")] if tensor.endswith(".weight") else None
             module = modules.get(module_name) if module_name else None
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"LoRA target {tensor}: no nn.Linear module {module_name!r} in the base model")
+            A, B = self._fill_bank(here, device, dtype)
             bank = _ModuleBank(
                 column,
                 rows,
-                torch.cat(As, 0).to(device=device, dtype=dtype),
-                torch.cat(Bs, 1).to(device=device, dtype=dtype),
+                A,
+                B,
                 torch.tensor(scales, dtype=torch.float64, device=device),
                 torch.tensor(ranks, dtype=torch.long, device=device),
             )
             self._handles.append(module.register_forward_hook(self._hook(bank)))
+
+    @staticmethod
+    def _fill_bank(factors, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One module's adapters side by side along the rank axis, filled adapter by
+        adapter; where the bank has the factors' own dtype and device they then
+        point at its slices, so every adapter is resident once."""
+        total = sum(f.rank for f in factors)
+        out_features, in_features = factors[0].shape
+        A = torch.empty(total, in_features, dtype=dtype, device=device)
+        B = torch.empty(out_features, total, dtype=dtype, device=device)
+        offset = 0
+        for f in factors:
+            A[offset : offset + f.rank].copy_(f.A)
+            B[:, offset : offset + f.rank].copy_(f.B)
+            if dtype == torch.float32 and A.device.type == "cpu":
+                f.share(A[offset : offset + f.rank], B[:, offset : offset + f.rank])
+            offset += f.rank
+        return A, B
 
     def _hook(self, bank: _ModuleBank):
         def add_low_rank(module: nn.Module, inputs, output):
             x = inputs[0]
             per_adapter = self.gates[bank.rows, bank.column] * bank.scale
             per_rank = torch.repeat_interleave(per_adapter, bank.ranks).to(x.dtype)
-            return output + ((x @ bank.A.T) * per_rank) @ bank.B.T
+            return output + _GatedLowRank.apply(x, per_rank, bank.A, bank.B)
 
         return add_low_rank
 
