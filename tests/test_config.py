@@ -59,3 +59,43 @@ def test_commands_fail_early_naming_the_field(random_pool, tmp_path, parameters,
     assert message in done.stderr
     assert not out.exists()  # nothing written
     assert not (tmp_path / "cache").exists()  # failed before mergekit expanded any LoRA
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"variant": "medium"}, "variant"),
+        ({"lmo": "global"}, "lmo"),
+        ({"lmo_score": "dot"}, "lmo_score"),
+        ({"step": "armijo"}, "step"),
+        ({"step": "fixed", "gamma": 0.0}, "gamma"),
+        ({"step": "fixed", "gamma": 3.0}, "gamma"),
+        ({"variant": "soft", "top_k": 0}, "top_k"),
+        ({"variant": "soft", "top_k_per": "model"}, "top_k_per"),
+        ({"variant": "soft", "inner_weights": "block"}, "inner_weights"),
+        ({"variant": "soft", "inner_steps": 0}, "inner_steps"),
+        ({"variant": "soft", "inner_lr": 0.0}, "inner_lr"),
+        ({"init": "previous.txt"}, "init"),
+        ({"merge_fn": "dare"}, "merge_fn"),
+        ({"merge_fn": "ties", "density": 0.0}, "density"),
+        ({"merge_fn": "ties", "density": 1.5}, "density"),
+        ({"objective": "mse"}, "objective"),
+        # settings the chosen variant would silently ignore
+        ({"top_k": 3}, "top_k"),
+        ({"variant": "soft", "step": "schedule"}, "step"),
+        ({"gamma": 0.1}, "gamma"),
+        ({"density": 0.5}, "density"),
+        ({"inner_lr": 0.1}, "inner_lr"),
+    ],
+)
+def test_every_parameter_rejects_bad_values_by_name(raw, field):
+    with pytest.raises(ConfigError, match=rf"parameters\.{field}\b"):
+        parse_parameters({"calibration": "c.jsonl", **raw})
+
+
+def test_kernel_kwargs_with_mergekit_defaults_are_not_taken_as_given():
+    from mergekit_fw.config import FrankWolfeParameters, from_method_kwargs
+
+    defaults = {name: field.default for name, field in FrankWolfeParameters.model_fields.items() if not field.is_required()}
+    params = from_method_kwargs({**defaults, "calibration": "c.jsonl", "variant": "soft", "top_k": 3})
+    assert params.variant == "soft" and params.top_k == 3 and params.step == "line_search"

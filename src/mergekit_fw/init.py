@@ -45,7 +45,7 @@ def pool_files_fingerprint(pool: Pool) -> str:
 
 def check_init_config(path: Path, spec: PoolSpec) -> dict:
     """Read an init config and check it merges the same pool; returns its raw dict."""
-    from mergekit_fw.mergekit_adapter import config_models, load_merge_config, reference_name
+    from mergekit_fw.mergekit_adapter import config_models, load_merge_config
 
     merge_config = load_merge_config(path)
     if merge_config.merge_method == METHOD_NAME:

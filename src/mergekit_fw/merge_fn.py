@@ -7,9 +7,10 @@ mergekit kernel, so all three compute the same model from the same table.
 * ``ties``: mergekit's own ``ties`` with the coefficients as weights (through
   :mod:`mergekit_fw.mergekit_adapter`); may leave the hull.
 
-A tensor whose whole weight sits on one stored vertex is that vertex's tensor,
-bit for bit: ``base + 1.0 * (theta - base)`` is not always ``theta`` in floating
-point, and a run that starts from another merge must reproduce it exactly.
+Under ``convex``, a tensor whose whole weight sits on one stored vertex is that
+vertex's tensor, bit for bit: ``base + 1.0 * (theta - base)`` is not always
+``theta`` in floating point, and a run that starts from another merge must
+reproduce it exactly. (Under ``ties`` a lone vertex is still trimmed.)
 """
 
 from __future__ import annotations

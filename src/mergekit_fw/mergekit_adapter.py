@@ -118,7 +118,7 @@ class KernelPlan:
 
 
 def _merge_with_plan(group, plan: KernelPlan) -> torch.Tensor:
-    from mergekit_fw.merge_fn import compute_dtype, single_vertex
+    from mergekit_fw.merge_fn import compute_dtype, convex_merge, single_vertex
     from mergekit_fw.table import INIT_VERTEX
 
     base = group.base
@@ -134,7 +134,7 @@ def _merge_with_plan(group, plan: KernelPlan) -> torch.Tensor:
     inputs = [(tensor, weight) for tensor, weight in inputs if weight != 0.0]
     if not inputs:
         return base.tensor
-    only = single_vertex([weight for _, weight in inputs])
+    only = single_vertex([weight for _, weight in inputs]) if plan.merge is convex_merge else None
     if only is not None:
         return inputs[only][0].to(base.tensor.dtype)  # exactly the stored vertex
     dtype = compute_dtype(base.tensor)

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_fw.merge_fn import MergeFunction, compute_dtype, merge_function, single_vertex
+from mergekit_fw.merge_fn import MergeFunction, compute_dtype, convex_merge, merge_function, single_vertex
 from mergekit_fw.mergekit_adapter import tensor_writer
 from mergekit_fw.pool import Pool
 from mergekit_fw.table import CoefficientTable
@@ -34,7 +34,7 @@ def merged_tensor(pool: Pool, weights: Optional[Dict[str, float]], name: str, ba
     present = [c for c in pool.candidates if weights.get(c.name, 0.0) != 0.0 and name in c.tensor_names()]
     if not present:
         return base
-    only = single_vertex([weights[c.name] for c in present])
+    only = single_vertex([weights[c.name] for c in present]) if merge is convex_merge else None
     if only is not None and present[only].kind == "dense":
         return present[only].index.get(name)  # exactly the stored vertex
     dtype = compute_dtype(base)
