@@ -99,3 +99,14 @@ def test_kernel_kwargs_with_mergekit_defaults_are_not_taken_as_given():
     defaults = {name: field.default for name, field in FrankWolfeParameters.model_fields.items() if not field.is_required()}
     params = from_method_kwargs({**defaults, "calibration": "c.jsonl", "variant": "soft", "top_k": 3})
     assert params.variant == "soft" and params.top_k == 3 and params.step == "line_search"
+
+
+def test_readme_parameter_table_matches_the_config():
+    from pathlib import Path
+
+    from mergekit_fw.config import FrankWolfeParameters
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name, field in FrankWolfeParameters.model_fields.items():
+        default = "required" if field.is_required() else ("none" if field.default is None else str(field.default))
+        assert f"| `{name}` | {default} | {field.description} |" in readme, name

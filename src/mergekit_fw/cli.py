@@ -115,7 +115,8 @@ def solve(config_file: Path, table_path: Path, verbose: bool, threads: Optional[
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Output YAML (default: fw_mergekit.yml beside the table).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The fw.yml the table came from, to carry over dtype and tokenizer settings.")
 def export(table_path: Path, output: Optional[Path], config_file: Optional[Path]) -> None:
-    """Write a stock mergekit config (task_arithmetic, per-tensor weights) for a table."""
+    """Write stock mergekit config(s) for a table: task_arithmetic or ties with per-tensor
+    weights, preceded by the initial merge (for mergekit-multi) when the run had one."""
     try:
         from mergekit_fw.export import REPLAY_FILE, write_replay
         from mergekit_fw.mergekit_adapter import load_merge_config
