@@ -153,3 +153,24 @@ def test_fixed_step_reproduces_the_authors_update_rule_by_hand():
             theta[name] = theta[name] + 0.3 * step * (s[name] - theta[name])
     published = torch.stack([theta["a"], theta["b"]], dim=1).to(torch.float64)
     torch.testing.assert_close(model, published, rtol=0, atol=1e-7)
+
+
+class TwoTaskOracle(QuadraticOracle):
+    """Task 0's scores favour candidate 0, task 1's candidate 1 (their sum favours 0)."""
+
+    def evaluate(self, coefficients, *, per_task=False):
+        evaluation = super().evaluate(coefficients, per_task=False)
+        task_scores = torch.zeros(2, *evaluation.scores.shape, dtype=torch.float64)
+        task_scores[0, 0], task_scores[1, 1] = -3.0, -1.0
+        scores = task_scores.sum(0)
+        return Evaluation(evaluation.loss, scores, torch.tensor([evaluation.loss / 2] * 2, dtype=torch.float64),
+                          task_scores if per_task else None)
+
+
+def test_top_k_per_task_takes_the_union_of_each_tasks_top_k():
+    points = {}
+    for per in ("all", "task"):
+        oracle = TwoTaskOracle(3, 2, 3, seed=2)
+        _, trace = solve(oracle, oracle.table(), _params(variant="soft", top_k=1, top_k_per=per, iterations=1), progress=False)
+        points[per] = trace.iterations[0].points
+    assert points == {"all": 1, "task": 2}
