@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,12 @@ def _setup(verbose: bool, threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
+def _finish() -> None:
+    from mergekit_fw.distributed import shutdown
+
+    shutdown()
+
+
 def _fail(error: Exception) -> None:
     click.echo(f"mergekit-fw: error: {error}", err=True)
     sys.exit(2)
@@ -59,9 +66,13 @@ _quiet = click.option("--quiet", is_flag=True, help="No progress bars.")
 @_threads
 @_quiet
 def run(config_file: Path, out_path: Path, out_shard_size: str, verbose: bool, threads: Optional[int], quiet: bool) -> None:
-    """Solve and write the merged model, never expanding LoRAs to full copies."""
+    """Solve and write the merged model, never expanding LoRAs to full copies.
+
+    Under ``accelerate launch --num_processes N`` (or torchrun) the calibration
+    batches are split over the processes and only the first one writes."""
     _setup(verbose, threads)
     try:
+        from mergekit_fw.distributed import current
         from mergekit_fw.mergekit_adapter import load_merge_config, output_dtype, parse_size, pool_and_parameters
         from mergekit_fw.report import summary, write_artifacts
         from mergekit_fw.runner import solve_cached
@@ -70,20 +81,27 @@ def run(config_file: Path, out_path: Path, out_shard_size: str, verbose: bool, t
         merge_config = load_merge_config(config_file)
         spec, params = pool_and_parameters(merge_config, source=str(config_file))
         shard_size = parse_size(out_shard_size)
+        processes = current()
         result = solve_cached(spec, params, progress=not quiet)
-        write_merged_model(
-            result.pool,
-            result.table,
-            out_path,
-            dtype=output_dtype(merge_config),
-            max_shard_size=shard_size,
-            progress=not quiet,
-            extra_writer=lambda folder: write_artifacts(folder, result, merge_config),
-        )
+        if processes.is_main:  # the others only lent their share of the calibration batches
+            started = time.perf_counter()
+            write_merged_model(
+                result.pool,
+                result.table,
+                out_path,
+                dtype=output_dtype(merge_config),
+                max_shard_size=shard_size,
+                progress=not quiet,
+                extra_writer=lambda folder: write_artifacts(
+                    folder, result, merge_config, write_seconds=time.perf_counter() - started
+                ),
+            )
     except (ConfigError, ValueError, OSError) as error:
         _fail(error)
-    click.echo(summary(result))
-    click.echo(f"merged model written to {out_path}")
+    _finish()
+    if processes.is_main:
+        click.echo(summary(result))
+        click.echo(f"merged model written to {out_path}")
 
 
 @main.command(epilog=_parameters_help())
@@ -100,14 +118,20 @@ def solve(config_file: Path, table_path: Path, verbose: bool, threads: Optional[
         from mergekit_fw.report import summary
         from mergekit_fw.runner import solve_cached
 
+        from mergekit_fw.distributed import current
+
         merge_config = load_merge_config(config_file)
         spec, params = pool_and_parameters(merge_config, source=str(config_file))
+        processes = current()
         result = solve_cached(spec, params, progress=not quiet)
-        result.table.save(table_path)
+        if processes.is_main:
+            result.table.save(table_path)
     except (ConfigError, ValueError, OSError) as error:
         _fail(error)
-    click.echo(summary(result))
-    click.echo(f"table written to {table_path}")
+    _finish()
+    if processes.is_main:
+        click.echo(summary(result))
+        click.echo(f"table written to {table_path}")
 
 
 @main.command()

@@ -114,6 +114,25 @@ class FrankWolfeParameters(BaseModel):
         512, ge=8, description="Longest calibration sequence in tokens; longer ones are cut."
     )
     seed: int = Field(0, description="Seed for every random choice of the solve.")
+    oracle_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype the base model is loaded in for the gradient oracle: 'bfloat16' or "
+        "'float16' halve its memory (losses and scores are still accumulated in float32/64); the "
+        "output's dtype is the config's own 'dtype'.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward pass instead of "
+        "keeping them: less memory for long calibration batches, about one more forward pass of "
+        "time. Does not change the result.",
+    )
+    device_map: Optional[str] = Field(
+        None,
+        description="Where the oracle's model lives: unset = the GPU if there is one (the process's "
+        "own under data parallel), else the CPU; a device ('cpu', 'cuda:1'); or Accelerate's "
+        "'auto' / 'balanced' / 'sequential' placement over every GPU and the CPU for models that "
+        "do not fit one device. Does not change the result.",
+    )
     cache_dir: Optional[str] = Field(
         None,
         description="Where solves are cached by fingerprint (default: $MERGEKIT_FW_CACHE or "
@@ -178,8 +197,10 @@ class FrankWolfeParameters(BaseModel):
         return path.resolve()
 
     def fingerprint_fields(self) -> Dict[str, Any]:
-        """Fields that change the result (the cache location does not)."""
-        return self.model_dump(exclude={"cache_dir", "calibration", "init"})
+        """Fields that change the result. The cache location and where or how the
+        oracle runs do not, so a run resumed on another device (say, with gradient
+        checkpointing after running out of memory) continues the same solve."""
+        return self.model_dump(exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map"})
 
 
 def from_method_kwargs(kwargs: Mapping[str, Any]) -> FrankWolfeParameters:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -308,8 +309,9 @@ def wrap_run_merge(module) -> None:
         spec, params = pool_and_parameters(merge_config)
         result = solve_cached(spec, params, progress=not getattr(options, "quiet", False))
         remember_solve(spec, params, result)
+        started = time.perf_counter()
         value = original(merge_config, out_path, *args, **kwargs)
-        write_artifacts(Path(out_path), result, merge_config)
+        write_artifacts(Path(out_path), result, merge_config, write_seconds=time.perf_counter() - started)
         return value
 
     run_merge._mergekit_fw = True  # type: ignore[attr-defined]

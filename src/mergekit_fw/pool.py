@@ -160,6 +160,11 @@ class LoraFactors:
         """Use these tensors (slices of a bank, same values) from now on."""
         self._A, self._B = A, B
 
+    def release(self) -> None:
+        """Forget the loaded factors (a bank in another dtype or on another device
+        holds them now); they are read again from the file if asked for."""
+        self._A = self._B = None
+
     def nbytes(self) -> int:
         return 4 * self.rank * (self.shape[0] + self.shape[1])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Dict, Optional
 
 from mergekit_fw.export import REPLAY_FILE, write_replay
 from mergekit_fw.runner import TABLE_FILE, TRACE_FILE, SolveResult
@@ -13,12 +14,25 @@ from mergekit_fw.table import write_json_atomic
 LOG = logging.getLogger(__name__)
 
 
-def write_artifacts(out_path: Path, result: SolveResult, merge_config) -> None:
+def stage_seconds(result: SolveResult, write_seconds: Optional[float]) -> Dict[str, float]:
+    """Seconds per stage over the whole run: the iterations' oracle, LMO and step,
+    and writing the weights."""
+    totals = {"oracle": 0.0, "lmo": 0.0, "step": 0.0}
+    for record in result.trace.iterations:
+        for stage, seconds in record.seconds.items():
+            totals[stage] = totals.get(stage, 0.0) + seconds
+    if write_seconds is not None:
+        totals["write"] = write_seconds
+    return totals
+
+
+def write_artifacts(out_path: Path, result: SolveResult, merge_config, write_seconds: Optional[float] = None) -> None:
     out_path.mkdir(parents=True, exist_ok=True)
     result.table.save(out_path / TABLE_FILE)
     trace = result.trace.to_json()
     trace["cache"] = str(result.cache_dir)
     trace["reused_cached_solve"] = result.reused
+    trace["seconds"] = stage_seconds(result, write_seconds)
     write_json_atomic(out_path / TRACE_FILE, trace)
     write_replay(result.table, merge_config, out_path / REPLAY_FILE)
     LOG.info("wrote %s, %s and %s to %s", TABLE_FILE, TRACE_FILE, REPLAY_FILE, out_path)

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
@@ -23,7 +23,8 @@ import torch
 
 from mergekit_fw import __version__
 from mergekit_fw.calibration import build_calibration, read_jsonl
-from mergekit_fw.config import FrankWolfeParameters
+from mergekit_fw.config import ConfigError, FrankWolfeParameters
+from mergekit_fw.distributed import Processes, current
 from mergekit_fw.merge_fn import merge_function
 from mergekit_fw.init import attach_init, check_init_config, starting_point
 from mergekit_fw.pool import Pool, PoolSpec, file_fingerprint, fingerprint, open_pool
@@ -78,11 +79,33 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def load_base_model(pool: Pool):
+ACCELERATE_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Processes):
+    """The oracle's model, in ``oracle_dtype``, placed by ``device_map``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(pool.base_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(pool.base_dir), dtype=torch.float32)
+    placement = params.device_map
+    if placement in ACCELERATE_PLACEMENTS and processes.parallel:
+        raise ConfigError(
+            f"parameters.device_map: {placement!r} spreads one model over every device; it cannot be "
+            "combined with data parallel processes (give each process a device, or run one process)"
+        )
+    device_map = placement if placement in ACCELERATE_PLACEMENTS else str(torch.device(placement) if placement else processes.device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(pool.base_dir), dtype=getattr(torch, params.oracle_dtype), device_map=device_map
+    )
+    if params.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(f"parameters.gradient_checkpointing: {type(model).__name__} does not support it")
+        # non-reentrant: the gates that carry the scores are not inputs of the layers
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the transformers 5 name
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 
@@ -96,28 +119,36 @@ def solve_cached(spec: PoolSpec, params: FrankWolfeParameters, *, progress: bool
     pool = open_pool(spec)
     key = run_fingerprint(spec, pool, params, calibration, init)
     folder = cache_root(params) / key
+    processes = current()
     with _LOCK:
         if key in _MEMO:
             table, trace = _MEMO[key]
             pool = attach_init(pool, table.init, cache_root(params), params.seed)
             return SolveResult(table, trace, pool, folder, reused=True)
-        with _file_lock(folder / ".lock"):
-            if (folder / TABLE_FILE).is_file() and (folder / TRACE_FILE).is_file():
+        # Under data parallel the main process holds the lock for the whole job and
+        # tells the others what it found.
+        with _file_lock(folder / ".lock") if processes.is_main else nullcontext():
+            cached = processes.broadcast((folder / TABLE_FILE).is_file() and (folder / TRACE_FILE).is_file())
+            if cached:
                 LOG.info("reusing cached Frank-Wolfe solve %s", folder)
                 table = CoefficientTable.load(folder / TABLE_FILE)
                 trace = Trace.from_json(json.loads((folder / TRACE_FILE).read_text()))
                 _MEMO[key] = (table, trace)
-                pool = attach_init(pool, table.init, cache_root(params), params.seed)
+                with processes.main_first():
+                    pool = attach_init(pool, table.init, cache_root(params), params.seed)
                 return SolveResult(table, trace, pool, folder, reused=True)
-            table, trace, pool = _solve(spec, pool, params, calibration, key, folder, progress)
+            table, trace, pool = _solve(spec, pool, params, calibration, key, folder, progress, processes)
             _MEMO[key] = (table, trace)
             return SolveResult(table, trace, pool, folder, reused=False)
 
 
-def _solve(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, key: str, folder: Path, progress: bool):
+def _solve(
+    spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, key: str, folder: Path,
+    progress: bool, processes: Processes,
+):
     from mergekit_fw.oracle import Oracle
 
-    model, tokenizer = load_base_model(pool)
+    model, tokenizer = load_base_model(pool, params, processes)
     calib = build_calibration(
         calibration,
         tokenizer,
@@ -126,22 +157,31 @@ def _solve(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration
         max_length=params.max_length,
         objective=params.objective,
     )
-    resumed = load_checkpoint(folder / CHECKPOINT_FILE)
-    if resumed is not None and resumed[0].fingerprint == key:
-        table, trace = resumed
-        pool = attach_init(pool, table.init, cache_root(params), params.seed)
-        LOG.info("resuming Frank-Wolfe solve at iteration %d", len(trace.iterations))
-    else:
-        start = starting_point(params, spec, pool, key, cache_root(params))
-        pool, table, trace = start.pool, start.table, Trace()
+    resumed = processes.broadcast(load_checkpoint(folder / CHECKPOINT_FILE) if processes.is_main else None)
+    with processes.main_first():
+        if resumed is not None and resumed.table.fingerprint == key:
+            table, trace = resumed.table, resumed.trace
+            pool = attach_init(pool, table.init, cache_root(params), params.seed)
+            trace.resumed_at.append(len(trace.iterations))
+            LOG.info("resuming Frank-Wolfe solve at iteration %d", len(trace.iterations))
+        else:
+            resumed = None
+            start = starting_point(params, spec, pool, key, cache_root(params))
+            pool, table, trace = start.pool, start.table, Trace()
     table.meta.update({"tasks": calib.tasks, "parameters": params.model_dump(), "mergekit_fw": __version__})
     merge = merge_function("ties", params.density) if params.merge_fn == "ties" else None
-    oracle = Oracle(model, pool, calib, merge=merge, progress=progress)
+    oracle = Oracle(model, pool, calib, merge=merge, progress=progress and processes.is_main, processes=processes)
     try:
-        table, trace = solve(oracle, table, params, checkpoint=folder / CHECKPOINT_FILE, trace=trace, progress=progress)
+        table, trace = solve(
+            oracle, table, params,
+            checkpoint=folder / CHECKPOINT_FILE if processes.is_main else None,
+            trace=trace, progress=progress and processes.is_main,
+            rng_state=resumed.rng_state if resumed is not None else None,
+        )
     finally:
         oracle.close()
-    table.save(folder / TABLE_FILE)
-    write_json_atomic(folder / TRACE_FILE, trace.to_json())
-    (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if processes.is_main:
+        table.save(folder / TABLE_FILE)
+        write_json_atomic(folder / TRACE_FILE, trace.to_json())
+        (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
     return table, trace, pool

@@ -11,6 +11,7 @@ checkpointed, so an interrupted solve resumes where it was.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -92,6 +93,7 @@ class Trace:
     final_loss: Optional[float] = None
     initial_loss: Optional[float] = None
     in_hull: bool = True  # False with merge_fn ties: the model may leave the convex hull
+    resumed_at: List[int] = field(default_factory=list)  # iterations a killed run went on from
 
     def to_json(self) -> dict:
         return {
@@ -99,6 +101,7 @@ class Trace:
             "final_loss": self.final_loss,
             "stopped": self.stopped,
             "in_hull": self.in_hull,
+            "resumed_at": self.resumed_at,
             "iterations": [vars(r) for r in self.iterations],
         }
 
@@ -107,6 +110,7 @@ class Trace:
         trace = cls(
             stopped=data.get("stopped"), final_loss=data.get("final_loss"),
             initial_loss=data.get("initial_loss"), in_hull=data.get("in_hull", True),
+            resumed_at=list(data.get("resumed_at", [])),
         )
         fields = IterationRecord.__dataclass_fields__
         trace.iterations = [IterationRecord(**{k: v for k, v in r.items() if k in fields}) for r in data.get("iterations", [])]
@@ -161,14 +165,19 @@ def solve(
     trace: Optional[Trace] = None,
     progress: bool = True,
     on_iteration: Optional[Callable[[CoefficientTable, IterationRecord], None]] = None,
+    rng_state: Optional[torch.Tensor] = None,
 ) -> Tuple[CoefficientTable, Trace]:
     """Run (or continue) Frank-Wolfe from ``table``.
 
-    ``on_iteration`` sees the table after every step (tests check each iterate).
+    ``on_iteration`` sees the table after every step (tests check each iterate);
+    ``rng_state``: the random state a checkpoint saved, so a resumed solve draws
+    what the uninterrupted one would have.
     """
     trace = trace or Trace()
     trace.in_hull = table.in_hull
     torch.manual_seed(params.seed)
+    if rng_state is not None:
+        torch.set_rng_state(rng_state)
     n_vertices, n_tensors = table.weights.shape
     check_feasible(table.weights)
     evaluate = _Evaluator(oracle, table, per_task=params.variant == "soft" and params.top_k_per == "task")
@@ -264,12 +273,29 @@ def solve(
     return table, trace
 
 
+@dataclass
+class Checkpoint:
+    """Everything a solve needs to go on after its last finished iteration."""
+
+    table: CoefficientTable
+    trace: Trace
+    rng_state: Optional[torch.Tensor]
+
+
 def save_checkpoint(path: Path, table: CoefficientTable, trace: Trace) -> None:
-    write_json_atomic(path, {"table": table.to_json(), "trace": trace.to_json()})
+    """Written atomically (temp file, fsync, rename): a kill leaves the old or the new one."""
+    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
+    write_json_atomic(path, {"table": table.to_json(), "trace": trace.to_json(), "torch_rng_state": rng})
 
 
-def load_checkpoint(path: Path) -> Optional[Tuple[CoefficientTable, Trace]]:
+def load_checkpoint(path: Path) -> Optional[Checkpoint]:
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
-    return CoefficientTable.from_json(data["table"], str(path)), Trace.from_json(data["trace"])
+    try:
+        data = json.loads(path.read_text())
+        rng = data.get("torch_rng_state")
+        state = torch.frombuffer(bytearray(base64.b64decode(rng)), dtype=torch.uint8) if rng else None
+        return Checkpoint(CoefficientTable.from_json(data["table"], str(path)), Trace.from_json(data["trace"]), state)
+    except (ValueError, KeyError, TypeError) as error:
+        LOG.warning("ignoring unreadable checkpoint %s (%s); starting over", path, error)
+        return None

@@ -135,13 +135,16 @@ class CoefficientTable:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    """Write to a sibling temporary file, then rename: readers never see half a file."""
+    """Write to a sibling temporary file, fsync, then rename: readers (and a run
+    resumed after a kill or a power cut) never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

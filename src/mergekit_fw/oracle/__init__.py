@@ -19,10 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mergekit_fw.calibration import CalibrationSet
+from mergekit_fw.distributed import Processes
 from mergekit_fw.objective import batch_loss, position_weights
 from mergekit_fw.merge_fn import MergeFunction
 from mergekit_fw.oracle.dense import DenseMix
-from mergekit_fw.oracle.lora import LoraGates
+from mergekit_fw.oracle.lora import LoraGates, input_device
 from mergekit_fw.pool import Pool
 
 LOG = logging.getLogger(__name__)
@@ -47,14 +48,19 @@ class Oracle:
         *,
         merge: Optional[MergeFunction] = None,
         progress: bool = False,
+        processes: Optional[Processes] = None,
     ):
         """``merge``: a non-linear merge function (TIES); then every candidate takes
-        the dense path, since gates can only express weighted sums."""
+        the dense path, since gates can only express weighted sums. ``processes``:
+        this process's share of a data parallel run (its batches; sums reduced)."""
         self.model = model.eval()
+        _keep_checkpointing(self.model)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.pool = pool
         self.calibration = calibration
+        self.processes = processes or Processes()
+        self.batches = self.processes.shard(calibration.batches)
         self.objective = calibration.objective
         self.tensors = pool.tensor_names()
         self.weights = position_weights(calibration)
@@ -66,7 +72,7 @@ class Oracle:
             self.lora = LoraGates(self.model, lora, [self.tensors[c] for c in self.lora_columns])
         dense = pool.dense_candidates() if merge is None else list(enumerate(pool.candidates))
         self.dense: Optional[DenseMix] = DenseMix(self.model, dense, self.tensors, merge) if dense else None
-        self._device = next(self.model.parameters()).device
+        self._device = input_device(self.model)
         self._current: Optional[torch.Tensor] = None
         self._norms: Optional[torch.Tensor] = None
 
@@ -82,7 +88,7 @@ class Oracle:
         self._current = coefficients.clone()
 
     def _batches(self, desc: str):
-        return tqdm(self.calibration.batches, desc=desc, leave=False, disable=not self.progress)
+        return tqdm(self.batches, desc=desc, leave=False, disable=not self.progress)
 
     def _forward(self, batch) -> torch.Tensor:
         batch = batch.to(self._device)
@@ -92,7 +98,10 @@ class Oracle:
     @torch.no_grad()
     def loss(self, coefficients: torch.Tensor) -> float:
         self.set_point(coefficients)
-        return float(sum(float(self._forward(batch)) for batch in self.calibration.batches))
+        total = torch.zeros(1, dtype=torch.float64)
+        for batch in self._batches("loss"):
+            total += float(self._forward(batch))
+        return float(self.processes.sum_(total))
 
     def _harvest(self) -> torch.Tensor:
         """Scores from the gradients accumulated so far; the gradients are then cleared."""
@@ -120,7 +129,7 @@ class Oracle:
             self.lora.require_grad(True)
         if self.dense is not None:
             self.dense.require_grad(True)
-        batches = self.calibration.batches
+        batches = self.batches
         try:
             for index, batch in enumerate(self._batches("oracle")):
                 loss = self._forward(batch)
@@ -129,7 +138,11 @@ class Oracle:
                 last_of_task = index + 1 == len(batches) or batches[index + 1].task != batch.task
                 if per_task and last_of_task:
                     task_scores[batch.task] += self._harvest()
-            scores = task_scores.sum(dim=0) if per_task else self._harvest()
+            if per_task:
+                scores = self.processes.sum_(task_scores).sum(dim=0)
+            else:
+                scores = self.processes.sum_(self._harvest())
+            self.processes.sum_(task_losses)
         finally:
             if self.lora is not None:
                 self.lora.require_grad(False)
@@ -160,3 +173,11 @@ class Oracle:
     def close(self) -> None:
         if self.lora is not None:
             self.lora.remove()
+
+
+def _keep_checkpointing(model: nn.Module) -> None:
+    """transformers only checkpoints layers in training mode; switch on exactly the
+    checkpointed layers (not recursively), so dropout and the like stay off."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True

@@ -40,9 +40,15 @@ class DenseMix:
             name = self.tensors[column]
             if name not in params:
                 raise ValueError(f"candidate tensor {name!r} is not a parameter of the loaded base model")
+            if params[name].device.type == "meta":
+                raise ValueError(
+                    f"candidate tensor {name!r} is offloaded by device_map; full-checkpoint candidates "
+                    "need every tensor they change on a device (give the oracle more memory or use LoRAs)"
+                )
             self.params[name] = params[name]
-        # W0 of the moved tensors: the dense iterate is rebuilt from it.
-        self.base = {name: p.detach().clone() for name, p in self.params.items()}
+        # W0 of the moved tensors, kept on the CPU beside the streamed deltas: the
+        # dense iterate is rebuilt from it and copied onto the model's device.
+        self.base = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
 
     def set(self, coefficients: torch.Tensor) -> None:
         """Write ``MergeFn(W0, deltas, c[:, l])`` into the model, one tensor at a time."""
@@ -78,7 +84,7 @@ class DenseMix:
             grad = self.params[name].grad
             if grad is None:
                 continue
-            grad = grad.to(torch.float64)
+            grad = grad.to("cpu", torch.float64)
             for k, (_, candidate) in enumerate(self.candidates):
                 if name in self._touches[k]:
                     delta = candidate.delta(name, self.base[name]).to(torch.float64)

@@ -25,7 +25,7 @@ class _GatedLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, per_rank: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, per_rank, A, B)
-        return ((x @ A.T) * per_rank) @ B.T
+        return ((x @ A.T) * per_rank.to(x.dtype)) @ B.T
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -34,9 +34,25 @@ class _GatedLowRank(torch.autograd.Function):
         grad_per_rank = None
         if ctx.needs_input_grad[1]:
             u = x @ A.T
-            grad_per_rank = (v * u).reshape(-1, u.shape[-1]).sum(dim=0)
-        grad_x = (v * per_rank) @ A if ctx.needs_input_grad[0] else None
+            grad_per_rank = (v.to(per_rank.dtype) * u.to(per_rank.dtype)).reshape(-1, u.shape[-1]).sum(dim=0)
+        grad_x = (v * per_rank.to(v.dtype)) @ A if ctx.needs_input_grad[0] else None
         return grad_x, grad_per_rank, None, None
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embeddings' device (Accelerate may spread the rest)."""
+    return execution_device(model.get_input_embeddings())
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device a module computes on; an offloaded module (weights on ``meta``)
+    computes where its Accelerate hook moves them."""
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 class _ModuleBank:
@@ -56,10 +72,9 @@ class LoraGates:
 
     def __init__(self, model: nn.Module, candidates: Sequence[Tuple[int, LoraCandidate]], tensors: Sequence[str]):
         dtype = next(model.parameters()).dtype
-        device = next(model.parameters()).device
         self.candidate_rows = [index for index, _ in candidates]
         self.tensors = list(tensors)
-        self.gates = torch.zeros(len(candidates), len(self.tensors), dtype=torch.float64, device=device)
+        self.gates = torch.zeros(len(candidates), len(self.tensors), dtype=torch.float64, device=input_device(model))
         self._handles = []
         modules = dict(model.named_modules())
         for column, tensor in enumerate(self.tensors):
@@ -78,6 +93,7 @@ class LoraGates:
             module = modules.get(module_name) if module_name else None
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"LoRA target {tensor}: no nn.Linear module {module_name!r} in the base model")
+            device = execution_device(module)
             A, B = self._fill_bank(here, device, dtype)
             bank = _ModuleBank(
                 column,
@@ -104,14 +120,17 @@ class LoraGates:
             B[:, offset : offset + f.rank].copy_(f.B)
             if dtype == torch.float32 and A.device.type == "cpu":
                 f.share(A[offset : offset + f.rank], B[:, offset : offset + f.rank])
+            else:
+                f.release()
             offset += f.rank
         return A, B
 
     def _hook(self, bank: _ModuleBank):
         def add_low_rank(module: nn.Module, inputs, output):
             x = inputs[0]
-            per_adapter = self.gates[bank.rows, bank.column] * bank.scale
-            per_rank = torch.repeat_interleave(per_adapter, bank.ranks).to(x.dtype)
+            gates = self.gates[bank.rows, bank.column].to(bank.scale.device)
+            # at least float32: the gates' gradients are the LMO scores, summed over every token
+            per_rank = torch.repeat_interleave(gates * bank.scale, bank.ranks).to(torch.promote_types(x.dtype, torch.float32))
             return output + _GatedLowRank.apply(x, per_rank, bank.A, bank.B)
 
         return add_low_rank
