@@ -1,0 +1,172 @@
+"""Time of a Frank-Wolfe iteration, of the fast path's output write and of the
+whole fast path against mergekit's ``BASE+LORA`` path, on a LLaMA-7B-shaped
+2-layer base with 16 adapters.
+
+    python -m evals.bench_speed [--repeats 3] [--root DIR]
+
+1. One FW iteration (oracle: forward + backward to the gates, LMO, a
+   ``step: schedule`` step) against one bare forward + backward of the base
+   (weight gradients, as a training step computes them) over the same
+   calibration batches, same dtype. A line-search iteration (8 more forward
+   passes) is timed too. Target ratio <= 1.3.
+2. The fast path's write (one base tensor at a time plus the adapters' weighted
+   low-rank products, mergekit's shard writer) against a plain copy of the base's
+   safetensors file. Target ratio <= 1.5.
+3. ``mergekit-fw run`` against ``mergekit-yaml`` on the same ``frank_wolfe``
+   config, the solve already cached for both (so the path is what is timed:
+   mergekit expands every adapter into a full model in a fresh
+   ``--lora-merge-cache``; the fast path never does). Target >= 5x faster.
+
+Every figure is the median of ``--repeats`` runs within this one run of the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from evals.common import THREADS, child_env, machine, measured, median, write_results
+from evals.shaped_pool import build_pool, fw_config
+
+
+def _timed(fn, repeats: int):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times), times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "mergekit_fw_shaped")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+
+    from mergekit_fw.calibration import build_calibration
+    from mergekit_fw.distributed import Processes
+    from mergekit_fw.mergekit_adapter import load_merge_config, pool_and_parameters
+    from mergekit_fw.objective import batch_loss, position_weights
+    from mergekit_fw.oracle import Oracle
+    from mergekit_fw.pool import open_pool
+    from mergekit_fw.runner import load_base_model
+    from mergekit_fw.solver import solve
+    from mergekit_fw.table import CoefficientTable
+    from mergekit_fw.writer import write_merged_model
+
+    pool_dirs = build_pool(args.root, args.adapters)
+    work = Path(tempfile.mkdtemp(prefix="bench_speed_"))
+    config_file = work / "fw.yml"
+    config_file.write_text(yaml.safe_dump(fw_config(pool_dirs, iterations=3, step="schedule")))
+    spec, params = pool_and_parameters(load_merge_config(config_file))
+    pool = open_pool(spec)
+    model, tokenizer = load_base_model(pool, params, Processes())
+    calibration = build_calibration(pool_dirs["calibration"], tokenizer, samples_per_task=params.samples_per_task,
+                                    batch_size=params.batch_size, max_length=params.max_length)
+    tokens = int(sum(int(b.attention_mask.sum()) for b in calibration.batches))
+    results: dict = {"machine": machine(), "adapters": args.adapters, "repeats": args.repeats,
+                     "calibration_tokens": tokens, "dtype": params.oracle_dtype}
+
+    # 1a. bare forward + backward of the base
+    weights = position_weights(calibration)
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    def bare() -> None:
+        for batch in calibration.batches:
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            batch_loss(out.logits, batch, weights, calibration.objective).backward()
+        model.zero_grad(set_to_none=True)
+
+    bare()  # warm-up
+    results["bare_fwd_bwd_s"], results["bare_runs"] = _timed(bare, args.repeats)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    # 1b. one FW iteration
+    oracle = Oracle(model, pool, calibration)
+    start = CoefficientTable.at_base(pool.names, pool.tensor_names(), "bench", str(spec.base))
+    one = params.model_copy(update={"iterations": 1})
+    searched = params.model_copy(update={"iterations": 1, "step": "line_search"})
+    run = lambda p: solve(oracle, copy.deepcopy(start), p, progress=False)  # noqa: E731
+    run(one)  # warm-up
+    results["fw_iteration_s"], results["fw_iteration_runs"] = _timed(lambda: run(one), args.repeats)
+    results["fw_line_search_iteration_s"], results["fw_line_search_runs"] = _timed(lambda: run(searched), args.repeats)
+    results["iteration_ratio"] = results["fw_iteration_s"] / results["bare_fwd_bwd_s"]
+    table, _ = solve(oracle, copy.deepcopy(start), params, progress=False)
+    oracle.close()
+
+    # 2. output write vs plain copy
+    base_file = Path(pool_dirs["base"]) / "model.safetensors"
+    out = work / "written"
+
+    def write() -> None:
+        write_merged_model(pool, table, out, dtype=torch.bfloat16, progress=False)
+        shutil.rmtree(out)
+
+    def plain_copy() -> None:
+        shutil.copyfile(base_file, work / "copy.safetensors")
+        (work / "copy.safetensors").unlink()
+
+    plain_copy()  # the base file is in the page cache for both
+    results["plain_copy_s"], results["plain_copy_runs"] = _timed(plain_copy, args.repeats)
+    results["write_s"], results["write_runs"] = _timed(write, args.repeats)
+    results["write_ratio"] = results["write_s"] / results["plain_copy_s"]
+
+    # 3. whole paths, the solve cached for both
+    cache = work / "solve-cache"
+    env = child_env(MERGEKIT_FW_CACHE=str(cache))
+    fast_argv = ["mergekit-fw", "run", str(config_file), str(work / "fast"), "--quiet", "--threads", str(THREADS)]
+    measured(fast_argv, env)  # solves once and fills the cache
+    shutil.rmtree(work / "fast")
+    fast_runs, mergekit_runs = [], []
+    for _ in range(args.repeats):
+        fast_runs.append(measured(fast_argv, env)[1])
+        shutil.rmtree(work / "fast")
+        lora_cache = work / "lora-cache"
+        argv = ["mergekit-yaml", str(config_file), str(work / "slow"), "--lora-merge-cache", str(lora_cache), "--quiet"]
+        mergekit_runs.append(measured(argv, env)[1])
+        shutil.rmtree(work / "slow"), shutil.rmtree(lora_cache)
+    results["fast_path_s"], results["fast_path_runs"] = median(fast_runs), fast_runs
+    results["mergekit_path_s"], results["mergekit_path_runs"] = median(mergekit_runs), mergekit_runs
+    results["path_speedup"] = results["mergekit_path_s"] / results["fast_path_s"]
+    shutil.rmtree(work, ignore_errors=True)
+
+    r = results
+    verdict = lambda ok: "meets" if ok else "MISSES"  # noqa: E731
+    markdown = "\n".join([
+        f"# Speed on a LLaMA-7B-shaped base (2 layers, bf16), {args.adapters} adapters",
+        "",
+        f"`python -m evals.bench_speed`; medians of {args.repeats} runs each, in one run of the script. "
+        f"Calibration: {len(calibration.batches)} batches, {tokens} tokens. Oracle dtype {r['dtype']}, "
+        "no gradient checkpointing.",
+        "",
+        f"Machine: {r['machine']}",
+        "",
+        "| measure | seconds | against | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+        f"| FW iteration (`step: schedule`) | {r['fw_iteration_s']:.2f} | bare fwd+bwd {r['bare_fwd_bwd_s']:.2f} s | "
+        f"{r['iteration_ratio']:.2f} | <= 1.3: {verdict(r['iteration_ratio'] <= 1.3)} |",
+        f"| FW iteration (`step: line_search`, 8 evaluations) | {r['fw_line_search_iteration_s']:.2f} | bare fwd+bwd "
+        f"{r['bare_fwd_bwd_s']:.2f} s | {r['fw_line_search_iteration_s'] / r['bare_fwd_bwd_s']:.2f} | (not a target) |",
+        f"| fast-path write, bf16 | {r['write_s']:.2f} | plain copy of the base file {r['plain_copy_s']:.2f} s | "
+        f"{r['write_ratio']:.2f} | <= 1.5: {verdict(r['write_ratio'] <= 1.5)} |",
+        f"| `mergekit-fw run` (solve cached) | {r['fast_path_s']:.1f} | `mergekit-yaml` {r['mergekit_path_s']:.1f} s | "
+        f"{r['path_speedup']:.1f}x faster | >= 5x: {verdict(r['path_speedup'] >= 5)} |",
+        "",
+    ])
+    write_results("bench_speed", results, markdown)
+
+
+if __name__ == "__main__":
+    main()
