@@ -31,12 +31,13 @@ def test_soft_fw_never_raises_the_loss_and_stays_feasible(testbed, overrides):
     from mergekit_fw.init import starting_point
     from mergekit_fw.oracle import Oracle
     from mergekit_fw.pool import open_pool
+    from mergekit_fw.distributed import Processes
     from mergekit_fw.runner import load_base_model
     from mergekit_fw.solver import solve
 
     spec, params = _soft(testbed, **overrides)
     pool = open_pool(spec)
-    model, tokenizer = load_base_model(pool)
+    model, tokenizer = load_base_model(pool, params, Processes())
     calibration = build_calibration(testbed.calibration, tokenizer, samples_per_task=params.samples_per_task,
                                     batch_size=params.batch_size, max_length=params.max_length)
     start = starting_point(params, spec, pool, "test", Path("unused"))
