@@ -22,6 +22,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from safetensors import safe_open
 
+from mergekit_fw.safetensors_io import SafetensorsFormatError, StoredTensor, read_layout
+
 LOG = logging.getLogger(__name__)
 
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py")
@@ -100,6 +102,7 @@ class SafetensorsIndex:
                     for name in handle.keys():
                         self.files[name] = shard
         self._shapes: Dict[str, Tuple[int, ...]] = {}
+        self._layouts: Dict[Path, Dict[str, StoredTensor]] = {}
 
     def names(self) -> List[str]:
         return list(self.files)
@@ -120,6 +123,16 @@ class SafetensorsIndex:
 
     def weight_files(self) -> List[Path]:
         return sorted(set(self.files.values()))
+
+    def stored(self, name: str) -> StoredTensor:
+        """Where ``name``'s bytes are in its shard (for copying them unchanged)."""
+        shard = self.files[name]
+        if shard not in self._layouts:
+            try:
+                self._layouts[shard] = read_layout(shard)
+            except SafetensorsFormatError as error:
+                raise PoolError(f"{self.what}: {error}") from None
+        return self._layouts[shard][name]
 
 
 class LoraFactors:
@@ -155,6 +168,10 @@ class LoraFactors:
         if self._B is None:
             self._load()
         return self._B  # type: ignore[return-value]
+
+    @property
+    def loaded(self) -> bool:
+        return self._A is not None
 
     def share(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Use these tensors (slices of a bank, same values) from now on."""
