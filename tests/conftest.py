@@ -68,6 +68,17 @@ def random_pool(tmp_path_factory):
         folder = root / f"lora{index}"
         model.save_pretrained(str(folder))
         adapters.append(folder)
+    # An adapter that also retrains lm_head (PEFT modules_to_save: a full tensor in the file)
+    torch.manual_seed(30)
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(str(base_dir)),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"], modules_to_save=["lm_head"], init_lora_weights=False),
+    )
+    with torch.no_grad():
+        head = model.base_model.model.lm_head.modules_to_save["default"].weight
+        head.add_(0.05 * torch.randn_like(head))
+    saved_adapter = root / "lora_saved"
+    model.save_pretrained(str(saved_adapter))
     dense = []
     for index in range(2):
         torch.manual_seed(20 + index)
@@ -84,4 +95,5 @@ def random_pool(tmp_path_factory):
         for task, n in (("reverse", 6), ("sort", 5)):
             for i in range(n):
                 handle.write(json.dumps({"task": task, "prompt": f"{task} a b c d", "completion": "= d c b a"[: 3 + 2 * (i % 3)]}) + "\n")
-    return {"root": root, "base": base_dir, "adapters": adapters, "dense": dense, "calibration": calibration}
+    return {"root": root, "base": base_dir, "adapters": adapters, "saved_adapter": saved_adapter, "dense": dense,
+            "calibration": calibration}

@@ -57,3 +57,17 @@ def test_golden_section_finds_the_minimum_and_never_increases():
     assert abs(gamma - 0.3) < 1e-3 and value <= 0.09
     gamma, value, _ = golden_section(lambda g: 1.0 + g, f0=1.0, evaluations=8)
     assert gamma == 0.0 and value == 1.0
+
+
+def test_trace_keeps_the_starting_points_scores_per_task(random_pool):
+    """The report's LMO figure: per task and candidate, <grad_task, delta> summed over
+    tensors at the starting point; the per-task parts add up to the LMO's own scores."""
+    oracle, table, trace, seen = _run(random_pool, iterations=2)
+    start = CoefficientTable.at_base(table.candidates, oracle.tensors, "test", str(random_pool["base"]))
+    evaluation = oracle.evaluate(start.coefficients(), per_task=True)
+    expected = evaluation.task_scores.sum(dim=2)
+    got = torch.tensor(trace.task_scores, dtype=torch.float64)
+    assert got.shape == (2, len(table.candidates))
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.sum(0), evaluation.scores.sum(1), rtol=1e-6, atol=1e-10)
+    assert float(got.abs().min()) > 0

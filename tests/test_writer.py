@@ -37,7 +37,7 @@ def _raw(path, name):
 
 @pytest.fixture(scope="module")
 def written(random_pool, tmp_path_factory):
-    spec = pool_spec(random_pool)
+    spec = pool_spec(random_pool, kinds=("lora", "saved", "dense"))  # modules_to_save included
     pool = open_pool(spec)
     table = _table(pool)
     out = tmp_path_factory.mktemp("writer") / "out"

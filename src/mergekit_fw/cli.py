@@ -6,9 +6,11 @@ Thin by design: parsing and validation live in :mod:`mergekit_fw.config` and
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -62,10 +64,11 @@ _quiet = click.option("--quiet", is_flag=True, help="No progress bars.")
 @_config_arg
 @click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out-shard-size", default="5B", show_default=True, help="Largest output shard (e.g. 500M, 5B).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it exists (only once the new model is complete).")
 @_verbose
 @_threads
 @_quiet
-def run(config_file: Path, out_path: Path, out_shard_size: str, verbose: bool, threads: Optional[int], quiet: bool) -> None:
+def run(config_file: Path, out_path: Path, out_shard_size: str, overwrite: bool, verbose: bool, threads: Optional[int], quiet: bool) -> None:
     """Solve and write the merged model, never expanding LoRAs to full copies.
 
     Under ``accelerate launch --num_processes N`` (or torchrun) the calibration
@@ -73,35 +76,87 @@ def run(config_file: Path, out_path: Path, out_shard_size: str, verbose: bool, t
     _setup(verbose, threads)
     try:
         from mergekit_fw.distributed import current
-        from mergekit_fw.mergekit_adapter import load_merge_config, output_dtype, parse_size, pool_and_parameters
-        from mergekit_fw.report import summary, write_artifacts
+        from mergekit_fw.mergekit_adapter import load_merge_config, parse_size, pool_and_parameters
+        from mergekit_fw.report import summary
         from mergekit_fw.runner import solve_cached
-        from mergekit_fw.writer import write_merged_model
+        from mergekit_fw.writer import output_lock
 
         merge_config = load_merge_config(config_file)
         spec, params = pool_and_parameters(merge_config, source=str(config_file))
         shard_size = parse_size(out_shard_size)
         processes = current()
-        result = solve_cached(spec, params, progress=not quiet)
-        if processes.is_main:  # the others only lent their share of the calibration batches
-            started = time.perf_counter()
-            write_merged_model(
-                result.pool,
-                result.table,
-                out_path,
-                dtype=output_dtype(merge_config),
-                max_shard_size=shard_size,
-                progress=not quiet,
-                extra_writer=lambda folder: write_artifacts(
-                    folder, result, merge_config, write_seconds=time.perf_counter() - started
-                ),
-            )
+        with output_lock(out_path, overwrite=overwrite) if processes.is_main else nullcontext():
+            result = solve_cached(spec, params, progress=not quiet)
+            if processes.is_main:  # the others only lent their share of the calibration batches
+                _write(result, merge_config, out_path, shard_size, quiet)
     except (ConfigError, ValueError, OSError) as error:
         _fail(error)
     _finish()
     if processes.is_main:
         click.echo(summary(result))
         click.echo(f"merged model written to {out_path}")
+
+
+def _write(result, merge_config, out_path: Path, shard_size: int, quiet: bool) -> None:
+    from mergekit_fw.mergekit_adapter import output_dtype
+    from mergekit_fw.report import write_artifacts
+    from mergekit_fw.writer import write_merged_model
+
+    started = time.perf_counter()
+    write_merged_model(
+        result.pool,
+        result.table,
+        out_path,
+        dtype=output_dtype(merge_config),
+        max_shard_size=shard_size,
+        progress=not quiet,
+        extra_writer=lambda folder: write_artifacts(
+            folder, result, merge_config, write_seconds=time.perf_counter() - started, name=out_path.name
+        ),
+    )
+
+
+@main.command()
+@click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--to", "target", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for the PNGs (default: OUT_PATH).")
+def report(out_path: Path, target: Optional[Path]) -> None:
+    """Draw a finished run's figures (also written into every output): loss and FW gap
+    per iteration, the coefficient table as a heatmap, and the LMO's scores per
+    candidate per calibration task."""
+    try:
+        from mergekit_fw.plots import draw_report
+
+        written = draw_report(out_path, target)
+    except (ValueError, OSError) as error:
+        _fail(error)
+    for path in written:
+        click.echo(str(path))
+
+
+@main.command()
+@_config_arg
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON instead of a table.")
+def inspect(config_file: Path, as_json: bool) -> None:
+    """Check the pool without merging: each candidate's kind, rank, alpha, targets,
+    modules_to_save, task-vector norm per block, fit to the base, and a verdict.
+
+    The same checks run before every merge; here a refused candidate is listed
+    (exit status 1) instead of stopping the run."""
+    try:
+        from mergekit_fw.mergekit_adapter import load_merge_config, pool_and_parameters
+        from mergekit_fw.runner import cache_root
+        from mergekit_fw.validate import check_pool, format_check
+
+        merge_config = load_merge_config(config_file)
+        spec, params = pool_and_parameters(merge_config, source=str(config_file))
+        check = check_pool(
+            spec, exclude_outliers=params.exclude_outliers, allow_pickle=params.allow_pickle, cache=cache_root(params) / "checks"
+        )
+    except (ConfigError, ValueError, OSError) as error:
+        _fail(error)
+    click.echo(json.dumps(check.to_json(), indent=2) if as_json else format_check(check))
+    if check.first_error():
+        sys.exit(1)
 
 
 @main.command(epilog=_parameters_help())

@@ -133,6 +133,18 @@ class FrankWolfeParameters(BaseModel):
         "'auto' / 'balanced' / 'sequential' placement over every GPU and the CPU for models that "
         "do not fit one device. Does not change the result.",
     )
+    exclude_outliers: bool = Field(
+        False,
+        description="Leave out candidates whose task vector's RMS is an outlier against the pool's "
+        "(4x from the median and a robust z-score over 3.5: a broken or misinitialised model); "
+        "they are always warned about, and the trace says why each was left out.",
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Accept weights that exist only as pickles (.bin/.pt): they are loaded with "
+        "torch's restricted unpickler and converted to safetensors once, in the cache. Only for "
+        "files you trust; never on by default.",
+    )
     cache_dir: Optional[str] = Field(
         None,
         description="Where solves are cached by fingerprint (default: $MERGEKIT_FW_CACHE or "
@@ -200,7 +212,7 @@ class FrankWolfeParameters(BaseModel):
         """Fields that change the result. The cache location and where or how the
         oracle runs do not, so a run resumed on another device (say, with gradient
         checkpointing after running out of memory) continues the same solve."""
-        return self.model_dump(exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map"})
+        return self.model_dump(exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map", "allow_pickle"})
 
 
 def from_method_kwargs(kwargs: Mapping[str, Any]) -> FrankWolfeParameters:
@@ -223,13 +235,19 @@ def parameter_descriptions() -> Dict[str, str]:
     }
 
 
+def shown_key(key: object) -> str:
+    """A key as the user can find it in their YAML (quoted when blank or odd)."""
+    text = str(key)
+    return text if text.isidentifier() else repr(text)
+
+
 def parse_parameters(raw: Optional[Mapping[str, Any]], *, source: str = "config") -> FrankWolfeParameters:
     """Validate a ``parameters:`` block, naming the offending field on failure."""
     raw = dict(raw or {})
     for key, value in raw.items():
         if isinstance(value, (list, dict)):
             raise ConfigError(
-                f"{source}: parameters.{key}: frank_wolfe takes a single scalar value here, "
+                f"{source}: parameters.{shown_key(key)}: frank_wolfe takes a single scalar value here, "
                 f"not {type(value).__name__} (per-tensor filters and gradients are not supported)"
             )
     try:
@@ -237,8 +255,8 @@ def parse_parameters(raw: Optional[Mapping[str, Any]], *, source: str = "config"
     except ValidationError as error:
         problems = []
         for item in error.errors():
-            field = ".".join(str(p) for p in item["loc"])
-            if not field:  # a cross-field rule: its message starts with the field's name
+            field = ".".join(shown_key(p) for p in item["loc"])
+            if not item["loc"]:  # a cross-field rule: its message starts with the field's name
                 problems.append("parameters." + item["msg"].removeprefix("Value error, "))
                 continue
             if item["type"] == "extra_forbidden":

@@ -108,6 +108,7 @@ class KernelPlan:
     coefficients: Dict[str, Dict[str, float]]
     merge: Any
     init_index: Any = None  # SafetensorsIndex of the initial merge's folder
+    pool: Any = None  # the solved pool: tensors are computed from it, as the fast path does
 
     @classmethod
     def from_result(cls, table, pool) -> "KernelPlan":
@@ -115,7 +116,7 @@ class KernelPlan:
         from mergekit_fw.table import INIT_VERTEX
 
         init = next((c for c in pool.candidates if c.name == INIT_VERTEX), None) if table.init else None
-        return cls(table.coefficient_map(), merge_function(table.merge_fn, table.density), getattr(init, "index", None))
+        return cls(table.coefficient_map(), merge_function(table.merge_fn, table.density), getattr(init, "index", None), pool)
 
 
 def _merge_with_plan(group, plan: KernelPlan) -> torch.Tensor:
@@ -129,6 +130,14 @@ def _merge_with_plan(group, plan: KernelPlan) -> torch.Tensor:
     weights = plan.coefficients.get(name)
     if not weights:
         return base.tensor
+    if plan.pool is not None and name in plan.pool.base_index.files:
+        # The fast path's own function on the pool's own files (LoRA factors, not
+        # mergekit's expanded copies, which carry their own rounding): both paths
+        # then write byte-identical tensors.
+        from mergekit_fw.writer import merged_tensor
+
+        merged = merged_tensor(plan.pool, weights, name, plan.pool.base_index.get(name), plan.merge)
+        return merged.to(base.tensor.dtype)
     inputs = [(entry.tensor, weights.get(reference_name(entry.id), 0.0)) for entry in group.non_base]
     if plan.init_index is not None and weights.get(INIT_VERTEX, 0.0) != 0.0 and name in plan.init_index.files:
         inputs.append((plan.init_index.get(name), weights[INIT_VERTEX]))
@@ -306,8 +315,11 @@ def wrap_run_merge(module) -> None:
         from mergekit_fw.runner import solve_cached
 
         options = kwargs.get("options", args[0] if args else None)
-        spec, params = pool_and_parameters(merge_config)
-        result = solve_cached(spec, params, progress=not getattr(options, "quiet", False))
+        try:
+            spec, params = pool_and_parameters(merge_config)
+            result = solve_cached(spec, params, progress=not getattr(options, "quiet", False))
+        except ValueError as error:  # a bad pool, config or calibration file: say which, no traceback
+            raise SystemExit(f"mergekit-fw: error: {error}") from None
         remember_solve(spec, params, result)
         started = time.perf_counter()
         value = original(merge_config, out_path, *args, **kwargs)

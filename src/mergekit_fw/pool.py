@@ -22,6 +22,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from safetensors import safe_open
 
+from mergekit_fw.pickled import PickleRefused
+from mergekit_fw.pickled import pickle_free as _pickle_free
 from mergekit_fw.safetensors_io import SafetensorsFormatError, StoredTensor, read_layout
 
 LOG = logging.getLogger(__name__)
@@ -89,29 +91,42 @@ class SafetensorsIndex:
         self.what = what
         index_file = folder / "model.safetensors.index.json"
         self.files: Dict[str, Path] = {}
+        self._layouts: Dict[Path, Dict[str, StoredTensor]] = {}
         if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise PoolError(f"{what} {index_file}: not a safetensors index (no weight_map)") from None
             self.files = {name: folder / shard for name, shard in weight_map.items()}
+            for shard in sorted(set(self.files.values())):
+                if not shard.is_file():
+                    raise PoolError(f"{what} {shard}: listed in {index_file.name} but missing (incomplete download?)")
+                missing = [n for n, f in self.files.items() if f == shard and n not in self._layout(shard)]
+                if missing:
+                    raise PoolError(f"{what} {shard}: lacks {missing[0]!r}, which {index_file.name} places there")
         else:
             shards = sorted(folder.glob("*.safetensors"))
             shards = [s for s in shards if not s.name.startswith("adapter_model")]
             if not shards:
                 raise PoolError(f"{what} {folder}: no .safetensors weights found")
             for shard in shards:
-                with safe_open(str(shard), framework="pt") as handle:
-                    for name in handle.keys():
-                        self.files[name] = shard
-        self._shapes: Dict[str, Tuple[int, ...]] = {}
-        self._layouts: Dict[Path, Dict[str, StoredTensor]] = {}
+                for name in self._layout(shard):
+                    self.files[name] = shard
+
+    def _layout(self, shard: Path) -> Dict[str, StoredTensor]:
+        """The shard's header, read once; a truncated or corrupt file is named here."""
+        if shard not in self._layouts:
+            try:
+                self._layouts[shard] = read_layout(shard)
+            except SafetensorsFormatError as error:
+                raise PoolError(f"{self.what.rstrip(':')}: {error}") from None
+        return self._layouts[shard]
 
     def names(self) -> List[str]:
         return list(self.files)
 
     def shape(self, name: str) -> Tuple[int, ...]:
-        if name not in self._shapes:
-            with safe_open(str(self.files[name]), framework="pt") as handle:
-                self._shapes[name] = tuple(handle.get_slice(name).get_shape())
-        return self._shapes[name]
+        return self.stored(name).spec.shape
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -126,13 +141,7 @@ class SafetensorsIndex:
 
     def stored(self, name: str) -> StoredTensor:
         """Where ``name``'s bytes are in its shard (for copying them unchanged)."""
-        shard = self.files[name]
-        if shard not in self._layouts:
-            try:
-                self._layouts[shard] = read_layout(shard)
-            except SafetensorsFormatError as error:
-                raise PoolError(f"{self.what}: {error}") from None
-        return self._layouts[shard][name]
+        return self._layout(self.files[name])[name]
 
 
 class LoraFactors:
@@ -197,25 +206,55 @@ class LoraFactors:
 
 @dataclass
 class LoraCandidate:
+    """A PEFT adapter: low-rank factors per targeted weight, plus the full tensors
+    of its ``modules_to_save`` (e.g. a retrained ``lm_head``), which are dense deltas."""
+
     name: str
     adapter_dir: Path
     factors: Dict[str, LoraFactors]  # keyed by base tensor name
+    full: Dict[str, str] = field(default_factory=dict)  # base tensor name -> key in the adapter file
 
     kind = "lora"
 
+    @property
+    def weights_file(self) -> Path:
+        return self.adapter_dir / "adapter_model.safetensors"
+
     def tensor_names(self) -> List[str]:
-        return list(self.factors)
+        return [*self.factors, *self.full]
+
+    def dense_tensor_names(self) -> List[str]:
+        return list(self.full)
+
+    def is_low_rank(self, tensor: str) -> bool:
+        return tensor in self.factors
+
+    def source_of(self, tensor: str) -> Tuple[Path, str]:
+        """The file and key holding ``tensor``'s full value (modules_to_save only)."""
+        return self.weights_file, self.full[tensor]
 
     def delta(self, tensor: str, base: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         factors = self.factors.get(tensor)
-        return None if factors is None else factors.delta()
+        if factors is not None:
+            return factors.delta()
+        if tensor not in self.full:
+            return None
+        if base is None:
+            raise ValueError(f"candidate {self.name}: the delta of {tensor} (modules_to_save) needs the base tensor")
+        with safe_open(str(self.weights_file), framework="pt") as handle:
+            value = handle.get_tensor(self.full[tensor])
+        dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+        return value.to(dtype) - base.to(dtype)
 
     def delta_norm(self, tensor: str, base: Optional[torch.Tensor] = None) -> float:
         factors = self.factors.get(tensor)
-        return 0.0 if factors is None else factors.frobenius_norm()
+        if factors is not None:
+            return factors.frobenius_norm()
+        delta = self.delta(tensor, base)
+        return 0.0 if delta is None else float(torch.linalg.vector_norm(delta.to(torch.float64)))
 
     def files(self) -> List[Path]:
-        return [self.adapter_dir / "adapter_config.json", self.adapter_dir / "adapter_model.safetensors"]
+        return [self.adapter_dir / "adapter_config.json", self.weights_file]
 
     def nbytes(self) -> int:
         """Resident bytes of the factors (float32) once loaded."""
@@ -233,6 +272,15 @@ class DenseCandidate:
 
     def tensor_names(self) -> List[str]:
         return self.touched
+
+    def dense_tensor_names(self) -> List[str]:
+        return self.touched
+
+    def is_low_rank(self, tensor: str) -> bool:
+        return False
+
+    def source_of(self, tensor: str) -> Tuple[Path, str]:
+        return self.index.files[tensor], tensor
 
     def delta(self, tensor: str, base: torch.Tensor) -> Optional[torch.Tensor]:
         if tensor not in self.index.files:
@@ -265,9 +313,11 @@ def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex) -> Lor
     if not config_file.is_file():
         raise PoolError(f"candidate {name}: {config_file} not found (is it a PEFT adapter folder?)")
     if not weights_file.is_file():
-        if (adapter_dir / "adapter_model.bin").is_file():
-            raise PoolError(f"candidate {name}: {adapter_dir}/adapter_model.bin: only safetensors adapters are supported")
         raise PoolError(f"candidate {name}: {weights_file} not found")
+    try:
+        read_layout(weights_file)
+    except SafetensorsFormatError as error:
+        raise PoolError(f"candidate {name}: {error}") from None
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
@@ -276,17 +326,22 @@ def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex) -> Lor
         raise PoolError(f"candidate {name}: {config_file}: peft_type {config.get('peft_type')!r} is not LORA")
     if config.get("use_dora"):
         raise PoolError(f"candidate {name}: {config_file}: DoRA adapters are not supported")
-    if config.get("modules_to_save"):
-        raise PoolError(f"candidate {name}: {config_file}: modules_to_save (full trained modules) are not supported")
+    modules_to_save = list(config.get("modules_to_save") or [])
     alpha = float(config.get("lora_alpha", 8))
     alpha_pattern = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
 
     pairs: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
+    full: Dict[str, str] = {}
     with safe_open(str(weights_file), framework="pt") as handle:
         for key in handle.keys():
             match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+            saved = _saved_module_tensor(key, modules_to_save)
+            if saved is not None:
+                _check_full_tensor(name, weights_file, key, saved, tuple(handle.get_slice(key).get_shape()), base_index)
+                full[saved] = key
+                continue
             if "lora_embedding" in key or "lora_magnitude" in key or match is None:
                 raise PoolError(f"candidate {name}: {weights_file}: unsupported adapter tensor {key!r}")
             module, which = match.group(1), match.group(2)
@@ -318,9 +373,41 @@ def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex) -> Lor
         module_alpha = alpha if module_alpha is None else float(module_alpha)
         scale = module_alpha / (math.sqrt(rank) if rslora else rank)
         factors[tensor] = LoraFactors(weights_file, key_A, key_B, scale, rank, tuple(base_shape), transpose=fan_in_fan_out)
-    if not factors:
+    if not factors and not full:
         raise PoolError(f"candidate {name}: {weights_file}: no LoRA weights")
-    return LoraCandidate(name=name, adapter_dir=adapter_dir, factors=factors)
+    missing = [m for m in modules_to_save if not any(_module_matches(t.rsplit(".", 1)[0], m) for t in full)]
+    if missing:
+        LOG.warning("candidate %s: modules_to_save %s has no tensors in %s", name, missing, weights_file)
+    return LoraCandidate(name=name, adapter_dir=adapter_dir, factors=factors, full=full)
+
+
+def _module_matches(module: str, pattern: str) -> bool:
+    """PEFT's rule for modules_to_save entries: the module name or its last part(s)."""
+    return module == pattern or module.endswith(f".{pattern}")
+
+
+def _saved_module_tensor(key: str, modules_to_save: Sequence[str]) -> Optional[str]:
+    """The base tensor a ``modules_to_save`` entry of the adapter file replaces, if it is one.
+
+    PEFT stores them under the module's own name (``base_model.model.lm_head.weight``)."""
+    if not modules_to_save or ".lora_" in key:
+        return None
+    tensor = key.removeprefix("base_model.model.")
+    tensor = tensor.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+    module = tensor.rsplit(".", 1)[0]
+    return tensor if any(_module_matches(module, m) for m in modules_to_save) else None
+
+
+def _check_full_tensor(name: str, weights_file: Path, key: str, tensor: str, shape: Tuple[int, ...], base_index: SafetensorsIndex) -> None:
+    if tensor not in base_index.files:
+        raise PoolError(f"candidate {name}: {weights_file}: modules_to_save tensor {key!r} has no counterpart {tensor!r} in the base")
+    base_shape = tuple(base_index.shape(tensor))
+    if shape != base_shape:
+        what = "vocabulary size" if ("embed" in tensor or "lm_head" in tensor) and shape[1:] == base_shape[1:] else "shape"
+        raise PoolError(
+            f"candidate {name}: {weights_file}: modules_to_save tensor {key!r} has {what} {shape}, the base "
+            f"{tensor} has {base_shape} (an extended vocabulary or another base?)"
+        )
 
 
 _ARCH_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -340,9 +427,14 @@ def load_dense(name: str, folder: Path, base_config: dict, base_index: Safetenso
     config = _read_config(folder, f"candidate {name}:")
     for key in _ARCH_KEYS:
         if config.get(key) != base_config.get(key):
+            hint = {
+                "architectures": " (a checkpoint of another architecture)",
+                "vocab_size": " (a different vocabulary: frank_wolfe merges on the base's vocabulary and "
+                "does not take mergekit's tokenizer_source alignment)",
+            }.get(key, " (another model size)")
             raise PoolError(
                 f"candidate {name}: {folder}/config.json: {key} = {config.get(key)!r}, "
-                f"but the base has {base_config.get(key)!r}"
+                f"but the base has {base_config.get(key)!r}{hint}"
             )
     index = SafetensorsIndex(folder, f"candidate {name}:")
     touched = []
@@ -395,38 +487,66 @@ class Pool:
         return out
 
 
-def open_pool(spec: PoolSpec) -> Pool:
-    """Resolve and check the whole pool; raise :class:`PoolError` on the first misfit."""
-    if not spec.candidates:
-        raise PoolError("the pool has no candidates (models:) to merge")
-    names = [c.name for c in spec.candidates]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise PoolError(f"candidate listed twice: {', '.join(sorted(duplicates))}")
+def pickle_free(folder: Path, what: str, allow_pickle: bool) -> Path:
+    try:
+        return _pickle_free(folder, what, allow_pickle)
+    except PickleRefused as error:
+        raise PoolError(str(error)) from None
+
+
+def open_base(spec: PoolSpec, *, allow_pickle: bool = False) -> Tuple[Path, dict, SafetensorsIndex]:
+    """The base's folder, config and tensor index; a :class:`PoolError` if unusable."""
     base_dir = local_dir(spec.base, "base_model")
+    base_dir = pickle_free(base_dir, "base_model", allow_pickle)
     base_config = _read_config(base_dir, "base_model")
-    base_index = SafetensorsIndex(base_dir, "base_model")
-    candidates: List[Candidate] = []
-    for candidate in spec.candidates:
-        if candidate.lora is not None:
-            if candidate.model != spec.base:
-                raise PoolError(
-                    f"candidate {candidate.name}: its LoRA is applied to {candidate.model}, "
-                    f"but base_model is {spec.base}; Frank-Wolfe needs every adapter on the base"
-                )
-            adapter_dir = local_dir(candidate.lora, f"candidate {candidate.name}: adapter")
-            candidates.append(load_lora(candidate.name, adapter_dir, base_index))
-        else:
-            folder = local_dir(candidate.model, f"candidate {candidate.name}:")
-            if folder == base_dir:
-                raise PoolError(f"candidate {candidate.name}: is the base model itself (its task vector is zero)")
-            candidates.append(load_dense(candidate.name, folder, base_config, base_index))
+    return base_dir, base_config, SafetensorsIndex(base_dir, "base_model")
+
+
+def load_candidate(
+    candidate: CandidateSpec, spec: PoolSpec, base_dir: Path, base_config: dict, base_index: SafetensorsIndex,
+    *, allow_pickle: bool = False,
+) -> Candidate:
+    """One candidate, checked against the base; a :class:`PoolError` names the misfit."""
+    if candidate.lora is not None:
+        if candidate.model != spec.base:
+            raise PoolError(
+                f"candidate {candidate.name}: its LoRA is applied to {candidate.model}, "
+                f"but base_model is {spec.base}; Frank-Wolfe needs every adapter on the base"
+            )
+        adapter_dir = local_dir(candidate.lora, f"candidate {candidate.name}: adapter")
+        adapter_dir = pickle_free(adapter_dir, f"candidate {candidate.name}:", allow_pickle)
+        return load_lora(candidate.name, adapter_dir, base_index)
+    folder = local_dir(candidate.model, f"candidate {candidate.name}:")
+    if folder == base_dir:
+        raise PoolError(f"candidate {candidate.name}: is the base model itself (its task vector is zero)")
+    folder = pickle_free(folder, f"candidate {candidate.name}:", allow_pickle)
+    return load_dense(candidate.name, folder, base_config, base_index)
+
+
+def open_pool(spec: PoolSpec, *, allow_pickle: bool = False) -> Pool:
+    """Resolve and check the whole pool's structure; raise :class:`PoolError` on the first misfit.
+
+    (The numeric checks, NaN/Inf and outliers, are :mod:`mergekit_fw.validate`'s.)"""
+    check_pool_spec(spec)
+    base_dir, base_config, base_index = open_base(spec, allow_pickle=allow_pickle)
+    candidates = [
+        load_candidate(c, spec, base_dir, base_config, base_index, allow_pickle=allow_pickle) for c in spec.candidates
+    ]
     pool = Pool(base_dir=base_dir, base_config=base_config, base_index=base_index, candidates=candidates)
     LOG.info(
         "pool: base %s, %d LoRA and %d dense candidates, %d tensors moved",
         base_dir, len(pool.lora_candidates()), len(pool.dense_candidates()), len(pool.tensor_names()),
     )
     return pool
+
+
+def check_pool_spec(spec: PoolSpec) -> None:
+    if not spec.candidates:
+        raise PoolError("the pool has no candidates (models:) to merge")
+    names = [c.name for c in spec.candidates]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise PoolError(f"candidate listed twice: {', '.join(sorted(duplicates))}")
 
 
 def file_fingerprint(paths: Iterable[Path], small_limit: int = 1 << 20) -> List[Tuple[str, str]]:

@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 from typing import Dict, Optional
 
+from mergekit_fw.card import write_model_card
 from mergekit_fw.export import REPLAY_FILE, write_replay
+from mergekit_fw.plots import draw_report
 from mergekit_fw.runner import TABLE_FILE, TRACE_FILE, SolveResult
 from mergekit_fw.table import write_json_atomic
 
@@ -26,16 +28,25 @@ def stage_seconds(result: SolveResult, write_seconds: Optional[float]) -> Dict[s
     return totals
 
 
-def write_artifacts(out_path: Path, result: SolveResult, merge_config, write_seconds: Optional[float] = None) -> None:
+def write_artifacts(
+    out_path: Path, result: SolveResult, merge_config, write_seconds: Optional[float] = None, name: Optional[str] = None
+) -> None:
+    """Table, trace, replay config, plots and the model card's Frank-Wolfe section.
+    ``name``: the output folder's final name (``out_path`` may be a temporary one)."""
     out_path.mkdir(parents=True, exist_ok=True)
     result.table.save(out_path / TABLE_FILE)
     trace = result.trace.to_json()
     trace["cache"] = str(result.cache_dir)
     trace["reused_cached_solve"] = result.reused
     trace["seconds"] = stage_seconds(result, write_seconds)
+    if result.check is not None:
+        trace["excluded"] = result.check.exclusions()
+        trace["warnings"] = {c.name: c.warnings for c in result.check.candidates if c.warnings}
     write_json_atomic(out_path / TRACE_FILE, trace)
     write_replay(result.table, merge_config, out_path / REPLAY_FILE)
-    LOG.info("wrote %s, %s and %s to %s", TABLE_FILE, TRACE_FILE, REPLAY_FILE, out_path)
+    draw_report(out_path)
+    write_model_card(out_path, result.table, trace, merge_config, name or out_path.name)
+    LOG.info("wrote %s, %s, %s, plots and the model card to %s", TABLE_FILE, TRACE_FILE, REPLAY_FILE, out_path)
 
 
 def summary(result: SolveResult) -> str:

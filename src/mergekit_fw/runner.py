@@ -27,7 +27,8 @@ from mergekit_fw.config import ConfigError, FrankWolfeParameters
 from mergekit_fw.distributed import Processes, current
 from mergekit_fw.merge_fn import merge_function
 from mergekit_fw.init import attach_init, check_init_config, starting_point
-from mergekit_fw.pool import Pool, PoolSpec, file_fingerprint, fingerprint, open_pool
+from mergekit_fw.pool import Pool, PoolSpec, check_pool_spec, file_fingerprint, fingerprint
+from mergekit_fw.validate import PoolCheck, validated_pool
 from mergekit_fw.solver import Trace, load_checkpoint, solve
 from mergekit_fw.table import CoefficientTable, write_json_atomic
 
@@ -47,6 +48,7 @@ class SolveResult:
     pool: Pool
     cache_dir: Path
     reused: bool
+    check: Optional[PoolCheck] = None  # what validation found (warnings, exclusions)
 
 
 def cache_root(params: FrankWolfeParameters) -> Path:
@@ -116,7 +118,24 @@ def solve_cached(spec: PoolSpec, params: FrankWolfeParameters, *, progress: bool
     init = params.resolved_init()
     if init is not None and init.suffix != ".json":
         check_init_config(init, spec)
-    pool = open_pool(spec)
+    check_pool_spec(spec)
+    pool, check = validated_pool(
+        spec, exclude_outliers=params.exclude_outliers, allow_pickle=params.allow_pickle, cache=cache_root(params) / "checks"
+    )
+    vertices = 1 + len(pool.candidates)
+    if params.variant == "soft" and params.top_k > vertices:
+        raise ConfigError(
+            f"parameters.top_k = {params.top_k}, but the pool has {len(pool.candidates)} candidates "
+            f"({vertices} vertices with the base)"
+        )
+    result = _solve_or_reuse(spec, pool, params, calibration, init, progress)
+    result.check = check
+    return result
+
+
+def _solve_or_reuse(
+    spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, init: Optional[Path], progress: bool
+) -> SolveResult:
     key = run_fingerprint(spec, pool, params, calibration, init)
     folder = cache_root(params) / key
     processes = current()
@@ -168,7 +187,8 @@ def _solve(
             resumed = None
             start = starting_point(params, spec, pool, key, cache_root(params))
             pool, table, trace = start.pool, start.table, Trace()
-    table.meta.update({"tasks": calib.tasks, "parameters": params.model_dump(), "mergekit_fw": __version__})
+    samples = [sum(int(b.input_ids.shape[0]) for b in calib.batches if b.task == t) for t in range(len(calib.tasks))]
+    table.meta.update({"tasks": calib.tasks, "task_samples": samples, "parameters": params.model_dump(), "mergekit_fw": __version__})
     merge = merge_function("ties", params.density) if params.merge_fn == "ties" else None
     oracle = Oracle(model, pool, calib, merge=merge, progress=progress and processes.is_main, processes=processes)
     try:

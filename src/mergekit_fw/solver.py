@@ -94,6 +94,8 @@ class Trace:
     initial_loss: Optional[float] = None
     in_hull: bool = True  # False with merge_fn ties: the model may leave the convex hull
     resumed_at: List[int] = field(default_factory=list)  # iterations a killed run went on from
+    # at the starting point, per calibration task and candidate: <grad_task, delta> summed over tensors
+    task_scores: Optional[List[List[float]]] = None
 
     def to_json(self) -> dict:
         return {
@@ -102,6 +104,7 @@ class Trace:
             "stopped": self.stopped,
             "in_hull": self.in_hull,
             "resumed_at": self.resumed_at,
+            "task_scores": self.task_scores,
             "iterations": [vars(r) for r in self.iterations],
         }
 
@@ -110,7 +113,7 @@ class Trace:
         trace = cls(
             stopped=data.get("stopped"), final_loss=data.get("final_loss"),
             initial_loss=data.get("initial_loss"), in_hull=data.get("in_hull", True),
-            resumed_at=list(data.get("resumed_at", [])),
+            resumed_at=list(data.get("resumed_at", [])), task_scores=data.get("task_scores"),
         )
         fields = IterationRecord.__dataclass_fields__
         trace.iterations = [IterationRecord(**{k: v for k, v in r.items() if k in fields}) for r in data.get("iterations", [])]
@@ -134,10 +137,10 @@ class _Evaluator:
         self.oracle, self.table, self.per_task = oracle, table, per_task
         self._last: Optional[Tuple[torch.Tensor, object]] = None
 
-    def __call__(self, weights: torch.Tensor):
-        if self._last is not None and torch.equal(self._last[0], weights):
+    def __call__(self, weights: torch.Tensor, *, per_task: bool = False):
+        if self._last is not None and torch.equal(self._last[0], weights) and (not per_task or self._last[1].task_scores is not None):
             return self._last[1]
-        evaluation = self.oracle.evaluate(self.table.coefficients_for(weights), per_task=self.per_task)
+        evaluation = self.oracle.evaluate(self.table.coefficients_for(weights), per_task=self.per_task or per_task)
         self._last = (weights.clone(), evaluation)
         return evaluation
 
@@ -190,10 +193,13 @@ def solve(
     bar = tqdm(total=params.iterations, initial=start, desc=f"frank-wolfe ({params.variant})", disable=not progress)
     for t in range(start, params.iterations):
         tick = time.perf_counter()
-        evaluation = evaluate(table.weights)
+        first = trace.initial_loss is None
+        evaluation = evaluate(table.weights, per_task=first)  # per task once, for the report
         loss = evaluation.loss
-        if trace.initial_loss is None:
+        if first:
             trace.initial_loss = loss
+            if evaluation.task_scores is not None:
+                trace.task_scores = [[float(x) for x in row] for row in evaluation.task_scores.sum(dim=2)]
         t_oracle = time.perf_counter()
         vscores = vertex_scores(evaluation.scores)
         gap = fw_gap(table.weights, vscores)

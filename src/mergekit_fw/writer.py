@@ -52,10 +52,14 @@ _BLOCK_ELEMENTS = 1 << 22  # 16 MiB of float32 per row block: cache-friendly, no
 
 
 @contextmanager
-def _row_reader(index: SafetensorsIndex, name: str) -> Iterator[Callable[[int, int], torch.Tensor]]:
+def _row_reader(candidate_or_base, name: str) -> Iterator[Callable[[int, int], torch.Tensor]]:
     """``rows(start, stop)`` of a stored tensor, read without loading the rest."""
-    with safe_open(str(index.files[name]), framework="pt") as handle:
-        stored = handle.get_slice(name)
+    if isinstance(candidate_or_base, SafetensorsIndex):
+        path, key = candidate_or_base.files[name], name
+    else:
+        path, key = candidate_or_base.source_of(name)
+    with safe_open(str(path), framework="pt") as handle:
+        stored = handle.get_slice(key)
         yield lambda start, stop: stored[start:stop]
 
 
@@ -73,7 +77,7 @@ def convex_blocks(pool: Pool, name: str, present: List[Tuple[Candidate, float]])
         yield convex_merge(name, base.to(compute_dtype(base)), [c.delta(name, base) for c, _ in present], [w for _, w in present])
         return
     dtype = compute_dtype(torch.empty((), dtype=pool.base_index.stored(name).spec.dtype))
-    loras = [(c.factors[name], weight) for c, weight in present if c.kind == "lora"]
+    loras = [(c.factors[name], weight) for c, weight in present if c.is_low_rank(name)]
     B = A = None
     if loras:
         fresh = [factors for factors, _ in loras if not factors.loaded]
@@ -87,7 +91,7 @@ def convex_blocks(pool: Pool, name: str, present: List[Tuple[Candidate, float]])
     step = max(1, _BLOCK_ELEMENTS // max(width, 1))
     with ExitStack() as stack:
         base_rows = stack.enter_context(_row_reader(pool.base_index, name))
-        dense = [(stack.enter_context(_row_reader(c.index, name)), w) for c, w in present if c.kind == "dense"]
+        dense = [(stack.enter_context(_row_reader(c, name)), w) for c, w in present if not c.is_low_rank(name)]
         for start in range(0, shape[0], step):
             stop = min(start + step, shape[0])
             base = base_rows(start, stop).to(dtype)
@@ -173,6 +177,40 @@ def write_merged_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     LOG.info("wrote merged model to %s", out_path)
+
+
+class OutputBusy(OSError):
+    """Another run holds the output folder's lock."""
+
+
+@contextmanager
+def output_lock(out_path: Path, *, overwrite: bool) -> Iterator[None]:
+    """Hold ``out_path`` for one run: a second run on it fails at once, and an
+    existing folder is only replaced when the user asked for it."""
+    import fcntl
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out_path.parent / f".{out_path.name}.lock"
+    handle = open(lock_path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OutputBusy(f"{out_path}: another run is writing it (lock {lock_path} is held)") from None
+    try:
+        if out_path.exists() and not overwrite:
+            raise FileExistsError(
+                f"{out_path}: already exists; pass --overwrite to replace it (the old folder stays until "
+                "the new one is complete)"
+            )
+        for stale in out_path.parent.glob(f".{out_path.name}.partial-*"):  # left by a killed run; we hold the lock
+            LOG.warning("removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
 
 
 def _copy_side_files(base_dir: Path, target: Path, dtype: Optional[torch.dtype]) -> None:

@@ -7,6 +7,7 @@ from typing import Dict, List
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from mergekit_fw.calibration import build_calibration
@@ -21,19 +22,25 @@ def pool_spec(random_pool, kinds=("lora", "dense")) -> PoolSpec:
     candidates = []
     if "lora" in kinds:
         candidates += [CandidateSpec(f"lora{i}", base, ModelSource(str(p))) for i, p in enumerate(random_pool["adapters"])]
+    if "saved" in kinds:  # a LoRA with modules_to_save
+        candidates.append(CandidateSpec("saved0", base, ModelSource(str(random_pool["saved_adapter"]))))
     if "dense" in kinds:
         candidates += [CandidateSpec(f"dense{i}", ModelSource(str(p))) for i, p in enumerate(random_pool["dense"])]
     return PoolSpec(base=base, candidates=tuple(candidates))
 
 
 def peft_deltas(base_dir, adapter_dir) -> Dict[str, torch.Tensor]:
-    """Each targeted weight's delta as PEFT itself computes it."""
+    """Each targeted weight's delta as PEFT itself computes it (modules_to_save:
+    the saved copy minus the original)."""
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float64), str(adapter_dir))
     out = {}
     for name, module in model.named_modules():
+        key = name.removeprefix("base_model.model.") + ".weight"
         if isinstance(module, LoraLayer):
-            key = name.removeprefix("base_model.model.") + ".weight"
             out[key] = module.get_delta_weight("default").detach().to(torch.float64)
+        elif isinstance(module, ModulesToSaveWrapper):
+            saved, original = module.modules_to_save["default"].weight, module.original_module.weight
+            out[key] = (saved - original).detach().to(torch.float64)
     return out
 
 

@@ -33,3 +33,14 @@ def test_vertex_norms_equal_dense_norms(random_pool):
     )
     assert float(expected.max()) > 0
     torch.testing.assert_close(oracle.vertex_norms(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_modules_to_save_scores_equal_brute_force(random_pool):
+    """An adapter that retrains lm_head: its factors go through the gates, its
+    saved lm_head through the dense path, in one row of the score table."""
+    scores, _ = assert_scores_match_brute_force(random_pool, ("lora", "saved"), seed=6, scale=0.4)
+    assert float(scores[-1].abs().max()) > 0  # the saved adapter's row is scored
+
+
+def test_modules_to_save_with_checkpoints_equal_brute_force(random_pool):
+    assert_scores_match_brute_force(random_pool, ("lora", "saved", "dense"), seed=7, scale=0.3)

@@ -70,7 +70,8 @@ class Oracle:
         if lora:
             self.lora_columns = [c for c, t in enumerate(self.tensors) if any(t in cand.factors for _, cand in lora)]
             self.lora = LoraGates(self.model, lora, [self.tensors[c] for c in self.lora_columns])
-        dense = pool.dense_candidates() if merge is None else list(enumerate(pool.candidates))
+        everyone = list(enumerate(pool.candidates))
+        dense = [(i, c) for i, c in everyone if c.dense_tensor_names()] if merge is None else everyone
         self.dense: Optional[DenseMix] = DenseMix(self.model, dense, self.tensors, merge) if dense else None
         self._device = input_device(self.model)
         self._current: Optional[torch.Tensor] = None
@@ -164,7 +165,7 @@ class Oracle:
                 for row, candidate in enumerate(self.pool.candidates):
                     if name not in candidate.tensor_names():
                         continue
-                    if base is None and candidate.kind == "dense":
+                    if base is None and not candidate.is_low_rank(name):
                         base = self.pool.base_index.get(name)
                     norms[row, column] = candidate.delta_norm(name, base)
             self._norms = norms

@@ -31,7 +31,12 @@ class DenseMix:
         self.candidates = list(candidates)
         self.tensors = list(tensors)
         self.merge = merge or convex_merge
-        self._touches = [set(candidate.tensor_names()) for _, candidate in self.candidates]
+        # Under a plain weighted sum LoRA factors go through the gates and only full
+        # tensors (checkpoints, an adapter's modules_to_save) come here; TIES takes all.
+        self._touches = [
+            set(candidate.dense_tensor_names() if self.merge is convex_merge else candidate.tensor_names())
+            for _, candidate in self.candidates
+        ]
         touched = set().union(*self._touches) if self._touches else set()
         self.columns = [c for c, name in enumerate(self.tensors) if name in touched]
         params = dict(model.named_parameters())
