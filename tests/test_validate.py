@@ -144,6 +144,10 @@ def _top_k_too_large(work, pool):
     return {"parameters": {"variant": "soft", "top_k": 9}}, "top_k", "pool has 2 candidates"
 
 
+def _tokenizer_union(work, pool):
+    return {"extra": {"tokenizer_source": "union"}}, "tokenizer_source: union", "vocabulary"
+
+
 def _typo(work, pool):
     return {"parameters": {"itertions": 3}}, "itertions", "iterations"
 
@@ -166,16 +170,17 @@ ROWS = {
     "calibration empty": _calibration_empty,
     "top_k larger than the pool": _top_k_too_large,
     "unknown parameter": _typo,
+    "vocabulary alignment asked for": _tokenizer_union,
 }
 
 
-def _config(pool, work, adapter=None, dense=None, calibration=None, parameters=None, base=None) -> Path:
+def _config(pool, work, adapter=None, dense=None, calibration=None, parameters=None, base=None, extra=None) -> Path:
     base = base or pool["base"]
     models = [{"model": f"{base}+{adapter or pool['adapters'][1]}"}]
     models.append({"model": str(dense or pool["dense"][1])})
     params = {"calibration": str(calibration or pool["calibration"]), "iterations": 2, **(parameters or {})}
     config = {"merge_method": "frank_wolfe", "base_model": str(base), "models": models,
-              "parameters": params, "dtype": "float32"}
+              "parameters": params, "dtype": "float32", **(extra or {})}
     return write_config(work / "fw.yml", config)
 
 

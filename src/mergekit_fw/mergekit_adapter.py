@@ -74,6 +74,14 @@ def pool_and_parameters(merge_config, source: str = "config") -> Tuple[PoolSpec,
     if merge_config.base_model is None:
         raise ConfigError(f"{source}: base_model: frank_wolfe needs the base model the candidates were tuned from")
     params = parse_parameters(merge_config.parameters, source=source)
+    tokenizer = getattr(merge_config, "tokenizer", None)
+    for key, value in (("tokenizer_source", getattr(merge_config, "tokenizer_source", None)),
+                       ("tokenizer.source", getattr(tokenizer, "source", None))):
+        if value is not None and str(value) != "base":
+            raise ConfigError(
+                f"{source}: {key}: {value}: frank_wolfe merges on the base model's vocabulary; mergekit's "
+                "vocabulary alignment (union / another model's tokenizer) is not supported (use 'base' or leave it out)"
+            )
     candidates = []
     for index, model_in in enumerate(merge_config.models or []):
         if model_in.parameters:
