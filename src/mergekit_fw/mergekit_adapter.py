@@ -75,13 +75,19 @@ def pool_and_parameters(merge_config, source: str = "config") -> Tuple[PoolSpec,
         raise ConfigError(f"{source}: base_model: frank_wolfe needs the base model the candidates were tuned from")
     params = parse_parameters(merge_config.parameters, source=source)
     tokenizer = getattr(merge_config, "tokenizer", None)
+    align_vocab = False
     for key, value in (("tokenizer_source", getattr(merge_config, "tokenizer_source", None)),
                        ("tokenizer.source", getattr(tokenizer, "source", None))):
-        if value is not None and str(value) != "base":
+        if value is None:
+            continue
+        if str(value) != "base":
             raise ConfigError(
-                f"{source}: {key}: {value}: frank_wolfe merges on the base model's vocabulary; mergekit's "
-                "vocabulary alignment (union / another model's tokenizer) is not supported (use 'base' or leave it out)"
+                f"{source}: {key}: {value}: frank_wolfe merges on the base model's vocabulary; use 'base' (candidates "
+                "with other vocabularies are aligned to it by token) or leave it out"
             )
+        align_vocab = True
+    if tokenizer is not None and getattr(tokenizer, "tokens", None):
+        raise ConfigError(f"{source}: tokenizer.tokens: per-token embedding sources are not supported by frank_wolfe")
     candidates = []
     for index, model_in in enumerate(merge_config.models or []):
         if model_in.parameters:
@@ -102,7 +108,7 @@ def pool_and_parameters(merge_config, source: str = "config") -> Tuple[PoolSpec,
         )
     if merge_config.base_model.lora:
         raise ConfigError(f"{source}: base_model must be a plain model, not BASE+LORA")
-    return PoolSpec(base=_source(merge_config.base_model.model), candidates=tuple(candidates)), params
+    return PoolSpec(base=_source(merge_config.base_model.model), candidates=tuple(candidates), align_vocab=align_vocab), params
 
 
 # --- the merge method -------------------------------------------------------------

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from mergekit_fw.pickled import PickleRefused
 from mergekit_fw.pickled import pickle_free as _pickle_free
 from mergekit_fw.safetensors_io import SafetensorsFormatError, StoredTensor, read_layout
+from mergekit_fw.vocab import VocabularyError, align_rows, vocab_map
 
 LOG = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class CandidateSpec:
 class PoolSpec:
     base: ModelSource
     candidates: Tuple[CandidateSpec, ...]
+    # tokenizer_source: base: candidates' other vocabularies are aligned to the base's. Not part of
+    # equality: the kernel finds the solve by base and candidates (and the fingerprint has it).
+    align_vocab: bool = field(default=False, compare=False)
 
 
 def local_dir(source: ModelSource, what: str) -> Path:
@@ -213,6 +217,7 @@ class LoraCandidate:
     adapter_dir: Path
     factors: Dict[str, LoraFactors]  # keyed by base tensor name
     full: Dict[str, str] = field(default_factory=dict)  # base tensor name -> key in the adapter file
+    vocab_maps: Dict[str, torch.Tensor] = field(default_factory=dict)  # aligned full tensors (tokenizer_source: base)
 
     kind = "lora"
 
@@ -243,6 +248,8 @@ class LoraCandidate:
             raise ValueError(f"candidate {self.name}: the delta of {tensor} (modules_to_save) needs the base tensor")
         with safe_open(str(self.weights_file), framework="pt") as handle:
             value = handle.get_tensor(self.full[tensor])
+        if tensor in self.vocab_maps:
+            value = align_rows(value, self.vocab_maps[tensor], base)
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         return value.to(dtype) - base.to(dtype)
 
@@ -267,6 +274,7 @@ class DenseCandidate:
     folder: Path
     index: SafetensorsIndex
     touched: List[str] = field(default_factory=list)
+    vocab_maps: Dict[str, torch.Tensor] = field(default_factory=dict)  # aligned tensors (tokenizer_source: base)
 
     kind = "dense"
 
@@ -286,7 +294,10 @@ class DenseCandidate:
         if tensor not in self.index.files:
             return None
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
-        return self.index.get(tensor).to(dtype) - base.to(dtype)
+        value = self.index.get(tensor)
+        if tensor in self.vocab_maps:
+            value = align_rows(value, self.vocab_maps[tensor], base)
+        return value.to(dtype) - base.to(dtype)
 
     def delta_norm(self, tensor: str, base: torch.Tensor) -> float:
         delta = self.delta(tensor, base)
@@ -307,7 +318,21 @@ def _pattern_value(patterns: Dict[str, float], module: str) -> Optional[float]:
     return None
 
 
-def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex) -> LoraCandidate:
+def _vocab_rows(tensor: str, shape: Tuple[int, ...], base_shape: Tuple[int, ...]) -> bool:
+    """An embedding or output head whose row count is the vocabulary's."""
+    return len(shape) == 2 and shape[1:] == base_shape[1:] and ("embed" in tensor or "lm_head" in tensor or "wte" in tensor)
+
+
+def _aligned_map(name: str, folder: Path, align_to: Optional[Path], cache: Dict[str, torch.Tensor]) -> torch.Tensor:
+    if "map" not in cache:
+        try:
+            cache["map"] = vocab_map(align_to, folder, f"candidate {name}:")  # type: ignore[arg-type]
+        except VocabularyError as error:
+            raise PoolError(str(error)) from None
+    return cache["map"]
+
+
+def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex, align_to: Optional[Path] = None) -> LoraCandidate:
     config_file = adapter_dir / "adapter_config.json"
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not config_file.is_file():
@@ -334,12 +359,19 @@ def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex) -> Lor
 
     pairs: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
     full: Dict[str, str] = {}
+    vocab_maps: Dict[str, torch.Tensor] = {}
+    shared: Dict[str, torch.Tensor] = {}
     with safe_open(str(weights_file), framework="pt") as handle:
         for key in handle.keys():
             match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
             saved = _saved_module_tensor(key, modules_to_save)
             if saved is not None:
-                _check_full_tensor(name, weights_file, key, saved, tuple(handle.get_slice(key).get_shape()), base_index)
+                shape = tuple(handle.get_slice(key).get_shape())
+                if (align_to is not None and saved in base_index.files and shape != base_index.shape(saved)
+                        and _vocab_rows(saved, shape, base_index.shape(saved))):
+                    vocab_maps[saved] = _aligned_map(name, adapter_dir, align_to, shared)
+                else:
+                    _check_full_tensor(name, weights_file, key, saved, shape, base_index)
                 full[saved] = key
                 continue
             if "lora_embedding" in key or "lora_magnitude" in key or match is None:
@@ -378,7 +410,7 @@ def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex) -> Lor
     missing = [m for m in modules_to_save if not any(_module_matches(t.rsplit(".", 1)[0], m) for t in full)]
     if missing:
         LOG.warning("candidate %s: modules_to_save %s has no tensors in %s", name, missing, weights_file)
-    return LoraCandidate(name=name, adapter_dir=adapter_dir, factors=factors, full=full)
+    return LoraCandidate(name=name, adapter_dir=adapter_dir, factors=factors, full=full, vocab_maps=vocab_maps)
 
 
 def _module_matches(module: str, pattern: str) -> bool:
@@ -406,7 +438,7 @@ def _check_full_tensor(name: str, weights_file: Path, key: str, tensor: str, sha
         what = "vocabulary size" if ("embed" in tensor or "lm_head" in tensor) and shape[1:] == base_shape[1:] else "shape"
         raise PoolError(
             f"candidate {name}: {weights_file}: modules_to_save tensor {key!r} has {what} {shape}, the base "
-            f"{tensor} has {base_shape} (an extended vocabulary or another base?)"
+            f"{tensor} has {base_shape} (an extended vocabulary? set tokenizer_source: base to align it to the base's)"
         )
 
 
@@ -423,14 +455,17 @@ def _read_config(folder: Path, what: str) -> dict:
         raise PoolError(f"{what} {config_file}: not valid JSON ({error.msg})") from None
 
 
-def load_dense(name: str, folder: Path, base_config: dict, base_index: SafetensorsIndex) -> DenseCandidate:
+def load_dense(
+    name: str, folder: Path, base_config: dict, base_index: SafetensorsIndex, align_to: Optional[Path] = None
+) -> DenseCandidate:
     config = _read_config(folder, f"candidate {name}:")
     for key in _ARCH_KEYS:
+        if key == "vocab_size" and align_to is not None:
+            continue  # aligned below, tensor by tensor
         if config.get(key) != base_config.get(key):
             hint = {
                 "architectures": " (a checkpoint of another architecture)",
-                "vocab_size": " (a different vocabulary: frank_wolfe merges on the base's vocabulary and "
-                "does not take mergekit's tokenizer_source alignment)",
+                "vocab_size": " (a different vocabulary: set tokenizer_source: base to align it to the base's)",
             }.get(key, " (another model size)")
             raise PoolError(
                 f"candidate {name}: {folder}/config.json: {key} = {config.get(key)!r}, "
@@ -438,16 +473,19 @@ def load_dense(name: str, folder: Path, base_config: dict, base_index: Safetenso
             )
     index = SafetensorsIndex(folder, f"candidate {name}:")
     touched = []
+    vocab_maps: Dict[str, torch.Tensor] = {}
+    shared: Dict[str, torch.Tensor] = {}
     for tensor in index.names():
         if tensor not in base_index.files:
             raise PoolError(f"candidate {name}: tensor {tensor!r} is not in the base model")
-        if index.shape(tensor) != base_index.shape(tensor):
-            raise PoolError(
-                f"candidate {name}: tensor {tensor} has shape {index.shape(tensor)}, "
-                f"the base {base_index.shape(tensor)}"
-            )
+        shape, base_shape = index.shape(tensor), base_index.shape(tensor)
+        if shape != base_shape:
+            if align_to is not None and _vocab_rows(tensor, shape, base_shape):
+                vocab_maps[tensor] = _aligned_map(name, folder, align_to, shared)
+            else:
+                raise PoolError(f"candidate {name}: tensor {tensor} has shape {shape}, the base {base_shape}")
         touched.append(tensor)
-    return DenseCandidate(name=name, folder=folder, index=index, touched=touched)
+    return DenseCandidate(name=name, folder=folder, index=index, touched=touched, vocab_maps=vocab_maps)
 
 
 @dataclass
@@ -515,12 +553,12 @@ def load_candidate(
             )
         adapter_dir = local_dir(candidate.lora, f"candidate {candidate.name}: adapter")
         adapter_dir = pickle_free(adapter_dir, f"candidate {candidate.name}:", allow_pickle)
-        return load_lora(candidate.name, adapter_dir, base_index)
+        return load_lora(candidate.name, adapter_dir, base_index, base_dir if spec.align_vocab else None)
     folder = local_dir(candidate.model, f"candidate {candidate.name}:")
     if folder == base_dir:
         raise PoolError(f"candidate {candidate.name}: is the base model itself (its task vector is zero)")
     folder = pickle_free(folder, f"candidate {candidate.name}:", allow_pickle)
-    return load_dense(candidate.name, folder, base_config, base_index)
+    return load_dense(candidate.name, folder, base_config, base_index, base_dir if spec.align_vocab else None)
 
 
 def open_pool(spec: PoolSpec, *, allow_pickle: bool = False) -> Pool:

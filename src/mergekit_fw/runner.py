@@ -63,6 +63,7 @@ def run_fingerprint(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, ca
             __version__,
             params.fingerprint_fields(),
             [c.name for c in spec.candidates],
+            {"align_vocab": True} if spec.align_vocab else {},
             file_fingerprint(pool.files()),
             file_fingerprint([calibration]),
             file_fingerprint([init]) if init is not None else "base",

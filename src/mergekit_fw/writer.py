@@ -28,6 +28,7 @@ from mergekit_fw.merge_fn import MergeFunction, compute_dtype, convex_merge, mer
 from mergekit_fw.pool import Candidate, Pool, SafetensorsIndex
 from mergekit_fw.safetensors_io import ShardedSafetensorsWriter, StoredTensor, TensorSpec, fsync_folder
 from mergekit_fw.table import CoefficientTable
+from mergekit_fw.vocab import align_rows
 
 LOG = logging.getLogger(__name__)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -40,24 +41,34 @@ def contributors(pool: Pool, weights: Optional[Dict[str, float]], name: str) -> 
     return [(c, weights[c.name]) for c in pool.candidates if weights.get(c.name, 0.0) != 0.0 and name in c.tensor_names()]
 
 
-def _stored_vertex(present: List[Tuple[Candidate, float]], merge: MergeFunction) -> Optional[Candidate]:
-    """Under ``convex``, the dense candidate holding all the weight (its tensor is the output)."""
+def _stored_vertex(present: List[Tuple[Candidate, float]], merge: MergeFunction, name: str) -> Optional[Candidate]:
+    """Under ``convex``, the dense candidate holding all the weight (its stored tensor is the
+    output, unless it has to be aligned to the base's vocabulary first)."""
     if merge is not convex_merge:
         return None
     only = single_vertex([weight for _, weight in present])
-    return present[only][0] if only is not None and present[only][0].kind == "dense" else None
+    if only is None or present[only][0].kind != "dense" or name in present[only][0].vocab_maps:
+        return None
+    return present[only][0]
 
 
 _BLOCK_ELEMENTS = 1 << 22  # 16 MiB of float32 per row block: cache-friendly, no page-fault churn
 
 
 @contextmanager
-def _row_reader(candidate_or_base, name: str) -> Iterator[Callable[[int, int], torch.Tensor]]:
-    """``rows(start, stop)`` of a stored tensor, read without loading the rest."""
+def _row_reader(candidate_or_base, name: str, base_rows=None) -> Iterator[Callable[[int, int], torch.Tensor]]:
+    """``rows(start, stop)`` of a stored tensor, read without loading the rest (a
+    vocabulary-aligned tensor is read whole once: its rows are gathered by token)."""
     if isinstance(candidate_or_base, SafetensorsIndex):
         path, key = candidate_or_base.files[name], name
     else:
         path, key = candidate_or_base.source_of(name)
+        index = getattr(candidate_or_base, "vocab_maps", {}).get(name)
+        if index is not None:
+            with safe_open(str(path), framework="pt") as handle:
+                value = handle.get_tensor(key)
+            yield lambda start, stop: align_rows(value, index[start:stop], base_rows(start, stop))
+            return
     with safe_open(str(path), framework="pt") as handle:
         stored = handle.get_slice(key)
         yield lambda start, stop: stored[start:stop]
@@ -91,7 +102,7 @@ def convex_blocks(pool: Pool, name: str, present: List[Tuple[Candidate, float]])
     step = max(1, _BLOCK_ELEMENTS // max(width, 1))
     with ExitStack() as stack:
         base_rows = stack.enter_context(_row_reader(pool.base_index, name))
-        dense = [(stack.enter_context(_row_reader(c, name)), w) for c, w in present if not c.is_low_rank(name)]
+        dense = [(stack.enter_context(_row_reader(c, name, base_rows)), w) for c, w in present if not c.is_low_rank(name)]
         for start in range(0, shape[0], step):
             stop = min(start + step, shape[0])
             base = base_rows(start, stop).to(dtype)
@@ -108,7 +119,7 @@ def merged_tensor(pool: Pool, weights: Optional[Dict[str, float]], name: str, ba
     present = contributors(pool, weights, name) if base.is_floating_point() else []
     if not present:
         return base
-    vertex = _stored_vertex(present, merge)
+    vertex = _stored_vertex(present, merge, name)
     if vertex is not None:
         return vertex.index.get(name)  # exactly the stored vertex
     if merge is convex_merge:
@@ -128,7 +139,7 @@ def _unchanged_source(pool: Pool, present: List[Tuple[Candidate, float]], merge:
     """The stored tensor an output equals bit for bit, if there is one."""
     if not present:
         return pool.base_index.stored(name)
-    vertex = _stored_vertex(present, merge)
+    vertex = _stored_vertex(present, merge, name)
     return vertex.index.stored(name) if vertex is not None else None
 
 
@@ -160,7 +171,7 @@ def write_merged_model(
             if source is not None and source.spec.dtype == spec.dtype:
                 writer.copy(name, source)
                 continue
-            if merge is convex_merge and spec.shape and _stored_vertex(present, merge) is None:
+            if merge is convex_merge and spec.shape and _stored_vertex(present, merge, name) is None:
                 writer.write_blocks(name, (block.to(spec.dtype) for block in convex_blocks(pool, name, present)))
                 continue
             base = pool.base_index.get(name)
