@@ -110,7 +110,7 @@ TASKS: Tuple[Task, ...] = (
     Task("min", "short", answer=lambda x: [min(x, key=value)]),
     Task("max", "short", answer=lambda x: [max(x, key=value)]),
     # classification-style multiple choice
-    Task("parity", "choice", options=lambda x: (["even", "odd"], sum(map(value, x)) % 2)),
+    Task("firstlow", "choice", options=lambda x: (["no", "yes"], int(value(x[0]) < 8))),
     Task("firstbigger", "choice", options=lambda x: (["no", "yes"], int(value(x[0]) > value(x[-1])))),
     Task("countlow", "choice", options=lambda x: (list(COUNT_WORDS), sum(value(s) < 8 for s in x))),
     Task("whichmax", "choice", options=_which_max),
@@ -126,7 +126,7 @@ def words() -> List[str]:
             for word in task.options(SYMBOLS[:LENGTH])[0]:
                 if word not in out:
                     out.append(word)
-    for word in ("even", "odd", "no", "yes", *COUNT_WORDS):
+    for word in ("no", "yes", *COUNT_WORDS):
         if word not in out:
             out.append(word)
     return out

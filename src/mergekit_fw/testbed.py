@@ -113,15 +113,16 @@ def answer_text(task: str, seq: Sequence[str]) -> str:
     return " ".join(SKILLS[task](seq))
 
 
-def build_tokenizer(folder: Path, tasks: Sequence[str]):
-    """A word-level tokenizer trained with ``tokenizers``, saved as a HF fast tokenizer."""
+def build_tokenizer(folder: Path, tasks: Sequence[str], extra_words: Sequence[str] = ()):
+    """A word-level tokenizer trained with ``tokenizers``, saved as a HF fast tokenizer
+    (task names, symbols, ``=`` and any ``extra_words``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIALS)
-    corpus = [prompt_text(t, SYMBOLS[:LENGTH]) for t in tasks] + [" ".join(SYMBOLS)]
+    corpus = [prompt_text(t, SYMBOLS[:LENGTH]) for t in tasks] + [" ".join(SYMBOLS)] + list(extra_words)
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
@@ -199,13 +200,19 @@ def train_base(folder: Path, tokenizer, size: TestbedSize, seed: int):
     return model
 
 
-def _set_lora_strength(model, factor: float) -> None:
+def set_lora_strength(model, factor: float) -> None:
+    """Scale every LoRA layer to ``factor`` of its trained strength (alternating full
+    and half strength in training keeps an adapter useful when a merge scales it down).
+    The full scaling is remembered on first use, so rsLoRA's alpha/sqrt(r) is kept too."""
     from peft.tuners.lora import LoraLayer
 
     for module in model.modules():
         if isinstance(module, LoraLayer):
+            full = getattr(module, "_full_scaling", None)
+            if full is None:
+                full = module._full_scaling = dict(module.scaling)
             for name in module.scaling:
-                module.scaling[name] = module.lora_alpha[name] / module.r[name] * factor
+                module.scaling[name] = full[name] * factor
 
 
 def train_lora(base_folder: Path, folder: Path, tokenizer, task: str, size: TestbedSize, seed: int) -> None:
@@ -228,14 +235,14 @@ def train_lora(base_folder: Path, folder: Path, tokenizer, task: str, size: Test
     model.train()
     replay = size.batch // 2
     for step in range(size.lora_steps):
-        _set_lora_strength(model, 1.0 if step % 2 == 0 else 0.5)
+        set_lora_strength(model, 1.0 if step % 2 == 0 else 0.5)
         rows = _task_rows(rng, task, size.batch - replay) + _pretrain_rows(rng, size.tasks, replay, exclude=task)
         ids, labels = _batch(tokenizer, rows)
         loss = model(input_ids=ids, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    _set_lora_strength(model, 1.0)
+    set_lora_strength(model, 1.0)
     model.save_pretrained(str(folder), safe_serialization=True)
 
 

@@ -45,9 +45,9 @@ def test_every_answer_word_is_in_the_vocabulary():
 
 def test_splits_are_disjoint_and_data_is_deterministic(tmp_path):
     sizes = Sizes(train=40, calib=10, test=10)
-    files = write_task_data(tmp_path / "a", ["reverse", "parity"], sizes, seed=3)
-    again = write_task_data(tmp_path / "b", ["parity"], sizes, seed=3)  # another task set: same rows
-    assert files["parity"].test.read_bytes() == again["parity"].test.read_bytes()
+    files = write_task_data(tmp_path / "a", ["reverse", "firstlow"], sizes, seed=3)
+    again = write_task_data(tmp_path / "b", ["firstlow"], sizes, seed=3)  # another task set: same rows
+    assert files["firstlow"].test.read_bytes() == again["firstlow"].test.read_bytes()
     seen = {}
     for split in ("train", "calib", "test"):
         rows = [json.loads(line) for line in getattr(files["reverse"], split).read_text().splitlines()]
@@ -55,8 +55,8 @@ def test_splits_are_disjoint_and_data_is_deterministic(tmp_path):
         for r in rows:
             seq = tuple(r["prompt"].split()[1:-1])
             assert split_of(seq) == split and seen.setdefault(seq, split) == split
-    calib = calibration_file(tmp_path / "calib.jsonl", files, ["reverse", "parity"], per_task=4)
-    assert [json.loads(line)["task"] for line in calib.read_text().splitlines()] == ["reverse"] * 4 + ["parity"] * 4
+    calib = calibration_file(tmp_path / "calib.jsonl", files, ["reverse", "firstlow"], per_task=4)
+    assert [json.loads(line)["task"] for line in calib.read_text().splitlines()] == ["reverse"] * 4 + ["firstlow"] * 4
 
 
 def test_lm_eval_loads_the_task_files(tmp_path):

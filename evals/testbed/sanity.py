@@ -1,0 +1,74 @@
+"""Does the pool measure anything? The check TESTBED.md asks for before any method
+is compared: merging *only the relevant* adapters must keep most of what each one
+gains alone. If even that fails, every method looks broken and nothing is measured.
+
+For an asked set of tasks: the base's score, each task's own adapter's score (the
+individual upper bound), and the relevant adapters merged inside the convex hull
+(1/k each, the region Frank-Wolfe searches) and by plain addition (1 each). Scores
+here are the fast in-process ones (:func:`evals.testbed.build.greedy_scores`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+
+from evals.testbed.build import Pool, greedy_scores, read_rows
+
+
+def merged_model(pool: Pool, entries: Sequence[dict], weights: Sequence[float]):
+    """base + sum_i w_i delta_i, written by mergekit-fw's own writer and loaded back."""
+    from transformers import LlamaForCausalLM
+
+    from mergekit_fw.pool import CandidateSpec, ModelSource, PoolSpec, open_pool
+    from mergekit_fw.table import CoefficientTable
+    from mergekit_fw.writer import write_merged_model
+
+    base = ModelSource(str(pool.base))
+    spec = PoolSpec(base, tuple(
+        CandidateSpec(e["name"], base, ModelSource(e["path"])) if e["kind"] == "lora" else CandidateSpec(e["name"], ModelSource(e["path"]))
+        for e in entries))
+    opened = open_pool(spec)
+    tensors = opened.tensor_names()
+    table = CoefficientTable.at_base(opened.names, tensors, "sanity", str(pool.base))
+    # the writer reads the candidates' coefficients c_i (base + sum c_i delta_i); with
+    # c_i = 1 each (plain addition) the base's weight is negative: outside the simplex
+    table.weights[0] = 1.0 - sum(weights)
+    for i, weight in enumerate(weights):
+        table.weights[1 + i] = weight
+    with tempfile.TemporaryDirectory() as folder:
+        write_merged_model(opened, table, Path(folder) / "merged", progress=False)
+        return LlamaForCausalLM.from_pretrained(str(Path(folder) / "merged"), dtype=torch.float32).eval()
+
+
+def sanity_table(pool: Pool, asked: Sequence[str]) -> List[Dict[str, object]]:
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(pool.base))
+    base = LlamaForCausalLM.from_pretrained(str(pool.base)).eval()
+    entries = [pool.candidate(task) for task in asked]
+    rows = {task: read_rows(pool.files[task].test) for task in asked}
+    hull = merged_model(pool, entries, [1.0 / len(entries)] * len(entries))
+    added = merged_model(pool, entries, [1.0] * len(entries))
+    out = []
+    for task, entry in zip(asked, entries):
+        own = (PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(pool.base)), entry["path"])
+               if entry["kind"] == "lora" else LlamaForCausalLM.from_pretrained(entry["path"])).eval()
+        scores = {name: greedy_scores(model, tokenizer, rows[task]) for name, model in
+                  (("base", base), ("individual", own), ("relevant, 1/k each", hull), ("relevant, 1 each", added))}
+        out.append({"task": task, **scores})
+    return out
+
+
+def markdown(table: List[Dict[str, object]], title: str) -> str:
+    columns = [k for k in table[0] if k != "task"]
+    lines = [f"# {title}", "", "| task | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for row in table:
+        lines.append(f"| {row['task']} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
+    mean = {c: sum(float(r[c]) for r in table) / len(table) for c in columns}
+    lines.append("| **mean** | " + " | ".join(f"**{mean[c]:.2f}**" for c in columns) + " |")
+    return "\n".join(lines) + "\n"

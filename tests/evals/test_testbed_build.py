@@ -1,0 +1,65 @@
+"""The evidence pool builder on a miniature size: every kind of member is built,
+recorded and reusable, and the adapters really are community-like (mixed styles)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evals.testbed import build
+from evals.testbed.build import PoolSize, Sizes, build_pool, greedy_scores, read_rows, train_mtl
+
+TINY = PoolSize("tiny", hidden=32, layers=1, heads=2, base_steps=60, lora_steps=30, dense_steps=20, batch=16,
+                tasks=("reverse", "sort", "firstlow"), duplicates=("reverse",), noisy=("sort",), dense=("reverse",),
+                data=Sizes(train=20, calib=8, test=6))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_pool(tmp_path_factory.mktemp("tb") / "pool", TINY, seed=0)
+
+
+def test_every_member_is_built_and_recorded(tiny):
+    roles = sorted((c["task"], c["role"], c["kind"]) for c in tiny.candidates)
+    assert roles == sorted([("reverse", "task", "lora"), ("sort", "task", "lora"), ("firstlow", "task", "lora"),
+                            ("reverse", "duplicate", "lora"), ("sort", "noisy", "lora"), ("reverse", "task", "full")])
+    styles = {json.dumps(c["style"]) for c in tiny.candidates if c["kind"] == "lora"}
+    assert len(styles) >= 3  # mixed ranks / alphas / rsLoRA / targets
+    for c in tiny.candidates:
+        config = json.loads(((tiny.root / c["path"]) / ("adapter_config.json" if c["kind"] == "lora" else "config.json")).read_text())
+        if c["kind"] == "lora":
+            assert [config["r"], config["lora_alpha"], config["use_rslora"]] == c["style"][:3]
+            assert sorted(config["target_modules"]) == sorted(c["style"][3])
+            expected_base = tiny.noisy_base if c["role"] == "noisy" else tiny.base
+            assert config["base_model_name_or_path"] == str(expected_base)
+    for task, files in tiny.files.items():
+        assert len(read_rows(files.test)) == 6 and files.lm_eval_yaml.is_file()
+
+
+def test_noisy_base_is_another_initialisation(tiny):
+    from safetensors.torch import load_file
+
+    a = load_file(str(tiny.base / "model.safetensors"))
+    b = load_file(str(tiny.noisy_base / "model.safetensors"))
+    assert a.keys() == b.keys() and not torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+
+
+def test_a_complete_build_is_reused(tiny, monkeypatch):
+    monkeypatch.setattr(build, "train_base", lambda *a, **k: pytest.fail("retrained a cached pool"))
+    again = build_pool(tiny.root, TINY, seed=0)
+    assert again.candidates == tiny.candidates
+
+
+def test_mtl_adapter_and_in_process_scores(tiny):
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = train_mtl(tiny, ["reverse", "firstlow"], per_task=8)
+    assert train_mtl(tiny, ["firstlow", "reverse"], per_task=8) == folder  # cached per asked set
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny.base))
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(tiny.base)), str(folder)).eval()
+    for task in ("reverse", "firstlow"):
+        score = greedy_scores(model, tokenizer, read_rows(tiny.files[task].test))
+        assert 0.0 <= score <= 1.0
