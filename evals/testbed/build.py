@@ -71,7 +71,7 @@ class PoolSize:
 
 ALL_TASKS = tuple(BY_NAME)
 QUICK = PoolSize(
-    "quick", hidden=64, layers=2, heads=4, base_steps=900, lora_steps=360, dense_steps=120, batch=64,
+    "quick", hidden=64, layers=2, heads=4, base_steps=900, lora_steps=600, dense_steps=120, batch=64,
     tasks=("reverse", "sort", "rotate", "swappairs", "shiftup", "mirror", "cipher", "double", "firstlow", "firstbigger"),
     duplicates=("reverse", "sort"), noisy=("reverse", "sort"), dense=("rotate", "shiftup"),
     data=Sizes(train=200, calib=100, test=50),

@@ -4,7 +4,8 @@ gains alone. If even that fails, every method looks broken and nothing is measur
 
 For an asked set of tasks: the base's score, each task's own adapter's score (the
 individual upper bound), and the relevant adapters merged inside the convex hull
-(1/k each, the region Frank-Wolfe searches) and by plain addition (1 each). Scores
+(1/k each, the region Frank-Wolfe searches), by plain addition (1 each), and by
+task arithmetic with one scaling picked on the calibration rows. Scores
 here are the fast in-process ones (:func:`evals.testbed.build.greedy_scores`).
 """
 
@@ -17,6 +18,8 @@ from typing import Dict, List, Sequence
 import torch
 
 from evals.testbed.build import Pool, greedy_scores, read_rows
+
+LAMBDAS = (0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
 
 
 def merged_model(pool: Pool, entries: Sequence[dict], weights: Sequence[float]):
@@ -54,12 +57,22 @@ def sanity_table(pool: Pool, asked: Sequence[str]) -> List[Dict[str, object]]:
     rows = {task: read_rows(pool.files[task].test) for task in asked}
     hull = merged_model(pool, entries, [1.0 / len(entries)] * len(entries))
     added = merged_model(pool, entries, [1.0] * len(entries))
+    # task arithmetic over the relevant adapters with its one scaling picked on calibration rows
+    calib = {task: read_rows(pool.files[task].calib, 50) for task in asked}
+    best, picked = -1.0, None
+    for weight in LAMBDAS:
+        model = merged_model(pool, entries, [weight] * len(entries))
+        score = sum(greedy_scores(model, tokenizer, calib[task]) for task in asked) / len(asked)
+        if score > best:
+            best, picked = score, (weight, model)
+    lam, tuned = picked
     out = []
     for task, entry in zip(asked, entries):
         own = (PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(pool.base)), entry["path"])
                if entry["kind"] == "lora" else LlamaForCausalLM.from_pretrained(entry["path"])).eval()
         scores = {name: greedy_scores(model, tokenizer, rows[task]) for name, model in
-                  (("base", base), ("individual", own), ("relevant, 1/k each", hull), ("relevant, 1 each", added))}
+                  (("base", base), ("individual", own), ("relevant, 1/k each", hull), ("relevant, 1 each", added),
+                   (f"relevant, lambda {lam:g} (picked on calibration)", tuned))}
         out.append({"task": task, **scores})
     return out
 
