@@ -63,3 +63,28 @@ def test_mtl_adapter_and_in_process_scores(tiny):
     for task in ("reverse", "firstlow"):
         score = greedy_scores(model, tokenizer, read_rows(tiny.files[task].test))
         assert 0.0 <= score <= 1.0
+
+
+def test_sanity_table_merges_the_relevant_adapters_exactly(tiny):
+    """The relevant-merge check: the merged model is base + sum_i w_i delta_i, built by
+    mergekit-fw's writer, and the table has every column for every asked task."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from evals.testbed.sanity import markdown, merged_model, sanity_table
+
+    entries = [tiny.candidate("reverse"), tiny.candidate("sort")]
+    merged = merged_model(tiny, entries, [0.5, 0.5]).state_dict()
+    base = LlamaForCausalLM.from_pretrained(str(tiny.base)).state_dict()
+    expected = {k: v.clone().double() for k, v in base.items()}
+    for entry in entries:
+        full = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(tiny.base)), entry["path"]).merge_and_unload().state_dict()
+        for key in expected:
+            expected[key] += 0.5 * (full[key].double() - base[key].double())
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key].double(), value, rtol=1e-5, atol=1e-6)
+
+    table = sanity_table(tiny, ["reverse", "firstlow"])
+    assert [row["task"] for row in table] == ["reverse", "firstlow"]
+    assert all(len(row) == 6 and all(0.0 <= row[k] <= 1.0 for k in row if k != "task") for row in table)
+    assert "| **mean** |" in markdown(table, "t")
