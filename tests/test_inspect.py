@@ -120,20 +120,21 @@ def test_reading_checks_are_remembered_until_a_file_changes(random_pool, hostile
     from mergekit_fw.mergekit_adapter import load_merge_config, pool_and_parameters
 
     spec, _ = pool_and_parameters(load_merge_config(_config(random_pool, hostile, tmp_path / "fw.yml")))
-    scans = []
-    original = validate._scan_index
-    monkeypatch.setattr(validate, "_scan_index", lambda index, names, what: scans.append(what) or original(index, names, what))
+    reads = []  # what was read: the base's NaN scan, and each candidate's deltas
+    scan, norms = validate._scan_index, validate._norms
+    monkeypatch.setattr(validate, "_scan_index", lambda index, names, what: reads.append(what) or scan(index, names, what))
+    monkeypatch.setattr(validate, "_norms", lambda candidate, base: reads.append(candidate.name) or norms(candidate, base))
     first = validate.check_pool(spec, cache=tmp_path / "checks")
-    assert len(scans) == 4  # the base and three full checkpoints
+    assert len(reads) == 8  # the base and seven candidates
     second = validate.check_pool(spec, cache=tmp_path / "checks")
-    assert len(scans) == 4
+    assert len(reads) == 8
     assert first.to_json() == second.to_json()
     os.utime(hostile["broken"] / "model.safetensors")  # touched, same bytes: still known
     validate.check_pool(spec, cache=tmp_path / "checks")
-    assert len(scans) == 4
+    assert len(reads) == 8
     moved = shutil.copytree(random_pool["dense"][1], tmp_path / "redownloaded")
     spec2, _ = pool_and_parameters(load_merge_config(_config(random_pool, {**hostile, "broken": moved}, tmp_path / "fw2.yml")))
     tensors = load_file(str(moved / "model.safetensors"))
     save_file({k: v * 1.5 for k, v in tensors.items()}, str(moved / "model.safetensors"), metadata={"format": "pt"})
     validate.check_pool(spec2, cache=tmp_path / "checks")
-    assert scans[4:] == [f"candidate {moved}"]  # only the changed file is read again
+    assert reads[8:] == [str(moved)]  # only the changed file is read again

@@ -117,25 +117,25 @@ def pool_and_parameters(merge_config, source: str = "config") -> Tuple[PoolSpec,
 @dataclass
 class KernelPlan:
     """What the kernel needs from a solved table: per-tensor weights, the merge
-    function, and the initial merge's tensors (a vertex mergekit's graph lacks)."""
+    function, and the solved pool (with the initial merge's vertex, which mergekit's
+    graph lacks) whose files every tensor is computed from."""
 
     coefficients: Dict[str, Dict[str, float]]
     merge: Any
-    init_index: Any = None  # SafetensorsIndex of the initial merge's folder
-    pool: Any = None  # the solved pool: tensors are computed from it, as the fast path does
+    pool: Any
 
     @classmethod
     def from_result(cls, table, pool) -> "KernelPlan":
         from mergekit_fw.merge_fn import merge_function
-        from mergekit_fw.table import INIT_VERTEX
 
-        init = next((c for c in pool.candidates if c.name == INIT_VERTEX), None) if table.init else None
-        return cls(table.coefficient_map(), merge_function(table.merge_fn, table.density), getattr(init, "index", None), pool)
+        return cls(table.coefficient_map(), merge_function(table.merge_fn, table.density), pool)
 
 
 def _merge_with_plan(group, plan: KernelPlan) -> torch.Tensor:
-    from mergekit_fw.merge_fn import compute_dtype, convex_merge, single_vertex
-    from mergekit_fw.table import INIT_VERTEX
+    """The fast path's own function on the pool's own files (LoRA factors, not
+    mergekit's expanded copies, which carry their own rounding): both paths write
+    byte-identical tensors. Every tensor with coefficients is a base tensor of the pool."""
+    from mergekit_fw.writer import merged_tensor
 
     base = group.base
     if base is None:
@@ -144,27 +144,7 @@ def _merge_with_plan(group, plan: KernelPlan) -> torch.Tensor:
     weights = plan.coefficients.get(name)
     if not weights:
         return base.tensor
-    if plan.pool is not None and name in plan.pool.base_index.files:
-        # The fast path's own function on the pool's own files (LoRA factors, not
-        # mergekit's expanded copies, which carry their own rounding): both paths
-        # then write byte-identical tensors.
-        from mergekit_fw.writer import merged_tensor
-
-        merged = merged_tensor(plan.pool, weights, name, plan.pool.base_index.get(name), plan.merge)
-        return merged.to(base.tensor.dtype)
-    inputs = [(entry.tensor, weights.get(reference_name(entry.id), 0.0)) for entry in group.non_base]
-    if plan.init_index is not None and weights.get(INIT_VERTEX, 0.0) != 0.0 and name in plan.init_index.files:
-        inputs.append((plan.init_index.get(name), weights[INIT_VERTEX]))
-    inputs = [(tensor, weight) for tensor, weight in inputs if weight != 0.0]
-    if not inputs:
-        return base.tensor
-    only = single_vertex([weight for _, weight in inputs]) if plan.merge is convex_merge else None
-    if only is not None:
-        return inputs[only][0].to(base.tensor.dtype)  # exactly the stored vertex
-    dtype = compute_dtype(base.tensor)
-    base_value = base.tensor.to(dtype)
-    deltas = [tensor.to(dtype) - base_value for tensor, _ in inputs]
-    merged = plan.merge(name, base_value, deltas, [weight for _, weight in inputs])
+    merged = merged_tensor(plan.pool, weights, name, plan.pool.base_index.get(name), plan.merge)
     return merged.to(base.tensor.dtype)
 
 
