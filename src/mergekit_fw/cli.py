@@ -144,13 +144,13 @@ def inspect(config_file: Path, as_json: bool) -> None:
     (exit status 1) instead of stopping the run."""
     try:
         from mergekit_fw.mergekit_adapter import load_merge_config, pool_and_parameters
-        from mergekit_fw.runner import cache_root
+        from mergekit_fw.runner import cache_root, pickles_folder
         from mergekit_fw.validate import check_pool, format_check
 
         merge_config = load_merge_config(config_file)
         spec, params = pool_and_parameters(merge_config, source=str(config_file))
         check = check_pool(
-            spec, exclude_outliers=params.exclude_outliers, allow_pickle=params.allow_pickle, cache=cache_root(params) / "checks"
+            spec, exclude_outliers=params.exclude_outliers, pickles_to=pickles_folder(params), cache=cache_root(params) / "checks"
         )
     except (ConfigError, ValueError, OSError) as error:
         _fail(error)

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -37,19 +37,15 @@ def _has_safetensors(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
 
 
-def converted_root() -> Path:
-    root = os.environ.get("MERGEKIT_FW_CACHE") or "~/.cache/mergekit_fw"
-    return Path(root).expanduser() / "converted"
-
-
-def pickle_free(folder: Path, what: str, allow_pickle: bool) -> Path:
-    """``folder`` itself when it has safetensors weights, else its converted copy."""
+def pickle_free(folder: Path, what: str, convert_to: Optional[Path]) -> Path:
+    """``folder`` itself when it has safetensors weights, else its converted copy under
+    ``convert_to`` (None: pickles are refused, the default)."""
     if _has_safetensors(folder):
         return folder
     pickles = pickled_weights(folder)
     if not pickles:
         return folder  # the loaders say what is missing
-    if not allow_pickle:
+    if convert_to is None:
         raise PickleRefused(
             f"{what} {pickles[0]}: pickled weights are never loaded by default (unpickling can run code); "
             "convert them to safetensors, or set parameters.allow_pickle: true for files you trust"
@@ -57,7 +53,7 @@ def pickle_free(folder: Path, what: str, allow_pickle: bool) -> Path:
     stamp = hashlib.sha256(
         json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in pickles]).encode()
     ).hexdigest()[:24]
-    target = converted_root() / stamp
+    target = Path(convert_to) / stamp
     if (target / ".complete").is_file():
         return target
     tmp = target.with_name(f"{stamp}.partial-{os.getpid()}")

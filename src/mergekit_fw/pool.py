@@ -525,24 +525,24 @@ class Pool:
         return out
 
 
-def pickle_free(folder: Path, what: str, allow_pickle: bool) -> Path:
+def pickle_free(folder: Path, what: str, convert_to: Optional[Path]) -> Path:
     try:
-        return _pickle_free(folder, what, allow_pickle)
+        return _pickle_free(folder, what, convert_to)
     except PickleRefused as error:
         raise PoolError(str(error)) from None
 
 
-def open_base(spec: PoolSpec, *, allow_pickle: bool = False) -> Tuple[Path, dict, SafetensorsIndex]:
+def open_base(spec: PoolSpec, *, pickles_to: Optional[Path] = None) -> Tuple[Path, dict, SafetensorsIndex]:
     """The base's folder, config and tensor index; a :class:`PoolError` if unusable."""
     base_dir = local_dir(spec.base, "base_model")
-    base_dir = pickle_free(base_dir, "base_model", allow_pickle)
+    base_dir = pickle_free(base_dir, "base_model", pickles_to)
     base_config = _read_config(base_dir, "base_model")
     return base_dir, base_config, SafetensorsIndex(base_dir, "base_model")
 
 
 def load_candidate(
     candidate: CandidateSpec, spec: PoolSpec, base_dir: Path, base_config: dict, base_index: SafetensorsIndex,
-    *, allow_pickle: bool = False,
+    *, pickles_to: Optional[Path] = None,
 ) -> Candidate:
     """One candidate, checked against the base; a :class:`PoolError` names the misfit."""
     if candidate.lora is not None:
@@ -552,23 +552,23 @@ def load_candidate(
                 f"but base_model is {spec.base}; Frank-Wolfe needs every adapter on the base"
             )
         adapter_dir = local_dir(candidate.lora, f"candidate {candidate.name}: adapter")
-        adapter_dir = pickle_free(adapter_dir, f"candidate {candidate.name}:", allow_pickle)
+        adapter_dir = pickle_free(adapter_dir, f"candidate {candidate.name}:", pickles_to)
         return load_lora(candidate.name, adapter_dir, base_index, base_dir if spec.align_vocab else None)
     folder = local_dir(candidate.model, f"candidate {candidate.name}:")
     if folder == base_dir:
         raise PoolError(f"candidate {candidate.name}: is the base model itself (its task vector is zero)")
-    folder = pickle_free(folder, f"candidate {candidate.name}:", allow_pickle)
+    folder = pickle_free(folder, f"candidate {candidate.name}:", pickles_to)
     return load_dense(candidate.name, folder, base_config, base_index, base_dir if spec.align_vocab else None)
 
 
-def open_pool(spec: PoolSpec, *, allow_pickle: bool = False) -> Pool:
+def open_pool(spec: PoolSpec, *, pickles_to: Optional[Path] = None) -> Pool:
     """Resolve and check the whole pool's structure; raise :class:`PoolError` on the first misfit.
 
     (The numeric checks, NaN/Inf and outliers, are :mod:`mergekit_fw.validate`'s.)"""
     check_pool_spec(spec)
-    base_dir, base_config, base_index = open_base(spec, allow_pickle=allow_pickle)
+    base_dir, base_config, base_index = open_base(spec, pickles_to=pickles_to)
     candidates = [
-        load_candidate(c, spec, base_dir, base_config, base_index, allow_pickle=allow_pickle) for c in spec.candidates
+        load_candidate(c, spec, base_dir, base_config, base_index, pickles_to=pickles_to) for c in spec.candidates
     ]
     pool = Pool(base_dir=base_dir, base_config=base_config, base_index=base_index, candidates=candidates)
     LOG.info(

@@ -56,6 +56,11 @@ def cache_root(params: FrankWolfeParameters) -> Path:
     return Path(root).expanduser()
 
 
+def pickles_folder(params: FrankWolfeParameters) -> Optional[Path]:
+    """Where pickled weights are converted to safetensors; None (refused) unless allow_pickle."""
+    return cache_root(params) / "converted" if params.allow_pickle else None
+
+
 def run_fingerprint(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, init: Optional[Path]) -> str:
     return fingerprint(
         [
@@ -121,7 +126,7 @@ def solve_cached(spec: PoolSpec, params: FrankWolfeParameters, *, progress: bool
         check_init_config(init, spec)
     check_pool_spec(spec)
     pool, check = validated_pool(
-        spec, exclude_outliers=params.exclude_outliers, allow_pickle=params.allow_pickle, cache=cache_root(params) / "checks"
+        spec, exclude_outliers=params.exclude_outliers, pickles_to=pickles_folder(params), cache=cache_root(params) / "checks"
     )
     vertices = 1 + len(pool.candidates)
     if params.variant == "soft" and params.top_k > vertices:

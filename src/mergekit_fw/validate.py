@@ -244,12 +244,12 @@ def _numeric_checks(candidate: Candidate, base_index: SafetensorsIndex, base_fil
 
 
 def check_pool(
-    spec: PoolSpec, *, exclude_outliers: bool = False, allow_pickle: bool = False, cache: Optional[Path] = None
+    spec: PoolSpec, *, exclude_outliers: bool = False, pickles_to: Optional[Path] = None, cache: Optional[Path] = None
 ) -> PoolCheck:
     """Every check on every candidate; nothing raises except a base that cannot be read.
     ``cache``: a folder remembering the reading checks of unchanged files."""
     numeric = _NumericCache(cache)
-    base_dir, base_config, base_index = open_base(spec, allow_pickle=allow_pickle)
+    base_dir, base_config, base_index = open_base(spec, pickles_to=pickles_to)
     base_files = [base_dir / "config.json", *base_index.weight_files()]
     scanned = numeric.get(base_files)
     if scanned is None:
@@ -264,7 +264,7 @@ def check_pool(
         check = CandidateCheck(candidate_spec.name, "lora" if candidate_spec.lora else "full", folder)
         checks.append(check)
         try:
-            candidate = load_candidate(candidate_spec, spec, base_dir, base_config, base_index, allow_pickle=allow_pickle)
+            candidate = load_candidate(candidate_spec, spec, base_dir, base_config, base_index, pickles_to=pickles_to)
         except PoolError as error:
             check.errors.append(str(error))
             continue
@@ -296,10 +296,10 @@ def check_pool(
 
 
 def validated_pool(
-    spec: PoolSpec, *, exclude_outliers: bool = False, allow_pickle: bool = False, cache: Optional[Path] = None
+    spec: PoolSpec, *, exclude_outliers: bool = False, pickles_to: Optional[Path] = None, cache: Optional[Path] = None
 ) -> tuple[Pool, PoolCheck]:
     """The pool ready for maths, or a :class:`PoolError` naming the first culprit."""
-    check = check_pool(spec, exclude_outliers=exclude_outliers, allow_pickle=allow_pickle, cache=cache)
+    check = check_pool(spec, exclude_outliers=exclude_outliers, pickles_to=pickles_to, cache=cache)
     error = check.first_error()
     if error:
         raise PoolError(error)
