@@ -157,7 +157,7 @@ def _fit(model, params, batches, steps: int, lr: float, weight_decay: float, str
     if strength:
         set_lora_strength(model, 1.0)
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def train_base(folder: Path, tokenizer, size: PoolSize, seed: int) -> float:

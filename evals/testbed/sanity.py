@@ -26,25 +26,35 @@ def merged_model(pool: Pool, entries: Sequence[dict], weights: Sequence[float]):
     """base + sum_i w_i delta_i, written by mergekit-fw's own writer and loaded back."""
     from transformers import LlamaForCausalLM
 
-    from mergekit_fw.pool import CandidateSpec, ModelSource, PoolSpec, open_pool
+    from mergekit_fw.pool import open_pool
+
+    opened = open_pool(pool_spec(pool, entries))
+    coefficients = torch.tensor(list(weights), dtype=torch.float64)[:, None].expand(len(entries), len(opened.tensor_names()))
+    with tempfile.TemporaryDirectory() as folder:
+        write_coefficients(opened, coefficients, Path(folder) / "merged", str(pool.base))
+        return LlamaForCausalLM.from_pretrained(str(Path(folder) / "merged"), dtype=torch.float32).eval()
+
+
+def pool_spec(pool: Pool, entries: Sequence[dict]):
+    """mergekit-fw's pool spec of these members (LoRAs on the pool's base)."""
+    from mergekit_fw.pool import CandidateSpec, ModelSource, PoolSpec
+
+    base = ModelSource(str(pool.base))
+    return PoolSpec(base, tuple(
+        CandidateSpec(e["name"], base, ModelSource(e["path"])) if e["kind"] == "lora" else CandidateSpec(e["name"], ModelSource(e["path"]))
+        for e in entries))
+
+
+def write_coefficients(opened, coefficients: torch.Tensor, out: Path, base_model: str) -> None:
+    """base + sum_i c[i, l] delta_i[l] to ``out`` by mergekit-fw's writer; ``c`` need not
+    lie on the simplex (plain addition at 1 each puts the base's weight below zero)."""
     from mergekit_fw.table import CoefficientTable
     from mergekit_fw.writer import write_merged_model
 
-    base = ModelSource(str(pool.base))
-    spec = PoolSpec(base, tuple(
-        CandidateSpec(e["name"], base, ModelSource(e["path"])) if e["kind"] == "lora" else CandidateSpec(e["name"], ModelSource(e["path"]))
-        for e in entries))
-    opened = open_pool(spec)
-    tensors = opened.tensor_names()
-    table = CoefficientTable.at_base(opened.names, tensors, "sanity", str(pool.base))
-    # the writer reads the candidates' coefficients c_i (base + sum c_i delta_i); with
-    # c_i = 1 each (plain addition) the base's weight is negative: outside the simplex
-    table.weights[0] = 1.0 - sum(weights)
-    for i, weight in enumerate(weights):
-        table.weights[1 + i] = weight
-    with tempfile.TemporaryDirectory() as folder:
-        write_merged_model(opened, table, Path(folder) / "merged", progress=False)
-        return LlamaForCausalLM.from_pretrained(str(Path(folder) / "merged"), dtype=torch.float32).eval()
+    table = CoefficientTable.at_base(opened.names, opened.tensor_names(), "evals", base_model)
+    table.weights[1:] = coefficients
+    table.weights[0] = 1.0 - coefficients.sum(dim=0)
+    write_merged_model(opened, table, out, progress=False)
 
 
 def sanity_table(pool: Pool, asked: Sequence[str]) -> List[Dict[str, object]]:

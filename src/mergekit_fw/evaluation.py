@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Mapping, Sequence, Union
 
 LOG = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=8)
+def task_manager(include_path: str):
+    """lm-eval's task index (it scans every bundled task: seconds), built once per folder."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
 
 
 def lm_eval_scores(
@@ -14,25 +23,28 @@ def lm_eval_scores(
     tasks: Sequence[str],
     include_path: Path,
     *,
-    metric: str = "exact_match",
+    metric: Union[str, Mapping[str, str]] = "exact_match",
     batch_size: int = 64,
     device: str = "cpu",
 ) -> Dict[str, float]:
-    """``metric`` per task for an HF model folder, via ``lm_eval.simple_evaluate``."""
+    """``metric`` per task for an HF model folder, via ``lm_eval.simple_evaluate``; one
+    call for every task, so the model is loaded once. ``metric``: one name for every
+    task, or a name per task (generation tasks report exact match, multiple-choice
+    ones accuracy)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args=f"pretrained={model_dir},dtype=float32",
         tasks=list(tasks),
-        task_manager=TaskManager(include_path=str(include_path)),
+        task_manager=task_manager(str(include_path)),
         batch_size=batch_size,
         device=device,
     )
     scores = {}
     for task in tasks:
         row = results["results"][task]
-        key = next(k for k in row if k.split(",")[0] == metric)
+        wanted = metric if isinstance(metric, str) else metric[task]
+        key = next(k for k in row if k.split(",")[0] == wanted)
         scores[task] = float(row[key])
     return scores

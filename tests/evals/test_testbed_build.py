@@ -9,63 +9,54 @@ import pytest
 import torch
 
 from evals.testbed import build
-from evals.testbed.build import PoolSize, Sizes, build_pool, greedy_scores, read_rows, train_mtl
+from evals.testbed.build import build_pool, greedy_scores, read_rows, train_mtl
+from tests.evals.conftest import TINY
 
-TINY = PoolSize("tiny", hidden=32, layers=1, heads=2, base_steps=60, lora_steps=30, dense_steps=20, batch=16,
-                tasks=("reverse", "sort", "firstlow"), duplicates=("reverse",), noisy=("sort",), dense=("reverse",),
-                data=Sizes(train=20, calib=8, test=6))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_pool(tmp_path_factory.mktemp("tb") / "pool", TINY, seed=0)
-
-
-def test_every_member_is_built_and_recorded(tiny):
-    roles = sorted((c["task"], c["role"], c["kind"]) for c in tiny.candidates)
+def test_every_member_is_built_and_recorded(tiny_pool):
+    roles = sorted((c["task"], c["role"], c["kind"]) for c in tiny_pool.candidates)
     assert roles == sorted([("reverse", "task", "lora"), ("sort", "task", "lora"), ("firstlow", "task", "lora"),
                             ("reverse", "duplicate", "lora"), ("sort", "noisy", "lora"), ("reverse", "task", "full")])
-    styles = {json.dumps(c["style"]) for c in tiny.candidates if c["kind"] == "lora"}
+    styles = {json.dumps(c["style"]) for c in tiny_pool.candidates if c["kind"] == "lora"}
     assert len(styles) >= 3  # mixed ranks / alphas / rsLoRA / targets
-    for c in tiny.candidates:
-        config = json.loads(((tiny.root / c["path"]) / ("adapter_config.json" if c["kind"] == "lora" else "config.json")).read_text())
+    for c in tiny_pool.candidates:
+        config = json.loads(((tiny_pool.root / c["path"]) / ("adapter_config.json" if c["kind"] == "lora" else "config.json")).read_text())
         if c["kind"] == "lora":
             assert [config["r"], config["lora_alpha"], config["use_rslora"]] == c["style"][:3]
             assert sorted(config["target_modules"]) == sorted(c["style"][3])
-            expected_base = tiny.noisy_base if c["role"] == "noisy" else tiny.base
+            expected_base = tiny_pool.noisy_base if c["role"] == "noisy" else tiny_pool.base
             assert config["base_model_name_or_path"] == str(expected_base)
-    for task, files in tiny.files.items():
+    for task, files in tiny_pool.files.items():
         assert len(read_rows(files.test)) == 6 and files.lm_eval_yaml.is_file()
 
 
-def test_noisy_base_is_another_initialisation(tiny):
+def test_noisy_base_is_another_initialisation(tiny_pool):
     from safetensors.torch import load_file
 
-    a = load_file(str(tiny.base / "model.safetensors"))
-    b = load_file(str(tiny.noisy_base / "model.safetensors"))
+    a = load_file(str(tiny_pool.base / "model.safetensors"))
+    b = load_file(str(tiny_pool.noisy_base / "model.safetensors"))
     assert a.keys() == b.keys() and not torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
 
 
-def test_a_complete_build_is_reused(tiny, monkeypatch):
+def test_a_complete_build_is_reused(tiny_pool, monkeypatch):
     monkeypatch.setattr(build, "train_base", lambda *a, **k: pytest.fail("retrained a cached pool"))
-    again = build_pool(tiny.root, TINY, seed=0)
-    assert again.candidates == tiny.candidates
+    again = build_pool(tiny_pool.root, TINY, seed=0)
+    assert again.candidates == tiny_pool.candidates
 
 
-def test_mtl_adapter_and_in_process_scores(tiny):
+def test_mtl_adapter_and_in_process_scores(tiny_pool):
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    folder = train_mtl(tiny, ["reverse", "firstlow"], per_task=8)
-    assert train_mtl(tiny, ["firstlow", "reverse"], per_task=8) == folder  # cached per asked set
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny.base))
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(tiny.base)), str(folder)).eval()
+    folder = train_mtl(tiny_pool, ["reverse", "firstlow"], per_task=8)
+    assert train_mtl(tiny_pool, ["firstlow", "reverse"], per_task=8) == folder  # cached per asked set
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_pool.base))
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(tiny_pool.base)), str(folder)).eval()
     for task in ("reverse", "firstlow"):
-        score = greedy_scores(model, tokenizer, read_rows(tiny.files[task].test))
+        score = greedy_scores(model, tokenizer, read_rows(tiny_pool.files[task].test))
         assert 0.0 <= score <= 1.0
 
 
-def test_sanity_table_merges_the_relevant_adapters_exactly(tiny):
+def test_sanity_table_merges_the_relevant_adapters_exactly(tiny_pool):
     """The relevant-merge check: the merged model is base + sum_i w_i delta_i, built by
     mergekit-fw's writer, and the table has every column for every asked task."""
     from peft import PeftModel
@@ -73,18 +64,18 @@ def test_sanity_table_merges_the_relevant_adapters_exactly(tiny):
 
     from evals.testbed.sanity import markdown, merged_model, sanity_table
 
-    entries = [tiny.candidate("reverse"), tiny.candidate("sort")]
-    merged = merged_model(tiny, entries, [0.5, 0.5]).state_dict()
-    base = LlamaForCausalLM.from_pretrained(str(tiny.base)).state_dict()
+    entries = [tiny_pool.candidate("reverse"), tiny_pool.candidate("sort")]
+    merged = merged_model(tiny_pool, entries, [0.5, 0.5]).state_dict()
+    base = LlamaForCausalLM.from_pretrained(str(tiny_pool.base)).state_dict()
     expected = {k: v.clone().double() for k, v in base.items()}
     for entry in entries:
-        full = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(tiny.base)), entry["path"]).merge_and_unload().state_dict()
+        full = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(tiny_pool.base)), entry["path"]).merge_and_unload().state_dict()
         for key in expected:
             expected[key] += 0.5 * (full[key].double() - base[key].double())
     for key, value in expected.items():
         torch.testing.assert_close(merged[key].double(), value, rtol=1e-5, atol=1e-6)
 
-    table = sanity_table(tiny, ["reverse", "firstlow"])
+    table = sanity_table(tiny_pool, ["reverse", "firstlow"])
     assert [row["task"] for row in table] == ["reverse", "firstlow"]
     assert all(len(row) == 6 and all(0.0 <= row[k] <= 1.0 for k in row if k != "task") for row in table)
     assert "| **mean** |" in markdown(table, "t")

@@ -1,0 +1,226 @@
+"""What the experiments share: the plan of each size (asked tasks, which members
+make each pool), running one method on one cell with a record on disk (so an
+interrupted run resumes where it stopped, and experiments that share a cell share
+its result), and the tables and figures written to ``evals/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from evals.common import RESULTS, THREADS, machine
+from evals.methods import Cell, Method, Workspace
+from evals.scoring import individual_scores, normalized, test_scores
+from evals.testbed.build import SIZES, Pool, build_pool
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which cells each experiment visits, per testbed size (fixed before any run)."""
+
+    size: str
+    asked: Tuple[str, ...]
+    irrelevant_added: Tuple[int, ...]  # experiment 2: irrelevant LoRAs next to the asked tasks' own
+    relevant_asked: Tuple[int, ...]  # experiment 3: asked tasks (each with its LoRA) = pool size
+    per_task: Tuple[int, ...]  # experiment 5: calibration rows per task
+    main_size: int  # experiment 1: members of the main pool
+
+
+PLANS = {
+    "quick": Plan("quick", ("reverse", "sort", "shiftup", "firstbigger"), (0, 6), (4, 10), (10, 100), 14),
+    "full": Plan("full", ("reverse", "sort", "cipher", "countlow"), (0, 4, 8, 12, 16), (4, 8, 12, 16, 20),
+                 (10, 25, 50, 100), 16),
+}
+
+
+@dataclass
+class Context:
+    pool: Pool
+    plan: Plan
+    work: Workspace
+    quick: bool
+
+    @property
+    def suffix(self) -> str:
+        return "_quick" if self.quick else ""
+
+    def lora(self, task: str, role: str = "task") -> str:
+        return next(c["name"] for c in self.pool.candidates
+                    if c["task"] == task and c["role"] == role and c["kind"] == "lora")
+
+    def irrelevant(self) -> List[str]:
+        """Task LoRAs of tasks nobody asks for, in the pool's task order."""
+        return [self.lora(t) for t in self.pool.size.tasks if t not in self.plan.asked]
+
+    def main_members(self) -> Tuple[str, ...]:
+        """The asked tasks' LoRAs, their duplicates, the full fine-tunes, then irrelevant
+        LoRAs up to the plan's size: relevant, redundant, dense and unrelated members."""
+        asked = self.plan.asked
+        members = [self.lora(t) for t in asked]
+        members += [c["name"] for c in self.pool.candidates if c["role"] == "duplicate" and c["task"] in asked]
+        members += [c["name"] for c in self.pool.candidates if c["kind"] == "full"]
+        members += self.irrelevant()
+        return tuple(members[: self.plan.main_size])
+
+    def noisy(self) -> Tuple[str, ...]:
+        return tuple(c["name"] for c in self.pool.candidates if c["role"] == "noisy")
+
+    def cell(self, members: Sequence[str], asked: Optional[Sequence[str]] = None, per_task: int = 100) -> Cell:
+        return Cell(self.pool, tuple(members), tuple(asked or self.plan.asked), per_task)
+
+    def individual(self, tasks: Sequence[str]) -> Dict[str, float]:
+        return individual_scores(self.pool, tasks, self.work.folder("individual"))
+
+
+def open_context(size: str, seed: int, work: Optional[Path] = None, quick: Optional[bool] = None) -> Context:
+    torch.set_num_threads(THREADS)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = Path(work or Path(tempfile.gettempdir()) / f"mergekit_fw_evals_{size}_{seed}").resolve()
+    pool = build_pool(root / "pool", SIZES[size], seed)
+    return Context(pool, PLANS[size], Workspace(root, seed), size == "quick" if quick is None else quick)
+
+
+def run_cell(ctx: Context, cell: Cell, method: Method) -> dict:
+    """Merge, score with lm-eval, record; a finished record is read back instead."""
+    record_path = ctx.work.folder("records", cell.key) / f"{method.name}.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    out = ctx.work.folder("models", cell.key) / method.name
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    produced = method.produce(cell, out, ctx.work)
+    merge_seconds = time.perf_counter() - started
+    scores = test_scores(produced.model_dir, ctx.pool, cell.asked)
+    individual = ctx.individual(cell.asked)
+    record = {
+        "method": method.name, "title": method.title, "family": method.family, "cell": cell.describe(),
+        "scores": scores, "normalized": normalized(scores, individual), "individual": individual,
+        "merge_seconds": round(merge_seconds, 2), "eval_seconds": round(time.perf_counter() - started - merge_seconds, 2),
+        "info": _slim(produced.info),
+    }
+    if produced.scratch:
+        shutil.rmtree(out, ignore_errors=True)
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(record_path)
+    return record
+
+
+def _slim(info: dict) -> dict:
+    """Traces without the per-tensor choice lists (large, and in the solve's cache)."""
+    trace = info.get("trace")
+    if isinstance(trace, dict):
+        trace = {**trace, "iterations": [{k: v for k, v in it.items() if k != "choice"} for it in trace["iterations"]]}
+        info = {**info, "trace": trace}
+    return info
+
+
+def run_cells(ctx: Context, jobs: Sequence[Tuple[Cell, Method]], desc: str) -> List[dict]:
+    records = []
+    for cell, method in tqdm(jobs, desc=desc, leave=False):
+        LOG.info("%s: %s on %d members, %d tasks, %d rows/task", desc, method.name, len(cell.members), len(cell.asked), cell.per_task)
+        records.append(run_cell(ctx, cell, method))
+    return records
+
+
+def individual_record(ctx: Context, asked: Sequence[str]) -> dict:
+    """The per-task upper bound as a table row (normalised 100 by definition)."""
+    scores = ctx.individual(asked)
+    return {"method": "individual", "title": "individual (own adapter per task)", "family": "reference",
+            "scores": scores, "normalized": normalized(scores, scores), "merge_seconds": 0.0, "eval_seconds": 0.0,
+            "info": {}}
+
+
+# ---------------------------------------------------------------- writing results
+
+
+def write_experiment(ctx: Context, stem: str, data: dict, text: str, draw: Callable[[Path], None]) -> Path:
+    """``evals/results/<stem>[_quick].{md,json,png}``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = stem + ctx.suffix
+    data = {**data, "size": ctx.plan.size, "seed": ctx.work.seed, "machine": machine()}
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
+    figure = RESULTS / f"{name}.png"
+    draw(figure)
+    footer = (f"\nTestbed `{ctx.plan.size}`, seed {ctx.work.seed}; scores from lm-eval {_lm_eval_version()} on each task's "
+              f"held-out rows (exact match or multiple-choice accuracy); normalised = mean over asked tasks of merged / "
+              f"individual, x100. Figure: `{figure.name}`.\n")
+    (RESULTS / f"{name}.md").write_text(text + footer)
+    LOG.info("wrote %s", RESULTS / f"{name}.md")
+    return RESULTS / f"{name}.md"
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def score_table(records: Sequence[dict], asked: Sequence[str]) -> str:
+    """Methods x asked tasks, then the normalised mean and the merge time."""
+    lines = ["| method | family | " + " | ".join(asked) + " | normalised | merge s |",
+             "| --- | --- |" + " ---: |" * (len(asked) + 2)]
+    for r in records:
+        cells = " | ".join(f"{r['scores'][t]:.3f}" for t in asked)
+        lines.append(f"| {r['title']} | {r['family']} | {cells} | **{r['normalized']:.1f}** | {r['merge_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def series_table(series: Dict[str, Dict[int, float]], header: str, steps: Sequence[int]) -> str:
+    lines = [f"| method | " + " | ".join(f"{header} {s}" for s in steps) + " | change |",
+             "| --- |" + " ---: |" * (len(steps) + 1)]
+    for name, row in series.items():
+        values = [row.get(s) for s in steps]
+        shown = " | ".join("" if v is None else f"{v:.1f}" for v in values)
+        change = values[-1] - values[0] if values[0] is not None and values[-1] is not None else float("nan")
+        lines.append(f"| {name} | {shown} | {change:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_figure(path: Path, records: Sequence[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"reference": "tab:gray", "data-free": "tab:blue", "data-informed": "tab:orange", "frank-wolfe": "tab:green"}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(records) + 2), 4.0))
+    ax.bar(range(len(records)), [r["normalized"] for r in records], color=[colours[r["family"]] for r in records])
+    ax.set_xticks(range(len(records)), [r["title"] for r in records], rotation=50, ha="right", fontsize=7)
+    ax.set(ylabel="normalised score (individual = 100)", title=title)
+    ax.axhline(100.0, color="black", linewidth=0.5, linestyle="--")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def line_figure(path: Path, series: Dict[str, Dict[int, float]], xlabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for name, row in series.items():
+        xs = sorted(row)
+        style = "-" if name.startswith("FW") else "--"
+        ax.plot(xs, [row[x] for x in xs], style, marker="o", label=name)
+    ax.set(xlabel=xlabel, ylabel="normalised score (individual = 100)", title=title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

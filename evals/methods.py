@@ -1,0 +1,347 @@
+"""The merging methods the experiments compare, each turning one *cell* (a pool of
+members, the asked tasks, a calibration budget) into a model folder that lm-eval
+then scores the same way for every method.
+
+Every method goes through the tool a user would run: mergekit's own methods
+through mergekit's ``run_merge`` (LoRAs expanded into a ``lora_merge_cache``),
+PEFT's ``add_weighted_adapter``, ``mergekit-fw run`` for Frank-Wolfe. AdaMerging
+has no maintained LLM implementation, so it is written here on mergekit-fw's
+gradient oracle (:mod:`evals.adamerging`).
+
+Settings are fixed here, before any score was looked at, and are the methods'
+usual ones:
+
+* ``linear``: the mean of the members (weight 1 each, normalised);
+* ``task_arithmetic``: base + lambda * sum of task vectors, lambda picked on the
+  cell's calibration rows from :data:`TA_LAMBDAS` (the only data a data-free
+  method gets);
+* ``ties`` (density 0.5), ``dare_ties`` (density 0.5), ``breadcrumbs`` (density
+  0.9, gamma 0.01), ``della`` (density 0.5, epsilon 0.1): weight 1 each and
+  ``normalize: true``, so n members are averaged over where they agree, not
+  summed (summing 16 task vectors breaks any model);
+* PEFT ``cat`` (exact: the adapters' factors concatenated) and ``svd`` (the same
+  sum truncated to the largest member rank), weights 1/n: the mean, over LoRA
+  members only (PEFT cannot hold full checkpoints);
+* Frank-Wolfe: mergekit-fw's defaults (10 iterations, line search, start at the
+  base) with the variant and LMO named; ablations change one setting;
+* ``mtl``: a LoRA trained on exactly the calibration rows (equal data);
+* ``base`` and ``individual`` (each asked task's own adapter, the normaliser).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import yaml
+
+from evals.common import THREADS, child_env
+from evals.testbed.build import Pool, read_rows, train_mtl
+from evals.testbed.data import calibration_file
+
+LOG = logging.getLogger(__name__)
+TA_LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+FAMILIES = ("reference", "data-free", "data-informed", "frank-wolfe")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One experiment point: which members are merged, for which tasks, on how much data."""
+
+    pool: Pool = field(compare=False, hash=False)
+    members: Tuple[str, ...]
+    asked: Tuple[str, ...]
+    per_task: int = 100
+
+    @property
+    def entries(self) -> List[dict]:
+        by_name = {c["name"]: c for c in self.pool.candidates}
+        return [by_name[name] for name in self.members]
+
+    @property
+    def key(self) -> str:
+        text = json.dumps([str(self.pool.root), self.pool.seed, list(self.members), list(self.asked), self.per_task])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def describe(self) -> Dict[str, object]:
+        return {"members": list(self.members), "asked": list(self.asked), "per_task": self.per_task}
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where a run keeps its caches (mergekit's LoRA expansions, Frank-Wolfe solves,
+    finished records) and scratch model folders."""
+
+    root: Path
+    seed: int = 0
+
+    def folder(self, *parts: str) -> Path:
+        path = self.root.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def calibration(self, cell: Cell) -> Path:
+        path = self.folder("calibration") / f"{cell.key}.jsonl"
+        if not path.is_file():
+            calibration_file(path, cell.pool.files, cell.asked, cell.per_task)
+        return path
+
+
+@dataclass
+class Produced:
+    model_dir: Path
+    info: Dict[str, object] = field(default_factory=dict)
+    scratch: bool = True  # delete the folder once scored
+
+
+Producer = Callable[[Cell, Path, Workspace], Produced]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str
+    produce: Producer
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+# ---------------------------------------------------------------- mergekit
+
+
+def mergekit_config(cell: Cell, method: str, per_model: Mapping[str, object], parameters: Optional[Mapping[str, object]] = None) -> dict:
+    config = {
+        "merge_method": method,
+        "base_model": str(cell.pool.base),
+        "models": [{"model": cell.pool.reference(e), "parameters": dict(per_model)} for e in cell.entries],
+        "dtype": "float32",
+    }
+    if method == "linear":  # a plain mean of the members; mergekit would weigh a base_model in too
+        del config["base_model"]
+    if parameters:
+        config["parameters"] = dict(parameters)
+    return config
+
+
+def run_mergekit(config: dict, out: Path, work: Workspace) -> None:
+    """mergekit's own ``run_merge`` (what ``mergekit-yaml`` calls), in process to spare
+    a 5-second start per merge; LoRAs are expanded into the run's cache as
+    ``--lora-merge-cache`` does. The config is kept beside the output."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    path = out.with_suffix(".yml")
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    options = MergeOptions(lora_merge_cache=str(work.folder("lora_merge_cache")), random_seed=work.seed, quiet=True,
+                           num_threads=THREADS)
+    run_merge(MergeConfiguration.model_validate(config), str(out), options=options, config_source=path.read_text())
+
+
+def mergekit_method(method: str, per_model: Mapping[str, object], parameters: Optional[Mapping[str, object]] = None) -> Producer:
+    def produce(cell: Cell, out: Path, work: Workspace) -> Produced:
+        run_mergekit(mergekit_config(cell, method, per_model, parameters), out, work)
+        return Produced(out, {"mergekit": method, "per_model": dict(per_model), "parameters": dict(parameters or {})})
+
+    return produce
+
+
+def weighted_sum_model(cell: Cell, weights: Sequence[float]):
+    """base + sum_i w_i delta_i, written by mergekit-fw's streaming writer and loaded
+    back: the same sum mergekit's task_arithmetic computes, without a subprocess
+    per candidate lambda."""
+    from evals.testbed.sanity import merged_model
+
+    return merged_model(cell.pool, cell.entries, weights)
+
+
+def calibration_score(model, tokenizer, cell: Cell) -> float:
+    """Mean over asked tasks of the greedy score on the cell's calibration rows."""
+    from evals.testbed.build import greedy_scores
+
+    return sum(greedy_scores(model, tokenizer, read_rows(cell.pool.files[t].calib, cell.per_task)) for t in cell.asked) / len(cell.asked)
+
+
+def task_arithmetic(cell: Cell, out: Path, work: Workspace) -> Produced:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(cell.pool.base))
+    picked: Dict[float, float] = {}
+    for lam in TA_LAMBDAS:
+        picked[lam] = calibration_score(weighted_sum_model(cell, [lam] * len(cell.members)), tokenizer, cell)
+    best = max(TA_LAMBDAS, key=lambda lam: (picked[lam], -lam))  # ties: the smaller step
+    run_mergekit(mergekit_config(cell, "task_arithmetic", {"weight": best}), out, work)
+    return Produced(out, {"lambda": best, "calibration_scores": {str(k): v for k, v in picked.items()}})
+
+
+# ---------------------------------------------------------------- PEFT
+
+
+def _save(model, cell: Cell, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(cell.pool.base)).save_pretrained(str(out))
+
+
+def peft_method(combination: str) -> Producer:
+    """PEFT's ``add_weighted_adapter`` over the LoRA members, weights 1/n, merged into the base."""
+
+    def produce(cell: Cell, out: Path, work: Workspace) -> Produced:
+        from peft import PeftModel
+        from transformers import LlamaForCausalLM
+
+        loras = [e for e in cell.entries if e["kind"] == "lora"]
+        model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(cell.pool.base), dtype=torch.float32),
+                                          loras[0]["path"], adapter_name="m0")
+        for i, entry in enumerate(loras[1:], 1):
+            model.load_adapter(entry["path"], adapter_name=f"m{i}")
+        names = [f"m{i}" for i in range(len(loras))]
+        model.add_weighted_adapter(names, [1.0 / len(loras)] * len(loras), "merged", combination_type=combination)
+        model.set_adapter("merged")
+        merged = model.merge_and_unload(adapter_names=["merged"])
+        _save(merged, cell, out)
+        left_out = [e["name"] for e in cell.entries if e["kind"] != "lora"]
+        return Produced(out, {"combination": combination, "loras": len(loras), "left_out": left_out})
+
+    return produce
+
+
+def merged_adapter(base: Path, adapter: Path, out: Path) -> Path:
+    """A LoRA folded into its base (what lm-eval's ``peft=`` would compute, as a plain folder)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(adapter))
+    model.merge_and_unload().save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
+    return out
+
+
+def mtl(cell: Cell, out: Path, work: Workspace) -> Produced:
+    adapter = train_mtl(cell.pool, cell.asked, cell.per_task)
+    return Produced(merged_adapter(cell.pool.base, adapter, out), {"adapter": str(adapter)})
+
+
+def base(cell: Cell, out: Path, work: Workspace) -> Produced:
+    return Produced(cell.pool.base, scratch=False)
+
+
+# ---------------------------------------------------------------- Frank-Wolfe
+
+
+def fw_method(**parameters: object) -> Producer:
+    """``mergekit-fw run`` on the cell, with mergekit-fw's defaults except ``parameters``.
+    ``init: ta`` (task arithmetic at the paper's 0.3) or ``init: linear`` (the members'
+    mean) starts from that mergekit merge of the same pool."""
+
+    def produce(cell: Cell, out: Path, work: Workspace) -> Produced:
+        params = {"calibration": str(work.calibration(cell)), "samples_per_task": cell.per_task,
+                  "iterations": 10, "seed": work.seed, "cache_dir": str(work.folder("fw_cache")), **parameters}
+        init = params.get("init")
+        if init in ("ta", "linear"):
+            # the mean of the members, written as task arithmetic at 1/n: a mergekit-fw init
+            # config must name the pool's base, which mergekit's linear would weigh in
+            weight = 0.3 if init == "ta" else 1.0 / len(cell.members)
+            start = mergekit_config(cell, "task_arithmetic", {"weight": weight})
+            start_path = work.folder("fw_inits") / f"{cell.key}-{init}.yml"
+            start_path.write_text(yaml.safe_dump(start, sort_keys=False))
+            params["init"] = str(start_path)
+        config = {"merge_method": "frank_wolfe", "base_model": str(cell.pool.base),
+                  "models": [{"model": cell.pool.reference(e)} for e in cell.entries], "parameters": params,
+                  "dtype": "float32"}
+        path = out.with_suffix(".yml")
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        argv = ["mergekit-fw", "run", str(path), str(out), "--overwrite", "--quiet", "--threads", str(THREADS)]
+        done = subprocess.run(argv, env=child_env(MERGEKIT_FW_CACHE=str(work.folder("fw_cache"))), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"mergekit-fw run failed on {path}:\n{done.stderr[-3000:]}")
+        trace = json.loads((out / "fw_trace.json").read_text())
+        table = json.loads((out / "fw_table.json").read_text())
+        return Produced(out, {"parameters": {k: v for k, v in parameters.items()}, "trace": trace,
+                              "mean_coefficients": _mean_coefficients(table)})
+
+    return produce
+
+
+def _mean_coefficients(table: dict) -> Dict[str, float]:
+    """Each candidate's coefficient averaged over tensors (a one-number summary)."""
+    columns = list(table["coefficients"].values())
+    names = table["candidates"]
+    return {name: sum(col[i] for col in columns) / len(columns) for i, name in enumerate(names)}
+
+
+def adamerging_method(cell: Cell, out: Path, work: Workspace) -> Produced:
+    from evals.adamerging import adamerging
+
+    info = adamerging(cell, work.calibration(cell), out, seed=work.seed)
+    return Produced(out, info)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def _methods() -> Dict[str, Method]:
+    listed = [
+        Method("base", "reference", base),
+        Method("linear", "data-free", mergekit_method("linear", {"weight": 1.0}, {"normalize": True})),
+        Method("task_arithmetic", "data-free", task_arithmetic, "task_arithmetic (lambda on calib)"),
+        Method("ties", "data-free", mergekit_method("ties", {"weight": 1.0, "density": 0.5}, {"normalize": True})),
+        Method("dare_ties", "data-free", mergekit_method("dare_ties", {"weight": 1.0, "density": 0.5}, {"normalize": True})),
+        Method("breadcrumbs", "data-free",
+               mergekit_method("breadcrumbs", {"weight": 1.0, "density": 0.9, "gamma": 0.01}, {"normalize": True})),
+        Method("della", "data-free",
+               mergekit_method("della", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {"normalize": True, "lambda": 1.0})),
+        Method("peft_cat", "data-free", peft_method("cat"), "PEFT cat (1/n)"),
+        Method("peft_svd", "data-free", peft_method("svd"), "PEFT svd (1/n)"),
+        Method("adamerging", "data-informed", adamerging_method, "AdaMerging (layer-wise)"),
+        Method("fw_hard_layer", "frank-wolfe", fw_method(variant="hard", lmo="layer"), "FW hard, layer LMO"),
+        Method("fw_hard_task", "frank-wolfe", fw_method(variant="hard", lmo="task"), "FW hard, task LMO"),
+        Method("fw_soft_layer", "frank-wolfe", fw_method(variant="soft", lmo="layer"), "FW soft, layer LMO"),
+        Method("fw_soft_task", "frank-wolfe", fw_method(variant="soft", lmo="task"), "FW soft, task LMO"),
+        Method("mtl", "data-informed", mtl, "MTL LoRA (calib rows)"),
+    ]
+    return {m.name: m for m in listed}
+
+
+METHODS: Dict[str, Method] = _methods()
+MAIN = tuple(METHODS)  # every method, in table order
+SCALING = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "peft_cat", "peft_svd",
+           "adamerging", "fw_hard_layer", "fw_soft_task")
+DATA_INFORMED = ("task_arithmetic", "adamerging", "fw_hard_layer", "fw_soft_task", "mtl")
+
+ABLATIONS: Dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("fw_hard_layer_init_ta", "frank-wolfe", fw_method(variant="hard", lmo="layer", init="ta"),
+               "FW hard layer, init TA 0.3"),
+        Method("fw_hard_layer_init_linear", "frank-wolfe", fw_method(variant="hard", lmo="layer", init="linear"),
+               "FW hard layer, init linear"),
+        Method("fw_hard_layer_ties", "frank-wolfe", fw_method(variant="hard", lmo="layer", merge_fn="ties"),
+               "FW hard layer, merge_fn ties"),
+        Method("fw_hard_layer_cosine", "frank-wolfe", fw_method(variant="hard", lmo="layer", lmo_score="cosine"),
+               "FW hard layer, cosine LMO"),
+        Method("fw_hard_layer_fixed", "frank-wolfe", fw_method(variant="hard", lmo="layer", step="fixed"),
+               "FW hard layer, authors' fixed step"),
+        Method("fw_soft_task_per_task", "frank-wolfe", fw_method(variant="soft", lmo="task", top_k_per="task"),
+               "FW soft task, top-k per task"),
+    )
+}
+
+
+def method(name: str) -> Method:
+    if name in METHODS:
+        return METHODS[name]
+    if name in ABLATIONS:
+        return ABLATIONS[name]
+    raise KeyError(f"unknown method {name!r} (known: {', '.join([*METHODS, *ABLATIONS])})")
+

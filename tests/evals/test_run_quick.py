@@ -1,0 +1,57 @@
+"""End to end: the quick testbed's smallest experiment (diagnostics: two Frank-Wolfe
+runs through ``mergekit-fw run`` on the 14-member main pool, scored by lm-eval),
+and lm-eval's scores checked against an independent in-process scorer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    from evals.experiments.common import open_context
+
+    return open_context("quick", 0, tmp_path_factory.mktemp("evals_quick"))
+
+
+def test_smallest_quick_experiment_end_to_end(quick, tmp_path, monkeypatch):
+    from evals.experiments import common, e7_diagnostics
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    e7_diagnostics.run(quick)
+    text = (tmp_path / "exp7_diagnostics_quick.md").read_text()
+    data = json.loads((tmp_path / "exp7_diagnostics_quick.json").read_text())
+    assert (tmp_path / "exp7_diagnostics_quick.png").stat().st_size > 10_000
+    members = quick.main_members()
+    assert len(members) == 14 and len(data["task_scores"]) == 4
+    assert all(len(row) == len(members) for row in data["task_scores"])
+    for record in data["records"]:
+        trace = record["info"]["trace"]
+        assert len(trace["iterations"]) == 10
+        assert trace["final_loss"] < trace["initial_loss"]
+        assert all(0.0 <= s <= 1.0 for s in record["scores"].values())
+        assert record["normalized"] == pytest.approx(
+            100 * sum(record["scores"][t] / record["individual"][t] for t in quick.plan.asked) / 4)
+    assert "## Loss and Frank-Wolfe gap per iteration" in text and "| reverse |" in text
+
+
+def test_lm_eval_scores_agree_with_an_independent_scorer(quick):
+    """lm-eval (generate_until + exact match, multiple choice by log-likelihood) and the
+    in-process greedy scorer must give the same numbers on the same model."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from evals.experiments.common import run_cell
+    from evals.methods import method
+    from evals.testbed.build import greedy_scores, read_rows
+
+    cell = quick.cell(quick.main_members())
+    record = run_cell(quick, cell, method("base"))
+    tokenizer = AutoTokenizer.from_pretrained(str(quick.pool.base))
+    model = LlamaForCausalLM.from_pretrained(str(quick.pool.base)).eval()
+    for task in cell.asked:
+        rows = read_rows(quick.pool.files[task].test)
+        assert record["scores"][task] == pytest.approx(greedy_scores(model, tokenizer, rows), abs=1.0 / len(rows))
