@@ -267,7 +267,7 @@ def fw_method(**parameters: object) -> Producer:
             raise RuntimeError(f"mergekit-fw run failed on {path}:\n{done.stderr[-3000:]}")
         trace = json.loads((out / "fw_trace.json").read_text())
         table = json.loads((out / "fw_table.json").read_text())
-        return Produced(out, {"parameters": {k: v for k, v in parameters.items()}, "trace": trace,
+        return Produced(out, {"parameters": dict(parameters), "trace": trace,
                               "mean_coefficients": _mean_coefficients(table)})
 
     return produce

@@ -41,7 +41,7 @@ class Plan:
 
 PLANS = {
     "quick": Plan("quick", ("reverse", "sort", "shiftup", "firstbigger"), (0, 6), (4, 10), (10, 100), 14),
-    "full": Plan("full", ("reverse", "sort", "cipher", "countlow"), (0, 4, 8, 12, 16), (4, 8, 12, 16, 20),
+    "full": Plan("full", ("reverse", "sort", "cipher", "firstbigger"), (0, 4, 8, 12, 16), (4, 8, 12, 16, 20),
                  (10, 25, 50, 100), 16),
 }
 
@@ -91,7 +91,25 @@ def open_context(size: str, seed: int, work: Optional[Path] = None, quick: Optio
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = Path(work or Path(tempfile.gettempdir()) / f"mergekit_fw_evals_{size}_{seed}").resolve()
     pool = build_pool(root / "pool", SIZES[size], seed)
+    forget_other_pools(root, pool)
     return Context(pool, PLANS[size], Workspace(root, seed), size == "quick" if quick is None else quick)
+
+
+DERIVED = ("records", "individual", "models", "calibration", "lora_merge_cache", "fw_cache", "fw_inits")
+
+
+def forget_other_pools(root: Path, pool: Pool) -> None:
+    """Records and caches belong to one build of the pool: mergekit's LoRA cache is keyed
+    by path and would silently serve the old adapters' merges after a rebuild in place."""
+    import hashlib
+
+    built = hashlib.sha256((pool.root / "manifest.json").read_bytes()).hexdigest()
+    stamp = root / "pool.sha256"
+    if stamp.is_file() and stamp.read_text() == built:
+        return
+    for name in DERIVED:
+        shutil.rmtree(root / name, ignore_errors=True)
+    stamp.write_text(built)
 
 
 def run_cell(ctx: Context, cell: Cell, method: Method) -> dict:
@@ -214,13 +232,13 @@ def line_figure(path: Path, series: Dict[str, Dict[int, float]], xlabel: str, ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     for name, row in series.items():
         xs = sorted(row)
         style = "-" if name.startswith("FW") else "--"
         ax.plot(xs, [row[x] for x in xs], style, marker="o", label=name)
     ax.set(xlabel=xlabel, ylabel="normalised score (individual = 100)", title=title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

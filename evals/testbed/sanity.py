@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from evals.testbed.build import Pool, greedy_scores, read_rows
+from evals.testbed.build import Pool, greedy_scores, read_rows, skill_share
 
 LAMBDAS = (0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
 
@@ -83,7 +83,8 @@ def sanity_table(pool: Pool, asked: Sequence[str]) -> List[Dict[str, object]]:
         scores = {name: greedy_scores(model, tokenizer, rows[task]) for name, model in
                   (("base", base), ("individual", own), ("relevant, 1/k each", hull), ("relevant, 1 each", added),
                    (f"relevant, lambda {lam:g} (picked on calibration)", tuned))}
-        out.append({"task": task, **scores})
+        skill = skill_share(base, tokenizer, rows[task], task, pool.size.tasks)
+        out.append({"task": task, "base: some rule of the format": skill, **scores})
     return out
 
 
@@ -91,7 +92,10 @@ def markdown(table: List[Dict[str, object]], title: str) -> str:
     columns = [k for k in table[0] if k != "task"]
     lines = [f"# {title}", "", "| task | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for row in table:
-        lines.append(f"| {row['task']} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
-    mean = {c: sum(float(r[c]) for r in table) / len(table) for c in columns}
-    lines.append("| **mean** | " + " | ".join(f"**{mean[c]:.2f}**" for c in columns) + " |")
+        lines.append(f"| {row['task']} | " + " | ".join("-" if row[c] is None else f"{row[c]:.2f}" for c in columns) + " |")
+    means = []
+    for c in columns:
+        known = [float(r[c]) for r in table if r[c] is not None]
+        means.append(f"**{sum(known) / len(known):.2f}**" if known else "-")
+    lines.append("| **mean** | " + " | ".join(means) + " |")
     return "\n".join(lines) + "\n"

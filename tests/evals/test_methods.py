@@ -112,3 +112,18 @@ def test_cells_are_keyed_by_what_decides_them(tiny_pool):
     assert len({a.key, Cell(tiny_pool, ("reverse", "sort"), ("reverse",), per_task=4).key,
                 Cell(tiny_pool, ("sort", "reverse"), ("reverse",), per_task=8).key,
                 Cell(tiny_pool, ("reverse", "sort"), ("sort",), per_task=8).key}) == 4
+
+
+def test_records_and_caches_of_another_build_of_the_pool_are_forgotten(tiny_pool, tmp_path):
+    from evals.experiments.common import DERIVED, forget_other_pools
+
+    for name in DERIVED:
+        (tmp_path / name).mkdir()
+    forget_other_pools(tmp_path, tiny_pool)  # no stamp yet: nothing here is known to be of this build
+    assert not any((tmp_path / name).exists() for name in DERIVED)
+    (tmp_path / "records").mkdir()
+    forget_other_pools(tmp_path, tiny_pool)  # the same build: kept
+    assert (tmp_path / "records").is_dir()
+    (tmp_path / "pool.sha256").write_text("another build")
+    forget_other_pools(tmp_path, tiny_pool)
+    assert not (tmp_path / "records").exists()

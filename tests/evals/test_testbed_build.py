@@ -77,5 +77,30 @@ def test_sanity_table_merges_the_relevant_adapters_exactly(tiny_pool):
 
     table = sanity_table(tiny_pool, ["reverse", "firstlow"])
     assert [row["task"] for row in table] == ["reverse", "firstlow"]
-    assert all(len(row) == 6 and all(0.0 <= row[k] <= 1.0 for k in row if k != "task") for row in table)
+    assert all(len(row) == 7 and all(0.0 <= row[k] <= 1.0 for k in row if k != "task" and row[k] is not None) for row in table)
+    skill = {row["task"]: row["base: some rule of the format"] for row in table}
+    assert skill["firstlow"] is None and 0.0 <= skill["reverse"] <= 1.0  # choice tasks have no rule check
+    assert skill["reverse"] >= table[0]["base"]  # the right rule is one of the format's rules
     assert "| **mean** |" in markdown(table, "t")
+
+
+def test_a_base_trained_by_the_same_recipe_is_reused(tiny_pool, monkeypatch):
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_pool.base))
+    monkeypatch.setattr(build, "train_base", lambda *a, **k: pytest.fail("retrained a base of the same recipe"))
+    build.pretrained_base(tiny_pool.base, tokenizer, TINY, seed=0)
+    build.pretrained_base(tiny_pool.noisy_base, tokenizer, TINY, seed=1000)
+    # the members' recipe is not the base's: a change there keeps the base
+    build.pretrained_base(tiny_pool.base, tokenizer, replace(TINY, lora_steps=TINY.lora_steps + 1), seed=0)
+    trained = []
+    monkeypatch.setattr(build, "train_base", lambda folder, *a, **k: trained.append(folder))
+    key = (tiny_pool.base / build.BASE_KEY_FILE).read_text()
+    try:
+        build.pretrained_base(tiny_pool.base, tokenizer, replace(TINY, base_lr=TINY.base_lr / 2), seed=0)
+        build.pretrained_base(tiny_pool.base, tokenizer, TINY, seed=1)
+    finally:
+        (tiny_pool.base / build.BASE_KEY_FILE).write_text(key)
+    assert trained == [tiny_pool.base, tiny_pool.base]
