@@ -171,14 +171,19 @@ def calibration_score(model, tokenizer, cell: Cell) -> float:
     return sum(greedy_scores(model, tokenizer, read_rows(cell.pool.files[t].calib, cell.per_task)) for t in cell.asked) / len(cell.asked)
 
 
-def task_arithmetic(cell: Cell, out: Path, work: Workspace) -> Produced:
+def calibrated_lambda(cell: Cell) -> Tuple[float, Dict[float, float]]:
+    """Task arithmetic's one scale, picked by greedy score on the cell's calibration rows."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(cell.pool.base))
     picked: Dict[float, float] = {}
     for lam in TA_LAMBDAS:
         picked[lam] = calibration_score(weighted_sum_model(cell, [lam] * len(cell.members)), tokenizer, cell)
-    best = max(TA_LAMBDAS, key=lambda lam: (picked[lam], -lam))  # ties: the smaller step
+    return max(TA_LAMBDAS, key=lambda lam: (picked[lam], -lam)), picked  # ties: the smaller step
+
+
+def task_arithmetic(cell: Cell, out: Path, work: Workspace) -> Produced:
+    best, picked = calibrated_lambda(cell)
     run_mergekit(mergekit_config(cell, "task_arithmetic", {"weight": best}), out, work)
     return Produced(out, {"lambda": best, "calibration_scores": {str(k): v for k, v in picked.items()}})
 
@@ -241,18 +246,23 @@ def base(cell: Cell, out: Path, work: Workspace) -> Produced:
 
 def fw_method(**parameters: object) -> Producer:
     """``mergekit-fw run`` on the cell, with mergekit-fw's defaults except ``parameters``.
-    ``init: ta`` (task arithmetic at the paper's 0.3) or ``init: linear`` (the members'
-    mean) starts from that mergekit merge of the same pool."""
+    ``init: ta`` (task arithmetic at the paper's 0.3), ``init: ta_calibrated`` (task
+    arithmetic at the scale the ``task_arithmetic`` method picks on the same calibration
+    rows) or ``init: linear`` (the members' mean) starts from that mergekit merge of the
+    same pool; Algorithm 1 adds the start as one more vertex of the hull."""
 
     def produce(cell: Cell, out: Path, work: Workspace) -> Produced:
         params = {"calibration": str(work.calibration(cell)), "samples_per_task": cell.per_task,
                   "iterations": 10, "seed": work.seed, "cache_dir": str(work.folder("fw_cache")), **parameters}
-        init = params.get("init")
-        if init in ("ta", "linear"):
-            # the mean of the members, written as task arithmetic at 1/n: a mergekit-fw init
-            # config must name the pool's base, which mergekit's linear would weigh in
-            weight = 0.3 if init == "ta" else 1.0 / len(cell.members)
-            start = mergekit_config(cell, "task_arithmetic", {"weight": weight})
+        init, init_weight = params.get("init"), None
+        if init in ("ta", "ta_calibrated", "linear"):
+            if init == "ta":
+                init_weight = 0.3
+            elif init == "ta_calibrated":
+                init_weight = calibrated_lambda(cell)[0]
+            else:  # the members' mean, written as task arithmetic at 1/n: a mergekit-fw init
+                init_weight = 1.0 / len(cell.members)  # config names the base, which linear would weigh in
+            start = mergekit_config(cell, "task_arithmetic", {"weight": init_weight})
             start_path = work.folder("fw_inits") / f"{cell.key}-{init}.yml"
             start_path.write_text(yaml.safe_dump(start, sort_keys=False))
             params["init"] = str(start_path)
@@ -267,7 +277,7 @@ def fw_method(**parameters: object) -> Producer:
             raise RuntimeError(f"mergekit-fw run failed on {path}:\n{done.stderr[-3000:]}")
         trace = json.loads((out / "fw_trace.json").read_text())
         table = json.loads((out / "fw_table.json").read_text())
-        return Produced(out, {"parameters": dict(parameters), "trace": trace,
+        return Produced(out, {"parameters": dict(parameters), "init_weight": init_weight, "trace": trace,
                               "mean_coefficients": _mean_coefficients(table)})
 
     return produce
@@ -334,6 +344,10 @@ ABLATIONS: Dict[str, Method] = {
                "FW hard layer, authors' fixed step"),
         Method("fw_soft_task_per_task", "frank-wolfe", fw_method(variant="soft", lmo="task", top_k_per="task"),
                "FW soft task, top-k per task"),
+        Method("fw_hard_layer_30", "frank-wolfe", fw_method(variant="hard", lmo="layer", iterations=30),
+               "FW hard layer, 30 iterations"),
+        Method("fw_hard_layer_init_ta_calibrated", "frank-wolfe",
+               fw_method(variant="hard", lmo="layer", init="ta_calibrated"), "FW hard layer, init TA (lambda on calib)"),
     )
 }
 

@@ -24,14 +24,17 @@ def main() -> None:
     built = time.perf_counter() - started
     timings = []
     for experiment in EXPERIMENTS:
-        tick = time.perf_counter()
+        tick, computed, read_back = time.perf_counter(), ctx.computed, ctx.read_back
         path = experiment.run(ctx)
-        timings.append((experiment.STEM, time.perf_counter() - tick, path.name))
+        timings.append((experiment.STEM, time.perf_counter() - tick, ctx.computed - computed, ctx.read_back - read_back, path.name))
     total = time.perf_counter() - started
     lines = [f"# Evidence run ({ctx.plan.size}, seed {args.seed})", "",
              f"Pool built or reused in {built:.0f} s; total {total / 60:.1f} min on {machine()['cpu']} "
-             f"({machine()['threads_used']} threads).", "", "| experiment | seconds | results |", "| --- | ---: | --- |"]
-    lines += [f"| {stem} | {seconds:.0f} | `{name}` |" for stem, seconds, name in timings]
+             f"({machine()['threads_used']} threads).", "",
+             "A record read back costs nothing here: it was made by an earlier run (then this is not a fresh timing) "
+             "or by an earlier experiment sharing the cell.", "",
+             "| experiment | seconds | records made | read back | results |", "| --- | ---: | ---: | ---: | --- |"]
+    lines += [f"| {stem} | {seconds:.0f} | {made} | {back} | `{name}` |" for stem, seconds, made, back, name in timings]
     (RESULTS / f"run{ctx.suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -52,6 +52,8 @@ class Context:
     plan: Plan
     work: Workspace
     quick: bool
+    computed: int = 0  # records merged and scored by this process
+    read_back: int = 0  # records found on disk (an earlier run's, or a cell another experiment shares)
 
     @property
     def suffix(self) -> str:
@@ -116,7 +118,9 @@ def run_cell(ctx: Context, cell: Cell, method: Method) -> dict:
     """Merge, score with lm-eval, record; a finished record is read back instead."""
     record_path = ctx.work.folder("records", cell.key) / f"{method.name}.json"
     if record_path.is_file():
+        ctx.read_back += 1
         return json.loads(record_path.read_text())
+    ctx.computed += 1
     out = ctx.work.folder("models", cell.key) / method.name
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
@@ -166,8 +170,16 @@ def individual_record(ctx: Context, asked: Sequence[str]) -> dict:
 # ---------------------------------------------------------------- writing results
 
 
+ANALYSIS = RESULTS / "analysis"
+
+
 def write_experiment(ctx: Context, stem: str, data: dict, text: str, draw: Callable[[Path], None]) -> Path:
-    """``evals/results/<stem>[_quick].{md,json,png}``."""
+    """``evals/results/<stem>[_quick].{md,json,png}``.
+
+    The analysis of a result (why a target was missed, what in the method would fix it)
+    is written by a person after reading the numbers, so it lives in
+    ``evals/results/analysis/<stem>[_quick].md`` and is appended on every rewrite
+    instead of being lost when the experiment is run again."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = stem + ctx.suffix
     data = {**data, "size": ctx.plan.size, "seed": ctx.work.seed, "machine": machine()}
@@ -177,6 +189,9 @@ def write_experiment(ctx: Context, stem: str, data: dict, text: str, draw: Calla
     footer = (f"\nTestbed `{ctx.plan.size}`, seed {ctx.work.seed}; scores from lm-eval {_lm_eval_version()} on each task's "
               f"held-out rows (exact match or multiple-choice accuracy); normalised = mean over asked tasks of merged / "
               f"individual, x100. Figure: `{figure.name}`.\n")
+    analysis = ANALYSIS / f"{name}.md"
+    if analysis.is_file():
+        footer += "\n## Analysis\n\n" + analysis.read_text().strip() + "\n"
     (RESULTS / f"{name}.md").write_text(text + footer)
     LOG.info("wrote %s", RESULTS / f"{name}.md")
     return RESULTS / f"{name}.md"
@@ -198,14 +213,14 @@ def score_table(records: Sequence[dict], asked: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def series_table(series: Dict[str, Dict[int, float]], header: str, steps: Sequence[int]) -> str:
+def series_table(series: Dict[str, Dict[int, float]], header: str, steps: Sequence[int], digits: int = 1) -> str:
     lines = [f"| method | " + " | ".join(f"{header} {s}" for s in steps) + " | change |",
              "| --- |" + " ---: |" * (len(steps) + 1)]
     for name, row in series.items():
         values = [row.get(s) for s in steps]
-        shown = " | ".join("" if v is None else f"{v:.1f}" for v in values)
+        shown = " | ".join("" if v is None else f"{v:.{digits}f}" for v in values)
         change = values[-1] - values[0] if values[0] is not None and values[-1] is not None else float("nan")
-        lines.append(f"| {name} | {shown} | {change:+.1f} |")
+        lines.append(f"| {name} | {shown} | {change:+.{digits}f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,11 @@ from evals.experiments.common import Context, line_figure, run_cells, series_tab
 from evals.methods import SCALING, method
 
 STEM = "exp3_relevant"
+# Added after every method, FW included, fell as k grew on the full testbed. Frank-Wolfe's hull
+# caps the members' total coefficient at 1 per tensor, about 1/k per asked task, while the
+# task_arithmetic row's picked lambda * k reached 2.0 at k = 20. Starting from that same
+# calibrated task-arithmetic merge adds it as a vertex (Algorithm 1, line 1), lifting the cap.
+PROBES = ("fw_hard_layer_init_ta_calibrated",)
 
 
 def run(ctx: Context) -> Path:
@@ -18,7 +23,7 @@ def run(ctx: Context) -> Path:
     for k in ctx.plan.relevant_asked:
         asked = order[:k]
         cell = ctx.cell([ctx.lora(t) for t in asked], asked)
-        jobs += [(cell, method(name)) for name in SCALING]
+        jobs += [(cell, method(name)) for name in (*SCALING, *PROBES)]
     records = run_cells(ctx, jobs, "exp3")
     series: Dict[str, Dict[int, float]] = {}
     for record in records:

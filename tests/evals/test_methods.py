@@ -114,16 +114,22 @@ def test_cells_are_keyed_by_what_decides_them(tiny_pool):
                 Cell(tiny_pool, ("reverse", "sort"), ("sort",), per_task=8).key}) == 4
 
 
-def test_records_and_caches_of_another_build_of_the_pool_are_forgotten(tiny_pool, tmp_path):
-    from evals.experiments.common import DERIVED, forget_other_pools
 
-    for name in DERIVED:
-        (tmp_path / name).mkdir()
-    forget_other_pools(tmp_path, tiny_pool)  # no stamp yet: nothing here is known to be of this build
-    assert not any((tmp_path / name).exists() for name in DERIVED)
-    (tmp_path / "records").mkdir()
-    forget_other_pools(tmp_path, tiny_pool)  # the same build: kept
-    assert (tmp_path / "records").is_dir()
-    (tmp_path / "pool.sha256").write_text("another build")
-    forget_other_pools(tmp_path, tiny_pool)
-    assert not (tmp_path / "records").exists()
+def test_frank_wolfe_can_start_from_the_calibrated_task_arithmetic_merge(tiny_pool, work, tmp_path):
+    """The exp 3 probe: the start is task_arithmetic's own pick on the same rows, written as
+    a mergekit config that the run adds as one more vertex."""
+    import json
+
+    import yaml
+
+    from evals.methods import calibrated_lambda, fw_method
+
+    cell = lora_cell(tiny_pool)
+    produced = fw_method(variant="hard", lmo="layer", init="ta_calibrated", iterations=2)(cell, tmp_path / "fw", work)
+    picked = calibrated_lambda(cell)[0]
+    assert produced.info["init_weight"] == picked
+    start = yaml.safe_load((work.root / "fw_inits" / f"{cell.key}-ta_calibrated.yml").read_text())
+    assert start["merge_method"] == "task_arithmetic"
+    assert {m["parameters"]["weight"] for m in start["models"]} == {picked}
+    trace = json.loads((tmp_path / "fw" / "fw_trace.json").read_text())
+    assert trace["final_loss"] <= trace["initial_loss"] + 1e-6  # line search never accepts a worse point
