@@ -171,19 +171,27 @@ def calibration_score(model, tokenizer, cell: Cell) -> float:
     return sum(greedy_scores(model, tokenizer, read_rows(cell.pool.files[t].calib, cell.per_task)) for t in cell.asked) / len(cell.asked)
 
 
-def calibrated_lambda(cell: Cell) -> Tuple[float, Dict[float, float]]:
-    """Task arithmetic's one scale, picked by greedy score on the cell's calibration rows."""
+def calibrated_lambda(cell: Cell, work: Workspace) -> Tuple[float, Dict[float, float]]:
+    """Task arithmetic's one scale, picked by greedy score on the cell's calibration rows.
+    Kept per cell in the workspace: the ``task_arithmetic`` row and a Frank-Wolfe run
+    started from it need the same pick, and each candidate costs a merge and a decode."""
+    saved = work.folder("ta_lambda") / f"{cell.key}.json"
+    if saved.is_file():
+        known = json.loads(saved.read_text())
+        return known["lambda"], {float(k): v for k, v in known["calibration_scores"].items()}
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(cell.pool.base))
     picked: Dict[float, float] = {}
     for lam in TA_LAMBDAS:
         picked[lam] = calibration_score(weighted_sum_model(cell, [lam] * len(cell.members)), tokenizer, cell)
-    return max(TA_LAMBDAS, key=lambda lam: (picked[lam], -lam)), picked  # ties: the smaller step
+    best = max(TA_LAMBDAS, key=lambda lam: (picked[lam], -lam))  # ties: the smaller step
+    saved.write_text(json.dumps({"lambda": best, "calibration_scores": {str(k): v for k, v in picked.items()}}))
+    return best, picked
 
 
 def task_arithmetic(cell: Cell, out: Path, work: Workspace) -> Produced:
-    best, picked = calibrated_lambda(cell)
+    best, picked = calibrated_lambda(cell, work)
     run_mergekit(mergekit_config(cell, "task_arithmetic", {"weight": best}), out, work)
     return Produced(out, {"lambda": best, "calibration_scores": {str(k): v for k, v in picked.items()}})
 
@@ -259,7 +267,7 @@ def fw_method(**parameters: object) -> Producer:
             if init == "ta":
                 init_weight = 0.3
             elif init == "ta_calibrated":
-                init_weight = calibrated_lambda(cell)[0]
+                init_weight = calibrated_lambda(cell, work)[0]
             else:  # the members' mean, written as task arithmetic at 1/n: a mergekit-fw init
                 init_weight = 1.0 / len(cell.members)  # config names the base, which linear would weigh in
             start = mergekit_config(cell, "task_arithmetic", {"weight": init_weight})

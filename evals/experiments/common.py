@@ -97,7 +97,8 @@ def open_context(size: str, seed: int, work: Optional[Path] = None, quick: Optio
     return Context(pool, PLANS[size], Workspace(root, seed), size == "quick" if quick is None else quick)
 
 
-DERIVED = ("records", "individual", "models", "calibration", "lora_merge_cache", "fw_cache", "fw_inits")
+DERIVED = ("records", "individual", "models", "calibration", "lora_merge_cache", "fw_cache", "fw_inits",
+           "ta_lambda")
 
 
 def forget_other_pools(root: Path, pool: Pool) -> None:

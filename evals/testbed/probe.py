@@ -8,6 +8,7 @@ already built base and print how much of their gain a relevant-only merge keeps.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import tempfile
@@ -16,17 +17,14 @@ from pathlib import Path
 import torch
 
 from evals.common import THREADS
-from evals.testbed.build import LORA_STYLES, _pool_from_manifest, _routing_rows, read_rows, greedy_scores, train_lora
+from evals.testbed.build import (LORA_STYLES, SIZES, _pool_from_manifest, _routing_rows, greedy_scores, read_rows,
+                                 train_lora)
 from evals.testbed.sanity import LAMBDAS, merged_model
 
 
 def main() -> None:
-    import json
-
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from evals.testbed.build import SIZES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True)

@@ -126,10 +126,20 @@ def test_frank_wolfe_can_start_from_the_calibrated_task_arithmetic_merge(tiny_po
 
     cell = lora_cell(tiny_pool)
     produced = fw_method(variant="hard", lmo="layer", init="ta_calibrated", iterations=2)(cell, tmp_path / "fw", work)
-    picked = calibrated_lambda(cell)[0]
+    picked = calibrated_lambda(cell, Workspace(tmp_path / "fresh"))[0]  # picked again, not read from work's cache
     assert produced.info["init_weight"] == picked
     start = yaml.safe_load((work.root / "fw_inits" / f"{cell.key}-ta_calibrated.yml").read_text())
     assert start["merge_method"] == "task_arithmetic"
     assert {m["parameters"]["weight"] for m in start["models"]} == {picked}
     trace = json.loads((tmp_path / "fw" / "fw_trace.json").read_text())
     assert trace["final_loss"] <= trace["initial_loss"] + 1e-6  # line search never accepts a worse point
+
+
+def test_task_arithmetic_picks_lambda_once_per_cell(tiny_pool, work, monkeypatch):
+    from evals import methods
+
+    cell = lora_cell(tiny_pool)
+    first = methods.calibrated_lambda(cell, work)
+    assert first[0] in methods.TA_LAMBDAS and first[0] == max(first[1], key=lambda lam: (first[1][lam], -lam))
+    monkeypatch.setattr(methods, "weighted_sum_model", lambda *a: pytest.fail("picked lambda again"))
+    assert methods.calibrated_lambda(cell, work) == first
