@@ -65,7 +65,7 @@ def adamerging(cell, calibration_path: Path, out: Path, *, steps: int = STEPS, l
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from mergekit_fw.oracle import Oracle
-    from mergekit_fw.pool import open_pool
+    from mergekit_fw.pool.pool import open_pool
 
     started = time.perf_counter()
     torch.manual_seed(seed)

@@ -75,7 +75,7 @@ def _low_rank_products(pool, table) -> None:
 
 def _touched_fraction(pool, table) -> float:
     """Share of the base's bytes the writer has to compute rather than copy."""
-    from mergekit_fw.writer import contributors
+    from mergekit_fw.output.writer import contributors
 
     coefficients = table.coefficient_map()
     total = touched = 0
@@ -96,14 +96,14 @@ def main() -> None:
 
     from mergekit_fw.calibration import build_calibration
     from mergekit_fw.distributed import Processes
-    from mergekit_fw.mergekit_adapter import load_merge_config, pool_and_parameters
+    from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
     from mergekit_fw.objective import batch_loss, position_weights
     from mergekit_fw.oracle import Oracle
-    from mergekit_fw.pool import open_pool
-    from mergekit_fw.runner import load_base_model
-    from mergekit_fw.solver import solve
-    from mergekit_fw.table import CoefficientTable
-    from mergekit_fw.writer import write_merged_model
+    from mergekit_fw.output.writer import write_merged_model
+    from mergekit_fw.pool.pool import open_pool
+    from mergekit_fw.solve.runner import load_base_model
+    from mergekit_fw.solve.solver import solve
+    from mergekit_fw.solve.table import CoefficientTable
 
     pool_dirs = build_pool(args.root, args.adapters)
     work = Path(tempfile.mkdtemp(prefix="bench_speed_"))

@@ -92,7 +92,7 @@ def build_adapter(base: Path, folder: Path, *, index: int, layers: int = 2, seed
 def write_calibration(path: Path, *, tasks: Sequence[str] = ("reverse", "sort"), samples: int = 4,
                       length: int = 24, seed: int = 0) -> Path:
     """Symbol-task rows of about ``length + 10`` tokens each."""
-    from mergekit_fw.testbed import SYMBOLS, SKILLS
+    from mergekit_fw.testbed import SKILLS, SYMBOLS
 
     rng = random.Random(seed)
     rows: List[str] = []

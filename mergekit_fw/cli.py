@@ -1,7 +1,8 @@
 """``mergekit-fw``: the fast path and the pieces of a Frank-Wolfe merge.
 
 Thin by design: parsing and validation live in :mod:`mergekit_fw.config` and
-:mod:`mergekit_fw.mergekit_adapter`, the work in :mod:`mergekit_fw.runner`.
+:mod:`mergekit_fw.integration.configs`, the work in :mod:`mergekit_fw.solve` and
+:mod:`mergekit_fw.output`, reached through :mod:`mergekit_fw.integration`.
 """
 
 from __future__ import annotations
@@ -76,10 +77,14 @@ def run(config_file: Path, out_path: Path, out_shard_size: str, overwrite: bool,
     _setup(verbose, threads)
     try:
         from mergekit_fw.distributed import current
-        from mergekit_fw.mergekit_adapter import load_merge_config, parse_size, pool_and_parameters
-        from mergekit_fw.report import summary
-        from mergekit_fw.runner import solve_cached
-        from mergekit_fw.writer import output_lock
+        from mergekit_fw.integration.configs import (
+            load_merge_config,
+            parse_size,
+            pool_and_parameters,
+        )
+        from mergekit_fw.integration.stock import solve as solve_cached
+        from mergekit_fw.output.report import summary
+        from mergekit_fw.output.writer import output_lock
 
         merge_config = load_merge_config(config_file)
         spec, params = pool_and_parameters(merge_config, source=str(config_file))
@@ -98,9 +103,10 @@ def run(config_file: Path, out_path: Path, out_shard_size: str, overwrite: bool,
 
 
 def _write(result, merge_config, out_path: Path, shard_size: int, quiet: bool) -> None:
-    from mergekit_fw.mergekit_adapter import output_dtype
-    from mergekit_fw.report import write_artifacts
-    from mergekit_fw.writer import write_merged_model
+    from mergekit_fw.integration.artifacts import write_artifacts
+    from mergekit_fw.integration.configs import output_dtype
+    from mergekit_fw.integration.stock import ties_merge_function
+    from mergekit_fw.output.writer import write_merged_model
 
     started = time.perf_counter()
     write_merged_model(
@@ -113,6 +119,7 @@ def _write(result, merge_config, out_path: Path, shard_size: int, quiet: bool) -
         extra_writer=lambda folder: write_artifacts(
             folder, result, merge_config, write_seconds=time.perf_counter() - started, name=out_path.name
         ),
+        ties=ties_merge_function,
     )
 
 
@@ -124,7 +131,7 @@ def report(out_path: Path, target: Optional[Path]) -> None:
     per iteration, the coefficient table as a heatmap, and the LMO's scores per
     candidate per calibration task."""
     try:
-        from mergekit_fw.plots import draw_report
+        from mergekit_fw.output.plots import draw_report
 
         written = draw_report(out_path, target)
     except (ValueError, OSError) as error:
@@ -143,9 +150,12 @@ def inspect(config_file: Path, as_json: bool) -> None:
     The same checks run before every merge; here a refused candidate is listed
     (exit status 1) instead of stopping the run."""
     try:
-        from mergekit_fw.mergekit_adapter import load_merge_config, pool_and_parameters
-        from mergekit_fw.runner import cache_root, pickles_folder
-        from mergekit_fw.validate import check_pool, format_check
+        from mergekit_fw.integration.configs import (
+            load_merge_config,
+            pool_and_parameters,
+        )
+        from mergekit_fw.pool.validate import check_pool, format_check
+        from mergekit_fw.solve.runner import cache_root, pickles_folder
 
         merge_config = load_merge_config(config_file)
         spec, params = pool_and_parameters(merge_config, source=str(config_file))
@@ -169,11 +179,13 @@ def solve(config_file: Path, table_path: Path, verbose: bool, threads: Optional[
     """Run only the optimisation and save the coefficient table."""
     _setup(verbose, threads)
     try:
-        from mergekit_fw.mergekit_adapter import load_merge_config, pool_and_parameters
-        from mergekit_fw.report import summary
-        from mergekit_fw.runner import solve_cached
-
         from mergekit_fw.distributed import current
+        from mergekit_fw.integration.configs import (
+            load_merge_config,
+            pool_and_parameters,
+        )
+        from mergekit_fw.integration.stock import solve as solve_cached
+        from mergekit_fw.output.report import summary
 
         merge_config = load_merge_config(config_file)
         spec, params = pool_and_parameters(merge_config, source=str(config_file))
@@ -197,14 +209,15 @@ def export(table_path: Path, output: Optional[Path], config_file: Optional[Path]
     """Write stock mergekit config(s) for a table: task_arithmetic or ties with per-tensor
     weights, preceded by the initial merge (for mergekit-multi) when the run had one."""
     try:
-        from mergekit_fw.export import REPLAY_FILE, write_replay
-        from mergekit_fw.mergekit_adapter import load_merge_config
-        from mergekit_fw.table import CoefficientTable
+        from mergekit_fw.integration.configs import load_merge_config
+        from mergekit_fw.integration.replay import write_checked_replay
+        from mergekit_fw.output.export import REPLAY_FILE
+        from mergekit_fw.solve.table import CoefficientTable
 
         table = CoefficientTable.load(table_path)
         merge_config = load_merge_config(config_file) if config_file else None
         output = output or table_path.with_name(REPLAY_FILE)
-        write_replay(table, merge_config, output)
+        write_checked_replay(table, merge_config, output)
     except (ConfigError, ValueError, OSError) as error:
         _fail(error)
     click.echo(f"replay config written to {output}")

@@ -4,8 +4,9 @@ Shared by the oracle (the model it differentiates), the fast-path writer and the
 mergekit kernel, so all three compute the same model from the same table.
 
 * ``convex``: ``base + sum_i c_i * delta_i`` (stays in the convex hull).
-* ``ties``: mergekit's own ``ties`` with the coefficients as weights (through
-  :mod:`mergekit_fw.mergekit_adapter`); may leave the hull.
+* ``ties``: mergekit's own ``ties`` with the coefficients as weights; may leave
+  the hull. This layer does not import mergekit: the kernel is handed in by
+  :mod:`mergekit_fw.integration.stock` as a :data:`TiesKernel`.
 
 Under ``convex``, a tensor whose whole weight sits on one stored vertex is that
 vertex's tensor, bit for bit: ``base + 1.0 * (theta - base)`` is not always
@@ -21,6 +22,8 @@ import torch
 
 # (name, base, deltas, weights) -> merged tensor; only non-zero weights are passed
 MergeFunction = Callable[[str, torch.Tensor, List[torch.Tensor], List[float]], torch.Tensor]
+# density -> mergekit's TIES as a MergeFunction
+TiesKernel = Callable[[float], MergeFunction]
 
 
 def convex_merge(name: str, base: torch.Tensor, deltas: List[torch.Tensor], weights: List[float]) -> torch.Tensor:
@@ -30,13 +33,16 @@ def convex_merge(name: str, base: torch.Tensor, deltas: List[torch.Tensor], weig
     return acc
 
 
-def merge_function(merge_fn: str, density: Optional[float] = None) -> MergeFunction:
+def merge_function(merge_fn: str, density: Optional[float] = None, ties: Optional[TiesKernel] = None) -> MergeFunction:
+    """``ties`` is mergekit's kernel, needed only for ``merge_fn: ties``."""
     if merge_fn == "convex":
         return convex_merge
     if merge_fn == "ties":
-        from mergekit_fw.mergekit_adapter import ties_merge_function
-
-        return ties_merge_function(1.0 if density is None else density)
+        if ties is None:
+            raise ValueError(
+                "merge_fn 'ties' is mergekit's own kernel: pass ties=mergekit_fw.integration.stock.ties_merge_function"
+            )
+        return ties(1.0 if density is None else density)
     raise ValueError(f"unknown merge_fn {merge_fn!r}")
 
 

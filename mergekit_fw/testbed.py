@@ -116,7 +116,14 @@ def answer_text(task: str, seq: Sequence[str]) -> str:
 def build_tokenizer(folder: Path, tasks: Sequence[str], extra_words: Sequence[str] = ()):
     """A word-level tokenizer trained with ``tokenizers``, saved as a HF fast tokenizer
     (task names, symbols, ``=`` and any ``extra_words``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))

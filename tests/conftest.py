@@ -44,7 +44,7 @@ def random_pool(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mergekit_fw.testbed import build_tokenizer, SKILLS
+    from mergekit_fw.testbed import SKILLS, build_tokenizer
 
     root = tmp_path_factory.mktemp("random_pool")
     base_dir = root / "base"

@@ -10,8 +10,8 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
-from mergekit_fw.mergekit_adapter import load_merge_config, pool_and_parameters  # noqa: E402
-from mergekit_fw.runner import solve_cached  # noqa: E402
+from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters  # noqa: E402
+from mergekit_fw.solve.runner import solve_cached  # noqa: E402
 
 
 def main(config_path: str) -> None:

@@ -8,7 +8,13 @@ import torch
 import yaml
 
 from mergekit_fw.testbed import exact_match, read_jsonl
-from tests.paths import assert_same_tensors, mergekit_fw_run, mergekit_yaml, replay, tensors
+from tests.paths import (
+    assert_same_tensors,
+    mergekit_fw_run,
+    mergekit_yaml,
+    replay,
+    tensors,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +79,8 @@ def test_pool_behaves_like_real_loras(testbed):
     """The relevant LoRAs merged alone (0.5 each) keep most of each one's gain."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from mergekit_fw.pool import CandidateSpec, ModelSource, PoolSpec, open_pool
+    from mergekit_fw.pool.pool import open_pool
+    from mergekit_fw.pool.references import CandidateSpec, ModelSource, PoolSpec
 
     tokenizer = AutoTokenizer.from_pretrained(str(testbed.base))
     spec = PoolSpec(ModelSource(str(testbed.base)), tuple(

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from mergekit_fw.mergekit_adapter import pool_and_parameters
+from mergekit_fw.integration.configs import pool_and_parameters
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

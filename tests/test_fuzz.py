@@ -12,7 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergekit_fw.calibration import CalibrationError, read_jsonl
-from mergekit_fw.config import ConfigError, FrankWolfeParameters, parse_parameters, shown_key
+from mergekit_fw.config import (
+    ConfigError,
+    FrankWolfeParameters,
+    parse_parameters,
+    shown_key,
+)
 
 _text = st.text(max_size=12)
 _scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), _text)

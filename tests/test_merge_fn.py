@@ -6,8 +6,21 @@ import pytest
 import torch
 import yaml
 
+from mergekit_fw.integration.stock import ties_merge_function
 from mergekit_fw.merge_fn import convex_merge, merge_function, single_vertex
-from tests.paths import assert_same_tensors, mergekit_fw_run, mergekit_yaml, replay, tensors, write_config
+from tests.paths import (
+    assert_same_tensors,
+    mergekit_fw_run,
+    mergekit_yaml,
+    replay,
+    tensors,
+    write_config,
+)
+
+
+def test_ties_without_mergekits_kernel_is_refused_by_name():
+    with pytest.raises(ValueError, match="merge_fn 'ties' is mergekit's own kernel"):
+        merge_function("ties", 0.4)
 
 
 def test_ties_merge_function_is_mergekits_ties():
@@ -17,7 +30,7 @@ def test_ties_merge_function_is_mergekits_ties():
     base = torch.randn(6, 5)
     deltas = [torch.randn(6, 5) for _ in range(3)]
     weights = [0.5, 0.2, 0.3]
-    got = merge_function("ties", 0.4)("w", base, deltas, weights)
+    got = merge_function("ties", 0.4, ties=ties_merge_function)("w", base, deltas, weights)
     expected = merge_tensors([base, *(base + d for d in deltas)], "ties", base_index=0,
                              parameters={"weight": weights, "density": 0.4, "normalize": False, "lambda": 1.0})
     torch.testing.assert_close(got, expected)

@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 
 from evals.shaped_pool import build_pool, fw_config
-from mergekit_fw.pool import LoraFactors
+from mergekit_fw.pool.candidates import LoraFactors
 from tests.paths import mergekit_fw_run, write_config
 
 pytestmark = pytest.mark.slow

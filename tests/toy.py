@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import minimize
 
 from mergekit_fw.oracle import Evaluation
-from mergekit_fw.table import CoefficientTable
+from mergekit_fw.solve.table import CoefficientTable
 
 
 class QuadraticOracle:

@@ -1,7 +1,14 @@
 """The seven experiments of issue 6, each ``python -m evals.experiments.<name> [--quick]``;
 ``python -m evals.run`` runs them all in order (shared cells are computed once)."""
 
-from evals.experiments import (e1_main, e2_irrelevant, e3_relevant, e4_noisy, e5_data, e6_ablations,
-                               e7_diagnostics)
+from evals.experiments import (
+                               e1_main,
+                               e2_irrelevant,
+                               e3_relevant,
+                               e4_noisy,
+                               e5_data,
+                               e6_ablations,
+                               e7_diagnostics,
+)
 
 EXPERIMENTS = (e1_main, e2_irrelevant, e3_relevant, e4_noisy, e5_data, e6_ablations, e7_diagnostics)

@@ -215,7 +215,7 @@ def score_table(records: Sequence[dict], asked: Sequence[str]) -> str:
 
 
 def series_table(series: Dict[str, Dict[int, float]], header: str, steps: Sequence[int], digits: int = 1) -> str:
-    lines = [f"| method | " + " | ".join(f"{header} {s}" for s in steps) + " | change |",
+    lines = ["| method | " + " | ".join(f"{header} {s}" for s in steps) + " | change |",
              "| --- |" + " ---: |" * (len(steps) + 1)]
     for name, row in series.items():
         values = [row.get(s) for s in steps]

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evals.experiments.common import Context, bar_figure, individual_record, run_cells, score_table, write_experiment
 from evals.experiments.cli import main
+from evals.experiments.common import (
+    Context,
+    bar_figure,
+    individual_record,
+    run_cells,
+    score_table,
+    write_experiment,
+)
 from evals.methods import MAIN, method
 
 STEM = "exp1_main"

@@ -6,7 +6,13 @@ from pathlib import Path
 from typing import Dict
 
 from evals.experiments.cli import main
-from evals.experiments.common import Context, line_figure, run_cells, series_table, write_experiment
+from evals.experiments.common import (
+    Context,
+    line_figure,
+    run_cells,
+    series_table,
+    write_experiment,
+)
 from evals.methods import SCALING, method
 
 STEM = "exp3_relevant"

@@ -6,7 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from evals.experiments.cli import main
-from evals.experiments.common import Context, bar_figure, run_cells, score_table, write_experiment
+from evals.experiments.common import (
+    Context,
+    bar_figure,
+    run_cells,
+    score_table,
+    write_experiment,
+)
 from evals.methods import ABLATIONS, method
 
 STEM = "exp6_ablations"

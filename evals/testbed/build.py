@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from evals.testbed.data import Sizes, TaskFiles, write_task_data
-from evals.testbed.tasks import BY_NAME, SYMBOLS, LENGTH, Task, sequences, words
+from evals.testbed.tasks import BY_NAME, LENGTH, SYMBOLS, Task, sequences, words
 from mergekit_fw.testbed import build_tokenizer, set_lora_strength
 
 LOG = logging.getLogger(__name__)

@@ -17,8 +17,15 @@ from pathlib import Path
 import torch
 
 from evals.common import THREADS
-from evals.testbed.build import (LORA_STYLES, SIZES, _pool_from_manifest, _routing_rows, greedy_scores, read_rows,
-                                 train_lora)
+from evals.testbed.build import (
+    LORA_STYLES,
+    SIZES,
+    _pool_from_manifest,
+    _routing_rows,
+    greedy_scores,
+    read_rows,
+    train_lora,
+)
 from evals.testbed.sanity import LAMBDAS, merged_model
 
 

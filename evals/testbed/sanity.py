@@ -26,7 +26,7 @@ def merged_model(pool: Pool, entries: Sequence[dict], weights: Sequence[float]):
     """base + sum_i w_i delta_i, written by mergekit-fw's own writer and loaded back."""
     from transformers import LlamaForCausalLM
 
-    from mergekit_fw.pool import open_pool
+    from mergekit_fw.pool.pool import open_pool
 
     opened = open_pool(pool_spec(pool, entries))
     coefficients = torch.tensor(list(weights), dtype=torch.float64)[:, None].expand(len(entries), len(opened.tensor_names()))
@@ -37,7 +37,7 @@ def merged_model(pool: Pool, entries: Sequence[dict], weights: Sequence[float]):
 
 def pool_spec(pool: Pool, entries: Sequence[dict]):
     """mergekit-fw's pool spec of these members (LoRAs on the pool's base)."""
-    from mergekit_fw.pool import CandidateSpec, ModelSource, PoolSpec
+    from mergekit_fw.pool.references import CandidateSpec, ModelSource, PoolSpec
 
     base = ModelSource(str(pool.base))
     return PoolSpec(base, tuple(
@@ -48,8 +48,8 @@ def pool_spec(pool: Pool, entries: Sequence[dict]):
 def write_coefficients(opened, coefficients: torch.Tensor, out: Path, base_model: str) -> None:
     """base + sum_i c[i, l] delta_i[l] to ``out`` by mergekit-fw's writer; ``c`` need not
     lie on the simplex (plain addition at 1 each puts the base's weight below zero)."""
-    from mergekit_fw.table import CoefficientTable
-    from mergekit_fw.writer import write_merged_model
+    from mergekit_fw.output.writer import write_merged_model
+    from mergekit_fw.solve.table import CoefficientTable
 
     table = CoefficientTable.at_base(opened.names, opened.tensor_names(), "evals", base_model)
     table.weights[1:] = coefficients

@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 
 from mergekit_fw.calibration import CalibrationSet
 from mergekit_fw.distributed import Processes
-from mergekit_fw.objective import batch_loss, position_weights
 from mergekit_fw.merge_fn import MergeFunction
+from mergekit_fw.objective import batch_loss, position_weights
 from mergekit_fw.oracle.dense import DenseMix
 from mergekit_fw.oracle.lora import LoraGates, input_device
-from mergekit_fw.pool import Pool
+from mergekit_fw.pool.pool import Pool
 
 LOG = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mergekit_fw.merge_fn import MergeFunction, compute_dtype, convex_merge
-from mergekit_fw.pool import Candidate
+from mergekit_fw.pool.candidates import Candidate
 
 
 class DenseMix:

@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from mergekit_fw.pool import LoraCandidate
+from mergekit_fw.pool.candidates import LoraCandidate
 
 
 class _GatedLowRank(torch.autograd.Function):

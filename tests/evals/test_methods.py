@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from evals.adamerging import adamerging, answer_positions, step_batches
-from evals.methods import Cell, Workspace, method, mergekit_config, run_mergekit, weighted_sum_model
+from evals.methods import (
+    Cell,
+    Workspace,
+    mergekit_config,
+    method,
+    run_mergekit,
+    weighted_sum_model,
+)
 from evals.scoring import normalized
 
 

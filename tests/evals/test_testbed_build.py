@@ -12,6 +12,7 @@ from evals.testbed import build
 from evals.testbed.build import build_pool, greedy_scores, read_rows, train_mtl
 from tests.evals.conftest import TINY
 
+
 def test_every_member_is_built_and_recorded(tiny_pool):
     roles = sorted((c["task"], c["role"], c["kind"]) for c in tiny_pool.candidates)
     assert roles == sorted([("reverse", "task", "lora"), ("sort", "task", "lora"), ("firstlow", "task", "lora"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 
-
 from evals.testbed.data import Sizes, calibration_file, lm_eval_name, write_task_data
 from evals.testbed.tasks import BY_NAME, SYMBOLS, TASKS, sequences, split_of, words
 

@@ -11,10 +11,12 @@ from peft.utils import ModulesToSaveWrapper
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from mergekit_fw.calibration import build_calibration
+from mergekit_fw.integration.stock import ties_merge_function
 from mergekit_fw.merge_fn import merge_function
 from mergekit_fw.objective import batch_loss, position_weights
 from mergekit_fw.oracle import Oracle
-from mergekit_fw.pool import CandidateSpec, ModelSource, PoolSpec, open_pool
+from mergekit_fw.pool.pool import open_pool
+from mergekit_fw.pool.references import CandidateSpec, ModelSource, PoolSpec
 
 
 def pool_spec(random_pool, kinds=("lora", "dense")) -> PoolSpec:
@@ -63,7 +65,7 @@ def make_oracle(random_pool, spec: PoolSpec, batch_size: int = 4, objective: str
     )
     pool = open_pool(spec)
     model = LlamaForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64)
-    merge = merge_function(merge_fn, density) if merge_fn != "convex" else None
+    merge = merge_function(merge_fn, density, ties=ties_merge_function) if merge_fn != "convex" else None
     return Oracle(model, pool, calibration, merge=merge), pool, calibration
 
 

@@ -20,8 +20,8 @@ def test_loss_only_matches_loss_with_scores(random_pool):
 
 def test_lora_factors_match_peft_deltas(random_pool):
     """Our adapter parsing (scale, rsLoRA, per-module rank) equals PEFT's own delta."""
+    from mergekit_fw.pool.pool import open_pool
     from tests.oracle.helpers import peft_deltas
-    from mergekit_fw.pool import open_pool
 
     pool = open_pool(pool_spec(random_pool, kinds=("lora",)))
     for candidate, adapter in zip(pool.candidates, random_pool["adapters"]):

@@ -12,8 +12,8 @@ from mergekit_fw.calibration import build_calibration
 from mergekit_fw.config import FrankWolfeParameters
 from mergekit_fw.distributed import Processes
 from mergekit_fw.oracle import Oracle
-from mergekit_fw.pool import open_pool
-from mergekit_fw.runner import load_base_model
+from mergekit_fw.pool.pool import open_pool
+from mergekit_fw.solve.runner import load_base_model
 from tests.oracle.helpers import pool_spec
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 
 from evals.experiments import common
-from evals.experiments.common import DERIVED, PLANS, Context, forget_other_pools, run_cell
+from evals.experiments.common import (
+    DERIVED,
+    PLANS,
+    Context,
+    forget_other_pools,
+    run_cell,
+)
 from evals.methods import Cell, Workspace, method
 
 

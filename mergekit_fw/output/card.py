@@ -1,0 +1,93 @@
+"""The output's model card: mergekit's own card plus a Frank-Wolfe section.
+
+mergekit writes ``README.md`` on its path; the fast path asks mergekit's
+``generate_card`` for the same card. Either way a section is appended that says
+what a reader of the model on the hub needs to trust it: the pool, the
+calibration tasks and their sizes, the settings, how many iterations ran and why
+the solve stopped, which candidates carry the weight, and how to replay the merge
+with stock mergekit.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+from mergekit_fw.output.export import REPLAY_FILE
+from mergekit_fw.solve.table import CoefficientTable
+
+LOG = logging.getLogger(__name__)
+SECTION_TITLE = "## Frank-Wolfe merge (mergekit-fw)"
+_SETTINGS = ("variant", "lmo", "lmo_score", "step", "iterations", "epsilon", "objective", "samples_per_task",
+             "merge_fn", "top_k", "init", "seed", "exclude_outliers")
+
+
+def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> str:
+    meta = table.meta
+    parameters = meta.get("parameters", {})
+    tasks: List[str] = list(meta.get("tasks", []))
+    sizes: List[int] = list(meta.get("task_samples", []))
+    coefficients = table.coefficients()
+    means = sorted(((float(coefficients[i].mean()), name) for i, name in enumerate(table.candidates)), reverse=True)
+    multi = table.init is not None
+    replay = (f"mergekit-multi {REPLAY_FILE} -I WORK/ --out-path OUT/ --lora-merge-cache CACHE/" if multi
+              else f"mergekit-yaml {REPLAY_FILE} OUT/ --lora-merge-cache CACHE/")
+    lines = [
+        SECTION_TITLE,
+        "",
+        f"This model was merged by Frank-Wolfe merging (FW-Merging, Chen et al. 2025) over a pool of "
+        f"{len(table.pool_candidates)} candidates on the base `{table.base_model}`, choosing per-tensor "
+        "coefficients that minimise a calibration loss.",
+        "",
+        "**Calibration tasks:** " + (", ".join(
+            f"`{task}` ({sizes[i]} samples)" if i < len(sizes) else f"`{task}`" for i, task in enumerate(tasks)) or "not recorded"),
+        "",
+        "**Settings:** " + ", ".join(f"`{key}: {parameters[key]}`" for key in _SETTINGS if key in parameters),
+        "",
+        f"**Run:** {len(trace.get('iterations', []))} iterations; stopped because {trace.get('stopped')}; "
+        f"calibration loss {_fmt(trace.get('initial_loss'))} -> {_fmt(trace.get('final_loss'))}.",
+        "",
+        f"**Candidates carrying the most weight** (mean coefficient over {len(table.tensors)} tensors):",
+        "",
+        "| candidate | mean coefficient |",
+        "| --- | --- |",
+        *(f"| `{name}` | {value:.3f} |" for value, name in means[:top]),
+        "",
+    ]
+    excluded = trace.get("excluded") or {}
+    if excluded:
+        lines += ["**Left out as outliers:** " + "; ".join(f"`{n}` ({why})" for n, why in excluded.items()), ""]
+    lines += [
+        "The coefficient table is `fw_table.json`, the trace `fw_trace.json`, plots `fw_*.png`. "
+        "Replay with stock mergekit (this package not needed):",
+        "",
+        "```sh",
+        f"MERGEKIT_FW_AUTOLOAD=0 {replay}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "?" if value is None else f"{value:.4f}"
+
+
+def write_model_card(
+    folder: Path, table: CoefficientTable, trace: dict, name: str,
+    mergekit_card: Optional[Callable[[str], Tuple[str, str]]] = None,
+) -> None:
+    """Append the section to mergekit's card. When mergekit wrote none (the fast
+    path), ``mergekit_card(name)`` gives (its card, its config YAML) to write first."""
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8")
+        if SECTION_TITLE in text:
+            text = text[: text.index(SECTION_TITLE)].rstrip() + "\n"
+    elif mergekit_card is not None:
+        text, config_yaml = mergekit_card(name)
+        (folder / "mergekit_config.yml").write_text(config_yaml, encoding="utf-8")
+    else:
+        text = f"# {name}\n"
+    card.write_text(text.rstrip() + "\n\n" + frank_wolfe_section(table, trace), encoding="utf-8")

@@ -1,0 +1,102 @@
+"""``mergekit-fw report``: what a run did, as PNGs drawn from its table and trace.
+
+Three figures, each readable on its own:
+
+* ``fw_loss_gap.png``: the calibration loss and the Frank-Wolfe gap per iteration
+  (the gap is the optimality certificate; it should fall towards 0);
+* ``fw_coefficients.png``: the final coefficient table as a heatmap, tensors by
+  vertices (the base included), so which candidate carries which block is visible;
+* ``fw_lmo_scores.png``: the LMO's view of the pool at the starting point, per
+  calibration task: how much each candidate's task vector lowers that task's loss to
+  first order (``-<grad_task, delta>``, summed over tensors), the quantity the
+  paper's Figure 3 shows. Irrelevant candidates sit near 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+from mergekit_fw.solve.table import BASE_VERTEX
+
+FIGURES = ("fw_loss_gap.png", "fw_coefficients.png", "fw_lmo_scores.png")
+
+
+def _short(name: str) -> str:
+    """A readable label for a mergekit reference string (the adapter's or model's folder)."""
+    tail = name.split("+")[-1].rstrip("/")
+    return tail.split("/")[-1] or name
+
+
+def draw_report(folder: Path, target: Path | None = None) -> List[Path]:
+    """Draw the figures for the run whose ``fw_table.json``/``fw_trace.json`` are in ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    target = Path(target or folder)
+    target.mkdir(parents=True, exist_ok=True)
+    table_file, trace_file = folder / "fw_table.json", folder / "fw_trace.json"
+    for path in (table_file, trace_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (is {folder} the output of a frank_wolfe merge?)")
+    table = json.loads(table_file.read_text())
+    trace = json.loads(trace_file.read_text())
+    written = []
+
+    iterations = trace.get("iterations", [])
+    fig, (loss_ax, gap_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [it["iteration"] for it in iterations]
+    losses = [it["loss"] for it in iterations]
+    if trace.get("final_loss") is not None:
+        steps_loss, losses = steps + [len(iterations)], losses + [trace["final_loss"]]
+    else:
+        steps_loss = steps
+    loss_ax.plot(steps_loss, losses, marker="o")
+    loss_ax.set(title="calibration loss", xlabel="iteration", ylabel="loss")
+    gap_ax.plot(steps, [max(it["gap"], 1e-12) for it in iterations], marker="o", color="tab:red")
+    gap_ax.set(title="Frank-Wolfe gap", xlabel="iteration", ylabel="gap", yscale="log")
+    fig.suptitle(f"stopped: {trace.get('stopped')}", fontsize=9)
+    fig.tight_layout()
+    written.append(_save(fig, target / FIGURES[0], plt))
+
+    vertices = table.get("vertices") or [BASE_VERTEX, *table["candidates"]]
+    tensors = list(table["weights"])
+    matrix = [table["weights"][name] for name in tensors]  # rows: tensors, columns: vertices (base first)
+    fig, ax = plt.subplots(figsize=(max(5.0, 3.0 + 0.6 * len(vertices)), 1.5 + 0.12 * len(tensors)))
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks(range(len(vertices)), [_short(v) for v in vertices], rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(tensors)), tensors, fontsize=max(3, min(7, 400 // max(len(tensors), 1))))
+    ax.set_title("coefficients (tensor x vertex)")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    written.append(_save(fig, target / FIGURES[1], plt))
+
+    scores = trace.get("task_scores")
+    tasks = table.get("meta", {}).get("tasks") or [f"task {i}" for i in range(len(scores or []))]
+    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * len(table["candidates"]) * max(1, len(tasks)) / 2, 3.8))
+    if scores:
+        width = 0.8 / len(tasks)
+        for k, (task, row) in enumerate(zip(tasks, scores)):
+            xs = [i + k * width for i in range(len(row))]
+            ax.bar(xs, [-value for value in row], width=width, label=task)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table["candidates"]))],
+                      [_short(c) for c in table["candidates"]], rotation=45, ha="right", fontsize=7)
+        ax.axhline(0.0, color="black", linewidth=0.5)
+        ax.legend(fontsize=7)
+        ax.set(title="LMO at the start: first-order loss decrease per task", ylabel="-<grad, task vector>")
+    else:
+        ax.text(0.5, 0.5, "no per-task LMO scores in this trace", ha="center", va="center")
+        ax.set_axis_off()
+    fig.tight_layout()
+    written.append(_save(fig, target / FIGURES[2], plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,270 @@
+"""The fast path's output: merged weights without expanding any LoRA to a model.
+
+Goes through the base one tensor at a time. A tensor no candidate touches is
+copied byte for byte from the base file (kernel-side); a touched one is
+computed and written in row blocks of a few MiB (:func:`convex_blocks`).
+Shards are laid out up front (:mod:`mergekit_fw.pool.safetensors_io`, mergekit's
+names and shard boundaries), so peak memory is one row block plus the stacked
+LoRA factors of one tensor, not a shard or a model. Everything goes to a temporary sibling folder,
+fsynced and renamed into place only when complete: ``out/`` is never
+half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from mergekit_fw.merge_fn import (
+    MergeFunction,
+    TiesKernel,
+    compute_dtype,
+    convex_merge,
+    merge_function,
+    single_vertex,
+)
+from mergekit_fw.pool.candidates import Candidate, SafetensorsIndex
+from mergekit_fw.pool.pool import Pool
+from mergekit_fw.pool.safetensors_io import (
+    ShardedSafetensorsWriter,
+    StoredTensor,
+    TensorSpec,
+    fsync_folder,
+)
+from mergekit_fw.pool.vocab import align_rows
+from mergekit_fw.solve.table import CoefficientTable
+
+LOG = logging.getLogger(__name__)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def contributors(pool: Pool, weights: Optional[Dict[str, float]], name: str) -> List[Tuple[Candidate, float]]:
+    """The candidates with a non-zero weight on ``name`` that have a delta there."""
+    if not weights:
+        return []
+    return [(c, weights[c.name]) for c in pool.candidates if weights.get(c.name, 0.0) != 0.0 and name in c.tensor_names()]
+
+
+def _stored_vertex(present: List[Tuple[Candidate, float]], merge: MergeFunction, name: str) -> Optional[Candidate]:
+    """Under ``convex``, the dense candidate holding all the weight (its stored tensor is the
+    output, unless it has to be aligned to the base's vocabulary first)."""
+    if merge is not convex_merge:
+        return None
+    only = single_vertex([weight for _, weight in present])
+    if only is None or present[only][0].kind != "dense" or name in present[only][0].vocab_maps:
+        return None
+    return present[only][0]
+
+
+_BLOCK_ELEMENTS = 1 << 22  # 16 MiB of float32 per row block: cache-friendly, no page-fault churn
+
+
+@contextmanager
+def _row_reader(candidate_or_base, name: str, base_rows=None) -> Iterator[Callable[[int, int], torch.Tensor]]:
+    """``rows(start, stop)`` of a stored tensor, read without loading the rest (a
+    vocabulary-aligned tensor is read whole once: its rows are gathered by token)."""
+    if isinstance(candidate_or_base, SafetensorsIndex):
+        path, key = candidate_or_base.files[name], name
+    else:
+        path, key = candidate_or_base.source_of(name)
+        index = getattr(candidate_or_base, "vocab_maps", {}).get(name)
+        if index is not None:
+            with safe_open(str(path), framework="pt") as handle:
+                value = handle.get_tensor(key)
+            yield lambda start, stop: align_rows(value, index[start:stop], base_rows(start, stop))
+            return
+    with safe_open(str(path), framework="pt") as handle:
+        stored = handle.get_slice(key)
+        yield lambda start, stop: stored[start:stop]
+
+
+def convex_blocks(pool: Pool, name: str, present: List[Tuple[Candidate, float]]) -> Iterator[torch.Tensor]:
+    """Row blocks of ``base + sum_i c_i delta_i`` in the compute dtype.
+
+    All LoRAs go through one GEMM over stacked factors per block,
+    ``[c_1 s_1 B_1 | ... | c_n s_n B_n][rows] @ [A_1; ...; A_n]``; full
+    checkpoints' rows are read and subtracted block by block. A block is a
+    few MiB, so neither the base tensor nor any delta is ever whole in memory.
+    """
+    shape = pool.base_index.shape(name)
+    if not shape:  # a scalar: nothing to stream
+        base = pool.base_index.get(name)
+        yield convex_merge(name, base.to(compute_dtype(base)), [c.delta(name, base) for c, _ in present], [w for _, w in present])
+        return
+    dtype = compute_dtype(torch.empty((), dtype=pool.base_index.stored(name).spec.dtype))
+    loras = [(c.factors[name], weight) for c, weight in present if c.is_low_rank(name)]
+    B = A = None
+    if loras:
+        fresh = [factors for factors, _ in loras if not factors.loaded]
+        B = torch.cat([f.B.to(dtype) * (weight * f.scale) for f, weight in loras], dim=1)
+        A = torch.cat([f.A.to(dtype) for f, _ in loras], dim=0)
+        for factors in fresh:  # read for this tensor only: the pool's factors do not stay resident
+            factors.release()
+    width = 1
+    for size in shape[1:]:
+        width *= size
+    step = max(1, _BLOCK_ELEMENTS // max(width, 1))
+    with ExitStack() as stack:
+        base_rows = stack.enter_context(_row_reader(pool.base_index, name))
+        dense = [(stack.enter_context(_row_reader(c, name, base_rows)), w) for c, w in present if not c.is_low_rank(name)]
+        for start in range(0, shape[0], step):
+            stop = min(start + step, shape[0])
+            base = base_rows(start, stop).to(dtype)
+            merged = base.clone()
+            if B is not None:
+                merged.addmm_(B[start:stop], A)
+            for rows, weight in dense:
+                merged.add_(rows(start, stop).to(dtype) - base, alpha=weight)
+            yield merged
+
+
+def merged_tensor(pool: Pool, weights: Optional[Dict[str, float]], name: str, base: torch.Tensor, merge: MergeFunction) -> torch.Tensor:
+    """One whole output tensor: ``merge`` over the candidates with non-zero weight."""
+    present = contributors(pool, weights, name) if base.is_floating_point() else []
+    if not present:
+        return base
+    vertex = _stored_vertex(present, merge, name)
+    if vertex is not None:
+        return vertex.index.get(name)  # exactly the stored vertex
+    if merge is convex_merge:
+        blocks = list(convex_blocks(pool, name, present))
+        return blocks[0] if base.dim() == 0 else torch.cat(blocks)
+    dtype = compute_dtype(base)
+    deltas = [c.delta(name, base).to(dtype) for c, _ in present]
+    return merge(name, base.to(dtype), deltas, [weight for _, weight in present])
+
+
+def _output_spec(stored: StoredTensor, dtype: Optional[torch.dtype]) -> TensorSpec:
+    floating = stored.spec.dtype.is_floating_point
+    return TensorSpec(stored.spec.name, dtype if dtype is not None and floating else stored.spec.dtype, stored.spec.shape)
+
+
+def _unchanged_source(pool: Pool, present: List[Tuple[Candidate, float]], merge: MergeFunction, name: str) -> Optional[StoredTensor]:
+    """The stored tensor an output equals bit for bit, if there is one."""
+    if not present:
+        return pool.base_index.stored(name)
+    vertex = _stored_vertex(present, merge, name)
+    return vertex.index.stored(name) if vertex is not None else None
+
+
+def write_merged_model(
+    pool: Pool,
+    table: CoefficientTable,
+    out_path: Path,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_size: int = 5 * 1000**3,
+    progress: bool = True,
+    extra_writer: Optional[Callable[[Path], None]] = None,
+    ties: Optional[TiesKernel] = None,
+) -> None:
+    """Write the merge to ``out_path`` atomically; ``extra_writer(folder)`` adds files.
+    ``ties``: mergekit's TIES kernel, for a table solved with ``merge_fn: ties``."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    coefficients = table.coefficient_map()
+    merge = merge_function(table.merge_fn, table.density, ties=ties)
+    names = pool.base_index.names()
+    specs = [_output_spec(pool.base_index.stored(name), dtype) for name in names]
+    writer = ShardedSafetensorsWriter(tmp, specs, max_shard_size)
+    try:
+        for name, spec in tqdm(list(zip(names, specs)), desc="writing", disable=not progress):
+            present = contributors(pool, coefficients.get(name), name) if spec.dtype.is_floating_point else []
+            source = _unchanged_source(pool, present, merge, name)
+            if source is not None and source.spec.dtype == spec.dtype:
+                writer.copy(name, source)
+                continue
+            if merge is convex_merge and spec.shape and _stored_vertex(present, merge, name) is None:
+                writer.write_blocks(name, (block.to(spec.dtype) for block in convex_blocks(pool, name, present)))
+                continue
+            base = pool.base_index.get(name)
+            writer.write(name, merged_tensor(pool, coefficients.get(name), name, base, merge).to(spec.dtype))
+        writer.finalize()
+        floating = [spec.dtype for spec in specs if spec.dtype.is_floating_point]
+        _copy_side_files(pool.base_dir, tmp, floating[0] if floating else None)
+        if extra_writer is not None:
+            extra_writer(tmp)
+        _sync_tree(tmp)
+        _replace_folder(tmp, out_path)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    LOG.info("wrote merged model to %s", out_path)
+
+
+class OutputBusy(OSError):
+    """Another run holds the output folder's lock."""
+
+
+@contextmanager
+def output_lock(out_path: Path, *, overwrite: bool) -> Iterator[None]:
+    """Hold ``out_path`` for one run: a second run on it fails at once, and an
+    existing folder is only replaced when the user asked for it."""
+    import fcntl
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out_path.parent / f".{out_path.name}.lock"
+    handle = open(lock_path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OutputBusy(f"{out_path}: another run is writing it (lock {lock_path} is held)") from None
+    try:
+        if out_path.exists() and not overwrite:
+            raise FileExistsError(
+                f"{out_path}: already exists; pass --overwrite to replace it (the old folder stays until "
+                "the new one is complete)"
+            )
+        for stale in out_path.parent.glob(f".{out_path.name}.partial-*"):  # left by a killed run; we hold the lock
+            LOG.warning("removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
+
+
+def _copy_side_files(base_dir: Path, target: Path, dtype: Optional[torch.dtype]) -> None:
+    for item in base_dir.iterdir():
+        if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and item.name != "config.json":
+            shutil.copy2(item, target / item.name)
+    config = json.loads((base_dir / "config.json").read_text())
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _replace_folder(tmp: Path, out_path: Path) -> None:
+    if out_path.exists():
+        old = out_path.parent / f".{out_path.name}.old-{os.getpid()}"
+        os.replace(out_path, old)
+        os.replace(tmp, out_path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_path)
+    fsync_folder(out_path.parent)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file and the folder itself, so the rename publishes complete data."""
+    for item in folder.iterdir():
+        if item.is_file():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_folder(folder)

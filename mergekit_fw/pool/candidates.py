@@ -1,0 +1,426 @@
+"""The candidates' tensors: PEFT LoRA factors kept resident, dense checkpoints
+served lazily one tensor at a time, each checked to fit the base it moves."""
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from safetensors import safe_open
+
+from mergekit_fw.pool.safetensors_io import (
+    SafetensorsFormatError,
+    StoredTensor,
+    read_layout,
+)
+from mergekit_fw.pool.vocab import VocabularyError, align_rows, vocab_map
+
+LOG = logging.getLogger(__name__)
+from mergekit_fw.pool.references import PoolError
+
+
+class SafetensorsIndex:
+    """Tensor name -> file for a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, folder: Path, what: str):
+        self.folder = folder
+        self.what = what
+        index_file = folder / "model.safetensors.index.json"
+        self.files: Dict[str, Path] = {}
+        self._layouts: Dict[Path, Dict[str, StoredTensor]] = {}
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise PoolError(f"{what} {index_file}: not a safetensors index (no weight_map)") from None
+            self.files = {name: folder / shard for name, shard in weight_map.items()}
+            for shard in sorted(set(self.files.values())):
+                if not shard.is_file():
+                    raise PoolError(f"{what} {shard}: listed in {index_file.name} but missing (incomplete download?)")
+                missing = [n for n, f in self.files.items() if f == shard and n not in self._layout(shard)]
+                if missing:
+                    raise PoolError(f"{what} {shard}: lacks {missing[0]!r}, which {index_file.name} places there")
+        else:
+            shards = sorted(folder.glob("*.safetensors"))
+            shards = [s for s in shards if not s.name.startswith("adapter_model")]
+            if not shards:
+                raise PoolError(f"{what} {folder}: no .safetensors weights found")
+            for shard in shards:
+                for name in self._layout(shard):
+                    self.files[name] = shard
+
+    def _layout(self, shard: Path) -> Dict[str, StoredTensor]:
+        """The shard's header, read once; a truncated or corrupt file is named here."""
+        if shard not in self._layouts:
+            try:
+                self._layouts[shard] = read_layout(shard)
+            except SafetensorsFormatError as error:
+                raise PoolError(f"{self.what.rstrip(':')}: {error}") from None
+        return self._layouts[shard]
+
+    def names(self) -> List[str]:
+        return list(self.files)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return self.stored(name).spec.shape
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            shard = self.files[name]
+        except KeyError:
+            raise PoolError(f"{self.what} {self.folder}: has no tensor {name!r}") from None
+        with safe_open(str(shard), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def weight_files(self) -> List[Path]:
+        return sorted(set(self.files.values()))
+
+    def stored(self, name: str) -> StoredTensor:
+        """Where ``name``'s bytes are in its shard (for copying them unchanged)."""
+        return self._layout(self.files[name])[name]
+
+
+class LoraFactors:
+    """``delta = scale * B @ A`` for one base weight.
+
+    The factors are read from the adapter file on first use, not when the pool
+    opens: the oracle copies them straight into its per-module banks and points
+    ``A`` and ``B`` at slices of those, so no adapter is ever held twice.
+    """
+
+    def __init__(self, source: Path, key_A: str, key_B: str, scale: float, rank: int, shape: Tuple[int, int], transpose: bool = False):
+        self.source, self.key_A, self.key_B = source, key_A, key_B
+        self.scale, self.rank, self.shape, self.transpose = scale, rank, shape, transpose
+        self._A: Optional[torch.Tensor] = None
+        self._B: Optional[torch.Tensor] = None
+
+    def _load(self) -> None:
+        with safe_open(str(self.source), framework="pt") as handle:
+            A = handle.get_tensor(self.key_A).to(torch.float32)
+            B = handle.get_tensor(self.key_B).to(torch.float32)
+        if self.transpose:  # fan_in_fan_out: delta = (B @ A).T, stored as the factors of the transpose
+            A, B = B.T.contiguous(), A.T.contiguous()
+        self._A, self._B = A, B
+
+    @property
+    def A(self) -> torch.Tensor:  # (r, in)
+        if self._A is None:
+            self._load()
+        return self._A  # type: ignore[return-value]
+
+    @property
+    def B(self) -> torch.Tensor:  # (out, r)
+        if self._B is None:
+            self._load()
+        return self._B  # type: ignore[return-value]
+
+    @property
+    def loaded(self) -> bool:
+        return self._A is not None
+
+    def share(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Use these tensors (slices of a bank, same values) from now on."""
+        self._A, self._B = A, B
+
+    def release(self) -> None:
+        """Forget the loaded factors (a bank in another dtype or on another device
+        holds them now); they are read again from the file if asked for."""
+        self._A = self._B = None
+
+    def nbytes(self) -> int:
+        return 4 * self.rank * (self.shape[0] + self.shape[1])
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.B.to(dtype) @ self.A.to(dtype)) * self.scale
+
+    def frobenius_norm(self) -> float:
+        """||scale * B @ A||_F from r x r Gram matrices, never the dense product."""
+        A, B = self.A.to(torch.float64), self.B.to(torch.float64)
+        squared = float(((B.T @ B) * (A @ A.T)).sum())
+        return abs(self.scale) * max(squared, 0.0) ** 0.5
+
+
+@dataclass
+class LoraCandidate:
+    """A PEFT adapter: low-rank factors per targeted weight, plus the full tensors
+    of its ``modules_to_save`` (e.g. a retrained ``lm_head``), which are dense deltas."""
+
+    name: str
+    adapter_dir: Path
+    factors: Dict[str, LoraFactors]  # keyed by base tensor name
+    full: Dict[str, str] = field(default_factory=dict)  # base tensor name -> key in the adapter file
+    vocab_maps: Dict[str, torch.Tensor] = field(default_factory=dict)  # aligned full tensors (tokenizer_source: base)
+
+    kind = "lora"
+
+    @property
+    def weights_file(self) -> Path:
+        return self.adapter_dir / "adapter_model.safetensors"
+
+    def tensor_names(self) -> List[str]:
+        return [*self.factors, *self.full]
+
+    def dense_tensor_names(self) -> List[str]:
+        return list(self.full)
+
+    def is_low_rank(self, tensor: str) -> bool:
+        return tensor in self.factors
+
+    def source_of(self, tensor: str) -> Tuple[Path, str]:
+        """The file and key holding ``tensor``'s full value (modules_to_save only)."""
+        return self.weights_file, self.full[tensor]
+
+    def delta(self, tensor: str, base: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        factors = self.factors.get(tensor)
+        if factors is not None:
+            return factors.delta()
+        if tensor not in self.full:
+            return None
+        if base is None:
+            raise ValueError(f"candidate {self.name}: the delta of {tensor} (modules_to_save) needs the base tensor")
+        with safe_open(str(self.weights_file), framework="pt") as handle:
+            value = handle.get_tensor(self.full[tensor])
+        if tensor in self.vocab_maps:
+            value = align_rows(value, self.vocab_maps[tensor], base)
+        dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+        return value.to(dtype) - base.to(dtype)
+
+    def delta_norm(self, tensor: str, base: Optional[torch.Tensor] = None) -> float:
+        factors = self.factors.get(tensor)
+        if factors is not None:
+            return factors.frobenius_norm()
+        delta = self.delta(tensor, base)
+        return 0.0 if delta is None else float(torch.linalg.vector_norm(delta.to(torch.float64)))
+
+    def files(self) -> List[Path]:
+        return [self.adapter_dir / "adapter_config.json", self.weights_file]
+
+    def nbytes(self) -> int:
+        """Resident bytes of the factors (float32) once loaded."""
+        return sum(f.nbytes() for f in self.factors.values())
+
+
+@dataclass
+class DenseCandidate:
+    name: str
+    folder: Path
+    index: SafetensorsIndex
+    touched: List[str] = field(default_factory=list)
+    vocab_maps: Dict[str, torch.Tensor] = field(default_factory=dict)  # aligned tensors (tokenizer_source: base)
+
+    kind = "dense"
+
+    def tensor_names(self) -> List[str]:
+        return self.touched
+
+    def dense_tensor_names(self) -> List[str]:
+        return self.touched
+
+    def is_low_rank(self, tensor: str) -> bool:
+        return False
+
+    def source_of(self, tensor: str) -> Tuple[Path, str]:
+        return self.index.files[tensor], tensor
+
+    def delta(self, tensor: str, base: torch.Tensor) -> Optional[torch.Tensor]:
+        if tensor not in self.index.files:
+            return None
+        dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+        value = self.index.get(tensor)
+        if tensor in self.vocab_maps:
+            value = align_rows(value, self.vocab_maps[tensor], base)
+        return value.to(dtype) - base.to(dtype)
+
+    def delta_norm(self, tensor: str, base: torch.Tensor) -> float:
+        delta = self.delta(tensor, base)
+        return 0.0 if delta is None else float(torch.linalg.vector_norm(delta.to(torch.float64)))
+
+    def files(self) -> List[Path]:
+        return [self.folder / "config.json", *self.index.weight_files()]
+
+
+Candidate = Union[LoraCandidate, DenseCandidate]
+
+
+def _pattern_value(patterns: Dict[str, float], module: str) -> Optional[float]:
+    """PEFT's rank/alpha pattern lookup: a key matches a module name suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def _vocab_rows(tensor: str, shape: Tuple[int, ...], base_shape: Tuple[int, ...]) -> bool:
+    """An embedding or output head whose row count is the vocabulary's."""
+    return len(shape) == 2 and shape[1:] == base_shape[1:] and ("embed" in tensor or "lm_head" in tensor or "wte" in tensor)
+
+
+def _aligned_map(name: str, folder: Path, align_to: Optional[Path], cache: Dict[str, torch.Tensor]) -> torch.Tensor:
+    if "map" not in cache:
+        try:
+            cache["map"] = vocab_map(align_to, folder, f"candidate {name}:")  # type: ignore[arg-type]
+        except VocabularyError as error:
+            raise PoolError(str(error)) from None
+    return cache["map"]
+
+
+def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex, align_to: Optional[Path] = None) -> LoraCandidate:
+    config_file = adapter_dir / "adapter_config.json"
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise PoolError(f"candidate {name}: {config_file} not found (is it a PEFT adapter folder?)")
+    if not weights_file.is_file():
+        raise PoolError(f"candidate {name}: {weights_file} not found")
+    try:
+        read_layout(weights_file)
+    except SafetensorsFormatError as error:
+        raise PoolError(f"candidate {name}: {error}") from None
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise PoolError(f"candidate {name}: {config_file}: not valid JSON ({error.msg})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise PoolError(f"candidate {name}: {config_file}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise PoolError(f"candidate {name}: {config_file}: DoRA adapters are not supported")
+    modules_to_save = list(config.get("modules_to_save") or [])
+    alpha = float(config.get("lora_alpha", 8))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+
+    pairs: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
+    full: Dict[str, str] = {}
+    vocab_maps: Dict[str, torch.Tensor] = {}
+    shared: Dict[str, torch.Tensor] = {}
+    with safe_open(str(weights_file), framework="pt") as handle:
+        for key in handle.keys():
+            match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+            saved = _saved_module_tensor(key, modules_to_save)
+            if saved is not None:
+                shape = tuple(handle.get_slice(key).get_shape())
+                if (align_to is not None and saved in base_index.files and shape != base_index.shape(saved)
+                        and _vocab_rows(saved, shape, base_index.shape(saved))):
+                    vocab_maps[saved] = _aligned_map(name, adapter_dir, align_to, shared)
+                else:
+                    _check_full_tensor(name, weights_file, key, saved, shape, base_index)
+                full[saved] = key
+                continue
+            if "lora_embedding" in key or "lora_magnitude" in key or match is None:
+                raise PoolError(f"candidate {name}: {weights_file}: unsupported adapter tensor {key!r}")
+            module, which = match.group(1), match.group(2)
+            pairs.setdefault(module, {})[which] = (key, tuple(handle.get_slice(key).get_shape()))
+
+    factors: Dict[str, LoraFactors] = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise PoolError(f"candidate {name}: {weights_file}: module {module} lacks lora_A or lora_B")
+        tensor = f"{module}.weight"
+        if tensor not in base_index.files:
+            raise PoolError(f"candidate {name}: targets {module}, but the base has no tensor {tensor!r}")
+        (key_A, shape_A), (key_B, shape_B) = pair["lora_A"], pair["lora_B"]
+        if len(shape_A) != 2 or len(shape_B) != 2:
+            raise PoolError(f"candidate {name}: {module}: LoRA factors must be matrices, got {shape_A} and {shape_B}")
+        rank = shape_A[0]
+        if shape_B[1] != rank:
+            raise PoolError(f"candidate {name}: {module}: lora_A rank {rank} != lora_B rank {shape_B[1]}")
+        base_shape = base_index.shape(tensor)
+        delta_shape = (shape_B[0], shape_A[1])
+        if fan_in_fan_out:
+            delta_shape = delta_shape[::-1]
+        if tuple(base_shape) != delta_shape:
+            raise PoolError(
+                f"candidate {name}: {module}: LoRA delta shape {delta_shape} does not match "
+                f"base weight {tensor} shape {tuple(base_shape)} (adapter for another base?)"
+            )
+        module_alpha = _pattern_value(alpha_pattern, module)
+        module_alpha = alpha if module_alpha is None else float(module_alpha)
+        scale = module_alpha / (math.sqrt(rank) if rslora else rank)
+        factors[tensor] = LoraFactors(weights_file, key_A, key_B, scale, rank, tuple(base_shape), transpose=fan_in_fan_out)
+    if not factors and not full:
+        raise PoolError(f"candidate {name}: {weights_file}: no LoRA weights")
+    missing = [m for m in modules_to_save if not any(_module_matches(t.rsplit(".", 1)[0], m) for t in full)]
+    if missing:
+        LOG.warning("candidate %s: modules_to_save %s has no tensors in %s", name, missing, weights_file)
+    return LoraCandidate(name=name, adapter_dir=adapter_dir, factors=factors, full=full, vocab_maps=vocab_maps)
+
+
+def _module_matches(module: str, pattern: str) -> bool:
+    """PEFT's rule for modules_to_save entries: the module name or its last part(s)."""
+    return module == pattern or module.endswith(f".{pattern}")
+
+
+def _saved_module_tensor(key: str, modules_to_save: Sequence[str]) -> Optional[str]:
+    """The base tensor a ``modules_to_save`` entry of the adapter file replaces, if it is one.
+
+    PEFT stores them under the module's own name (``base_model.model.lm_head.weight``)."""
+    if not modules_to_save or ".lora_" in key:
+        return None
+    tensor = key.removeprefix("base_model.model.")
+    tensor = tensor.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+    module = tensor.rsplit(".", 1)[0]
+    return tensor if any(_module_matches(module, m) for m in modules_to_save) else None
+
+
+def _check_full_tensor(name: str, weights_file: Path, key: str, tensor: str, shape: Tuple[int, ...], base_index: SafetensorsIndex) -> None:
+    if tensor not in base_index.files:
+        raise PoolError(f"candidate {name}: {weights_file}: modules_to_save tensor {key!r} has no counterpart {tensor!r} in the base")
+    base_shape = tuple(base_index.shape(tensor))
+    if shape != base_shape:
+        what = "vocabulary size" if ("embed" in tensor or "lm_head" in tensor) and shape[1:] == base_shape[1:] else "shape"
+        raise PoolError(
+            f"candidate {name}: {weights_file}: modules_to_save tensor {key!r} has {what} {shape}, the base "
+            f"{tensor} has {base_shape} (an extended vocabulary? set tokenizer_source: base to align it to the base's)"
+        )
+
+
+_ARCH_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def _read_config(folder: Path, what: str) -> dict:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise PoolError(f"{what} {folder}: config.json not found")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise PoolError(f"{what} {config_file}: not valid JSON ({error.msg})") from None
+
+
+def load_dense(
+    name: str, folder: Path, base_config: dict, base_index: SafetensorsIndex, align_to: Optional[Path] = None
+) -> DenseCandidate:
+    config = _read_config(folder, f"candidate {name}:")
+    for key in _ARCH_KEYS:
+        if key == "vocab_size" and align_to is not None:
+            continue  # aligned below, tensor by tensor
+        if config.get(key) != base_config.get(key):
+            hint = {
+                "architectures": " (a checkpoint of another architecture)",
+                "vocab_size": " (a different vocabulary: set tokenizer_source: base to align it to the base's)",
+            }.get(key, " (another model size)")
+            raise PoolError(
+                f"candidate {name}: {folder}/config.json: {key} = {config.get(key)!r}, "
+                f"but the base has {base_config.get(key)!r}{hint}"
+            )
+    index = SafetensorsIndex(folder, f"candidate {name}:")
+    touched = []
+    vocab_maps: Dict[str, torch.Tensor] = {}
+    shared: Dict[str, torch.Tensor] = {}
+    for tensor in index.names():
+        if tensor not in base_index.files:
+            raise PoolError(f"candidate {name}: tensor {tensor!r} is not in the base model")
+        shape, base_shape = index.shape(tensor), base_index.shape(tensor)
+        if shape != base_shape:
+            if align_to is not None and _vocab_rows(tensor, shape, base_shape):
+                vocab_maps[tensor] = _aligned_map(name, folder, align_to, shared)
+            else:
+                raise PoolError(f"candidate {name}: tensor {tensor} has shape {shape}, the base {base_shape}")
+        touched.append(tensor)
+    return DenseCandidate(name=name, folder=folder, index=index, touched=touched, vocab_maps=vocab_maps)
+
+

@@ -1,0 +1,225 @@
+"""One solve per pool and settings: load, fingerprint, solve or reuse, save.
+
+Both entry points (the mergekit kernel and ``mergekit-fw``) come through
+:func:`solve_cached`, so a solve is cached on disk under a fingerprint of the
+settings and of the pool's files, runs at most once per process (a lock guards
+the threads of mergekit's multi-GPU executor, a file lock other processes), and
+resumes from its last checkpoint when a previous run was interrupted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+
+from mergekit_fw import __version__
+from mergekit_fw.calibration import build_calibration, read_jsonl
+from mergekit_fw.config import ConfigError, FrankWolfeParameters
+from mergekit_fw.distributed import Processes, current
+from mergekit_fw.files import file_fingerprint, fingerprint, write_json_atomic
+from mergekit_fw.merge_fn import merge_function
+from mergekit_fw.pool.pool import Pool
+from mergekit_fw.pool.references import PoolSpec, check_pool_spec
+from mergekit_fw.pool.validate import PoolCheck, validated_pool
+from mergekit_fw.solve.init import attach_init, check_init_config, starting_point
+from mergekit_fw.solve.solver import Trace, load_checkpoint, solve
+from mergekit_fw.solve.table import CoefficientTable
+from mergekit_fw.solve.upstream import Upstream, require
+
+LOG = logging.getLogger(__name__)
+TABLE_FILE = "fw_table.json"
+TRACE_FILE = "fw_trace.json"
+CHECKPOINT_FILE = "fw_checkpoint.json"
+
+_LOCK = threading.Lock()
+_MEMO: Dict[str, Tuple[CoefficientTable, Trace]] = {}
+
+
+@dataclass
+class SolveResult:
+    table: CoefficientTable
+    trace: Trace
+    pool: Pool
+    cache_dir: Path
+    reused: bool
+    check: Optional[PoolCheck] = None  # what validation found (warnings, exclusions)
+
+
+def cache_root(params: FrankWolfeParameters) -> Path:
+    root = params.cache_dir or os.environ.get("MERGEKIT_FW_CACHE") or "~/.cache/mergekit_fw"
+    return Path(root).expanduser()
+
+
+def pickles_folder(params: FrankWolfeParameters) -> Optional[Path]:
+    """Where pickled weights are converted to safetensors; None (refused) unless allow_pickle."""
+    return cache_root(params) / "converted" if params.allow_pickle else None
+
+
+def run_fingerprint(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, init: Optional[Path]) -> str:
+    return fingerprint(
+        [
+            "mergekit-fw",
+            __version__,
+            params.fingerprint_fields(),
+            [c.name for c in spec.candidates],
+            {"align_vocab": True} if spec.align_vocab else {},
+            file_fingerprint(pool.files()),
+            file_fingerprint([calibration]),
+            file_fingerprint([init]) if init is not None else "base",
+        ]
+    )
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+ACCELERATE_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Processes):
+    """The oracle's model, in ``oracle_dtype``, placed by ``device_map``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(pool.base_dir))
+    placement = params.device_map
+    if placement in ACCELERATE_PLACEMENTS and processes.parallel:
+        raise ConfigError(
+            f"parameters.device_map: {placement!r} spreads one model over every device; it cannot be "
+            "combined with data parallel processes (give each process a device, or run one process)"
+        )
+    device_map = placement if placement in ACCELERATE_PLACEMENTS else str(torch.device(placement) if placement else processes.device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(pool.base_dir), dtype=getattr(torch, params.oracle_dtype), device_map=device_map
+    )
+    if params.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(f"parameters.gradient_checkpointing: {type(model).__name__} does not support it")
+        # non-reentrant: the gates that carry the scores are not inputs of the layers
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the transformers 5 name
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def solve_cached(
+    spec: PoolSpec, params: FrankWolfeParameters, *, progress: bool = True, upstream: Optional[Upstream] = None
+) -> SolveResult:
+    """Validate everything cheap first, then solve (or reuse a cached solve).
+
+    ``upstream``: mergekit's TIES kernel and stock merges, needed for ``merge_fn: ties``
+    and ``init: other.yml`` (:data:`mergekit_fw.integration.stock.UPSTREAM`)."""
+    calibration = params.resolved_calibration()
+    read_jsonl(calibration, labelled=params.objective == "cross_entropy")  # fails before the pool opens
+    if params.merge_fn == "ties":
+        require(upstream, "parameters.merge_fn: ties")
+    init = params.resolved_init()
+    if init is not None and init.suffix != ".json":
+        check_init_config(init, spec, upstream)
+    check_pool_spec(spec)
+    pool, check = validated_pool(
+        spec, exclude_outliers=params.exclude_outliers, pickles_to=pickles_folder(params), cache=cache_root(params) / "checks"
+    )
+    vertices = 1 + len(pool.candidates)
+    if params.variant == "soft" and params.top_k > vertices:
+        raise ConfigError(
+            f"parameters.top_k = {params.top_k}, but the pool has {len(pool.candidates)} candidates "
+            f"({vertices} vertices with the base)"
+        )
+    result = _solve_or_reuse(spec, pool, params, calibration, init, progress, upstream)
+    result.check = check
+    return result
+
+
+def _solve_or_reuse(
+    spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, init: Optional[Path], progress: bool,
+    upstream: Optional[Upstream],
+) -> SolveResult:
+    key = run_fingerprint(spec, pool, params, calibration, init)
+    folder = cache_root(params) / key
+    processes = current()
+    with _LOCK:
+        if key in _MEMO:
+            table, trace = _MEMO[key]
+            pool = attach_init(pool, table.init, cache_root(params), params.seed, upstream)
+            return SolveResult(table, trace, pool, folder, reused=True)
+        # Under data parallel the main process holds the lock for the whole job and
+        # tells the others what it found.
+        with _file_lock(folder / ".lock") if processes.is_main else nullcontext():
+            cached = processes.broadcast((folder / TABLE_FILE).is_file() and (folder / TRACE_FILE).is_file())
+            if cached:
+                LOG.info("reusing cached Frank-Wolfe solve %s", folder)
+                table = CoefficientTable.load(folder / TABLE_FILE)
+                trace = Trace.from_json(json.loads((folder / TRACE_FILE).read_text()))
+                _MEMO[key] = (table, trace)
+                with processes.main_first():
+                    pool = attach_init(pool, table.init, cache_root(params), params.seed, upstream)
+                return SolveResult(table, trace, pool, folder, reused=True)
+            table, trace, pool = _solve(spec, pool, params, calibration, key, folder, progress, processes, upstream)
+            _MEMO[key] = (table, trace)
+            return SolveResult(table, trace, pool, folder, reused=False)
+
+
+def _solve(
+    spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, key: str, folder: Path,
+    progress: bool, processes: Processes, upstream: Optional[Upstream],
+):
+    from mergekit_fw.oracle import Oracle
+
+    model, tokenizer = load_base_model(pool, params, processes)
+    calib = build_calibration(
+        calibration,
+        tokenizer,
+        samples_per_task=params.samples_per_task,
+        batch_size=params.batch_size,
+        max_length=params.max_length,
+        objective=params.objective,
+    )
+    resumed = processes.broadcast(load_checkpoint(folder / CHECKPOINT_FILE) if processes.is_main else None)
+    with processes.main_first():
+        if resumed is not None and resumed.table.fingerprint == key:
+            table, trace = resumed.table, resumed.trace
+            pool = attach_init(pool, table.init, cache_root(params), params.seed, upstream)
+            trace.resumed_at.append(len(trace.iterations))
+            LOG.info("resuming Frank-Wolfe solve at iteration %d", len(trace.iterations))
+        else:
+            resumed = None
+            start = starting_point(params, spec, pool, key, cache_root(params), upstream)
+            pool, table, trace = start.pool, start.table, Trace()
+    samples = [sum(int(b.input_ids.shape[0]) for b in calib.batches if b.task == t) for t in range(len(calib.tasks))]
+    table.meta.update({"tasks": calib.tasks, "task_samples": samples, "parameters": params.model_dump(), "mergekit_fw": __version__})
+    merge = (merge_function("ties", params.density, ties=require(upstream, "parameters.merge_fn: ties").ties)
+             if params.merge_fn == "ties" else None)
+    oracle = Oracle(model, pool, calib, merge=merge, progress=progress and processes.is_main, processes=processes)
+    try:
+        table, trace = solve(
+            oracle, table, params,
+            checkpoint=folder / CHECKPOINT_FILE if processes.is_main else None,
+            trace=trace, progress=progress and processes.is_main,
+            rng_state=resumed.rng_state if resumed is not None else None,
+        )
+    finally:
+        oracle.close()
+    if processes.is_main:
+        table.save(folder / TABLE_FILE)
+        write_json_atomic(folder / TRACE_FILE, trace.to_json())
+        (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return table, trace, pool

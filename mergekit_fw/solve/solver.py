@@ -1,0 +1,317 @@
+"""The Frank-Wolfe loop (Algorithm 1 of the paper, hard and soft variants).
+
+Each iteration: oracle (loss and scores at the current table), LMO (layer- or
+task-wise ranking of the vertices by inner product or cosine), FW gap, then a
+step: hard FW moves towards the best point by line search, the 2/(t+2) schedule
+or the authors' fixed gamma/(t+2); soft FW solves the small problem over the
+current iterate and the top-k points (:mod:`mergekit_fw.solve.soft`). Every iterate is
+checked to be feasible. After each iteration the table and trace are
+checkpointed, so an interrupted solve resumes where it was.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from mergekit_fw.config import FrankWolfeParameters
+from mergekit_fw.files import write_json_atomic
+from mergekit_fw.solve.lmo import (
+    direction_gain,
+    fw_gap,
+    lmo_point,
+    one_hot,
+    ranked_points,
+    ranking,
+    vertex_norms,
+    vertex_scores,
+)
+from mergekit_fw.solve.simplex import check_feasible
+from mergekit_fw.solve.soft import solve_inner, unique_points
+from mergekit_fw.solve.table import CoefficientTable
+
+LOG = logging.getLogger(__name__)
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+class LossOracle:
+    """What the solver needs from an oracle (see :class:`mergekit_fw.oracle.Oracle`)."""
+
+    def loss(self, coefficients: torch.Tensor) -> float: ...
+
+    def evaluate(self, coefficients: torch.Tensor, *, per_task: bool = False): ...
+
+    def vertex_norms(self) -> torch.Tensor: ...
+
+
+def golden_section(phi: Callable[[float], float], f0: float, evaluations: int) -> Tuple[float, float, List[Tuple[float, float]]]:
+    """Minimise ``phi`` on [0, 1] with a fixed number of evaluations.
+
+    Returns the best point seen, including gamma = 0 (value ``f0``, already
+    known), so the loss can never increase; plus every (gamma, loss) evaluated.
+    """
+    seen: Dict[float, float] = {0.0: f0}
+
+    def f(x: float) -> float:
+        if x not in seen:
+            seen[x] = phi(x)
+        return seen[x]
+
+    f(1.0)
+    a, b = 0.0, 1.0
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    while len(seen) - 1 < evaluations:
+        if f(c) <= f(d):
+            b, d = d, c
+            c = b - _GOLDEN * (b - a)
+        else:
+            a, c = c, d
+            d = a + _GOLDEN * (b - a)
+    best = min(seen, key=lambda x: (seen[x], x))
+    return best, seen[best], sorted(seen.items())
+
+
+@dataclass
+class IterationRecord:
+    iteration: int
+    loss: float
+    gap: float  # FW gap (inner product, layer-wise: the optimality certificate)
+    gain: float  # <-g, s - theta> of the best LMO point under the chosen ranking
+    gamma: Optional[float]  # hard FW's step; soft FW: 1 - mean weight theta_t kept
+    loss_after: Optional[float]
+    chosen: Dict[str, int]  # vertex -> number of tensors choosing it (best point)
+    choice: List[str]  # best point's vertex per tensor, table order
+    seconds: Dict[str, float]
+    line_search: List[Tuple[float, float]] = field(default_factory=list)
+    points: int = 1  # LMO points stepped towards (soft FW: top-k, unioned over tasks)
+    inner: List[Tuple[float, float, bool]] = field(default_factory=list)  # soft: (lr, loss, accepted)
+
+
+@dataclass
+class Trace:
+    iterations: List[IterationRecord] = field(default_factory=list)
+    stopped: Optional[str] = None
+    final_loss: Optional[float] = None
+    initial_loss: Optional[float] = None
+    in_hull: bool = True  # False with merge_fn ties: the model may leave the convex hull
+    resumed_at: List[int] = field(default_factory=list)  # iterations a killed run went on from
+    # at the starting point, per calibration task and candidate: <grad_task, delta> summed over tensors
+    task_scores: Optional[List[List[float]]] = None
+
+    def to_json(self) -> dict:
+        return {
+            "initial_loss": self.initial_loss,
+            "final_loss": self.final_loss,
+            "stopped": self.stopped,
+            "in_hull": self.in_hull,
+            "resumed_at": self.resumed_at,
+            "task_scores": self.task_scores,
+            "iterations": [vars(r) for r in self.iterations],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Trace":
+        trace = cls(
+            stopped=data.get("stopped"), final_loss=data.get("final_loss"),
+            initial_loss=data.get("initial_loss"), in_hull=data.get("in_hull", True),
+            resumed_at=list(data.get("resumed_at", [])), task_scores=data.get("task_scores"),
+        )
+        fields = IterationRecord.__dataclass_fields__
+        trace.iterations = [IterationRecord(**{k: v for k, v in r.items() if k in fields}) for r in data.get("iterations", [])]
+        return trace
+
+
+def step_size(params: FrankWolfeParameters, t: int) -> float:
+    """The open-loop step rules (t counts from 0)."""
+    if params.step == "schedule":
+        return 2.0 / (t + 2.0)
+    if params.step == "fixed":
+        return params.gamma / (t + 2.0)
+    raise ValueError(f"step {params.step!r} has no closed form")
+
+
+class _Evaluator:
+    """Evaluations at vertex weights, remembering the last one: the point a step
+    accepted is where the next iteration starts, and its scores are already known."""
+
+    def __init__(self, oracle: LossOracle, table: CoefficientTable, per_task: bool):
+        self.oracle, self.table, self.per_task = oracle, table, per_task
+        self._last: Optional[Tuple[torch.Tensor, object]] = None
+
+    def __call__(self, weights: torch.Tensor, *, per_task: bool = False):
+        if self._last is not None and torch.equal(self._last[0], weights) and (not per_task or self._last[1].task_scores is not None):
+            return self._last[1]
+        evaluation = self.oracle.evaluate(self.table.coefficients_for(weights), per_task=self.per_task or per_task)
+        self._last = (weights.clone(), evaluation)
+        return evaluation
+
+    def loss(self, weights: torch.Tensor) -> float:
+        if self._last is not None and torch.equal(self._last[0], weights):
+            return self._last[1].loss
+        return self.oracle.loss(self.table.coefficients_for(weights))
+
+
+def _soft_points(evaluation, rank_of, n_tensors: int, params: FrankWolfeParameters) -> List[torch.Tensor]:
+    if params.top_k_per == "task" and evaluation.task_scores is not None and evaluation.task_scores.shape[0] > 1:
+        points: List[torch.Tensor] = []
+        for task_scores in evaluation.task_scores:
+            points.extend(ranked_points(rank_of(vertex_scores(task_scores)), n_tensors, params.top_k))
+        return unique_points(points)
+    return ranked_points(rank_of(vertex_scores(evaluation.scores)), n_tensors, params.top_k)
+
+
+def solve(
+    oracle: LossOracle,
+    table: CoefficientTable,
+    params: FrankWolfeParameters,
+    *,
+    checkpoint: Optional[Path] = None,
+    trace: Optional[Trace] = None,
+    progress: bool = True,
+    on_iteration: Optional[Callable[[CoefficientTable, IterationRecord], None]] = None,
+    rng_state: Optional[torch.Tensor] = None,
+) -> Tuple[CoefficientTable, Trace]:
+    """Run (or continue) Frank-Wolfe from ``table``.
+
+    ``on_iteration`` sees the table after every step (tests check each iterate);
+    ``rng_state``: the random state a checkpoint saved, so a resumed solve draws
+    what the uninterrupted one would have.
+    """
+    trace = trace or Trace()
+    trace.in_hull = table.in_hull
+    torch.manual_seed(params.seed)
+    if rng_state is not None:
+        torch.set_rng_state(rng_state)
+    n_vertices, n_tensors = table.weights.shape
+    check_feasible(table.weights)
+    evaluate = _Evaluator(oracle, table, per_task=params.variant == "soft" and params.top_k_per == "task")
+    norms = vertex_norms(oracle.vertex_norms()) if params.lmo_score == "cosine" else None
+
+    def rank_of(vscores: torch.Tensor) -> torch.Tensor:
+        return ranking(vscores, params.lmo, params.lmo_score, norms)
+
+    start = len(trace.iterations)
+    bar = tqdm(total=params.iterations, initial=start, desc=f"frank-wolfe ({params.variant})", disable=not progress)
+    for t in range(start, params.iterations):
+        tick = time.perf_counter()
+        first = trace.initial_loss is None
+        evaluation = evaluate(table.weights, per_task=first)  # per task once, for the report
+        loss = evaluation.loss
+        if first:
+            trace.initial_loss = loss
+            if evaluation.task_scores is not None:
+                trace.task_scores = [[float(x) for x in row] for row in evaluation.task_scores.sum(dim=2)]
+        t_oracle = time.perf_counter()
+        vscores = vertex_scores(evaluation.scores)
+        gap = fw_gap(table.weights, vscores)
+        best = lmo_point(rank_of(vscores), n_tensors)
+        gain = direction_gain(table.weights, vscores, best)
+        t_lmo = time.perf_counter()
+        searched: List[Tuple[float, float]] = []
+        inner_steps: List[Tuple[float, float, bool]] = []
+        n_points = 1
+        gamma: Optional[float]
+        if gap <= params.epsilon:
+            gamma, loss_after, stop = 0.0, loss, f"gap {gap:.3g} <= epsilon {params.epsilon:g}"
+        elif params.variant == "soft":
+            points = _soft_points(evaluation, rank_of, n_tensors, params)
+            n_points = len(points)
+            inner = solve_inner(
+                lambda w: (lambda e: (e.loss, vertex_scores(e.scores)))(evaluate(w)),
+                table.weights, points, (loss, vscores),
+                steps=params.inner_steps, lr=params.inner_lr, layerwise=params.inner_weights == "layer",
+            )
+            inner_steps = inner.steps
+            gamma = 1.0 - float(inner.lam[0].mean())
+            loss_after = inner.loss
+            stop = "soft step found no decrease" if inner.loss >= loss else None
+            table.weights = inner.weights  # a mix of feasible points: feasible as it is
+        else:
+            direction = one_hot(best, n_vertices) - table.weights
+            if params.step == "line_search":
+                anchor = table.weights
+
+                def phi(g: float) -> float:
+                    return evaluate.loss(anchor + g * direction)
+
+                gamma, loss_after, searched = golden_section(phi, loss, params.line_search_steps)
+                stop = "line search found no decrease" if gamma == 0.0 else None
+            else:
+                gamma, loss_after, stop = min(step_size(params, t), 1.0), None, None
+            if gamma > 0:
+                table.weights = (table.weights + gamma * direction).clamp(min=0.0)
+                table.weights /= table.weights.sum(dim=0, keepdim=True)
+        check_feasible(table.weights)
+        t_step = time.perf_counter()
+        names = table.vertices
+        record = IterationRecord(
+            iteration=t,
+            loss=loss,
+            gap=gap,
+            gain=gain,
+            gamma=gamma,
+            loss_after=loss_after,
+            chosen={names[v]: int(n) for v, n in zip(*torch.unique(best, return_counts=True))},
+            choice=[names[v] for v in best.tolist()],
+            seconds={"oracle": t_oracle - tick, "lmo": t_lmo - t_oracle, "step": t_step - t_lmo},
+            line_search=searched,
+            points=n_points,
+            inner=inner_steps,
+        )
+        trace.iterations.append(record)
+        if on_iteration is not None:
+            on_iteration(table, record)
+        LOG.info("iteration %d: loss %.5f gap %.4g gamma %s -> %s", t, loss, gap, gamma, loss_after)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", gap=f"{gap:.3g}")
+        if stop is not None:
+            trace.stopped = stop
+            break
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, table, trace)
+    bar.close()
+    if trace.stopped is None:
+        trace.stopped = f"reached iterations = {params.iterations}"
+    last = trace.iterations[-1] if trace.iterations else None
+    if last is not None and last.loss_after is not None:
+        trace.final_loss = last.loss_after
+    else:
+        trace.final_loss = evaluate.loss(table.weights)
+    return table, trace
+
+
+@dataclass
+class Checkpoint:
+    """Everything a solve needs to go on after its last finished iteration."""
+
+    table: CoefficientTable
+    trace: Trace
+    rng_state: Optional[torch.Tensor]
+
+
+def save_checkpoint(path: Path, table: CoefficientTable, trace: Trace) -> None:
+    """Written atomically (temp file, fsync, rename): a kill leaves the old or the new one."""
+    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
+    write_json_atomic(path, {"table": table.to_json(), "trace": trace.to_json(), "torch_rng_state": rng})
+
+
+def load_checkpoint(path: Path) -> Optional[Checkpoint]:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        rng = data.get("torch_rng_state")
+        state = torch.frombuffer(bytearray(base64.b64decode(rng)), dtype=torch.uint8) if rng else None
+        return Checkpoint(CoefficientTable.from_json(data["table"], str(path)), Trace.from_json(data["trace"]), state)
+    except (ValueError, KeyError, TypeError) as error:
+        LOG.warning("ignoring unreadable checkpoint %s (%s); starting over", path, error)
+        return None

@@ -1,0 +1,69 @@
+"""What a run leaves to read: the PNG figures and the model card's Frank-Wolfe section."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mergekit_fw.cli import main
+from mergekit_fw.output.plots import FIGURES
+from tests.paths import write_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def finished(random_pool, tmp_path_factory):
+    work = tmp_path_factory.mktemp("report")
+    base = random_pool["base"]
+    config = write_config(work / "fw.yml", {
+        "merge_method": "frank_wolfe", "base_model": str(base), "dtype": "float32",
+        "models": [{"model": f"{base}+{a}"} for a in random_pool["adapters"]] + [{"model": str(random_pool["dense"][0])}],
+        "parameters": {"calibration": str(random_pool["calibration"]), "iterations": 3, "samples_per_task": 5}})
+    import os
+
+    os.environ["MERGEKIT_FW_CACHE"] = str(work / "cache")
+    result = CliRunner().invoke(main, ["run", str(config), str(work / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return work / "out"
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_every_output_carries_the_figures(finished):
+    for name in FIGURES:
+        width, height = _png_size(finished / name)
+        assert width > 200 and height > 200
+
+
+def test_report_command_redraws_them_elsewhere(finished, tmp_path):
+    result = CliRunner().invoke(main, ["report", str(finished), "--to", str(tmp_path / "figs")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(FIGURES)
+
+
+def test_report_on_a_folder_without_a_run_names_the_missing_file(tmp_path):
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and str(tmp_path / "fw_table.json") in result.output
+
+
+def test_model_card_has_mergekits_card_and_the_frank_wolfe_section(finished):
+    card = (finished / "README.md").read_text()
+    table = json.loads((finished / "fw_table.json").read_text())
+    trace = json.loads((finished / "fw_trace.json").read_text())
+    assert "mergekit" in card.split("## Frank-Wolfe merge")[0]  # mergekit's own card comes first
+    assert "## Frank-Wolfe merge (mergekit-fw)" in card
+    assert "`reverse` (5 samples)" in card and "`sort` (5 samples)" in card
+    assert f"{len(trace['iterations'])} iterations; stopped because {trace['stopped']}" in card
+    best = max(range(len(table["candidates"])),
+                key=lambda i: sum(c[i] for c in table["coefficients"].values()))
+    assert f"`{table['candidates'][best]}`" in card.split("Candidates carrying the most weight")[1].split("\n\n")[1]
+    assert "MERGEKIT_FW_AUTOLOAD=0 mergekit-yaml fw_mergekit.yml" in card
+    assert (finished / "mergekit_config.yml").is_file()
+    assert len(trace["task_scores"]) == 2 and len(trace["task_scores"][0]) == len(table["candidates"])

@@ -1,0 +1,127 @@
+"""Starting points: another merge (run by mergekit, added as a vertex) or a previous table."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from mergekit_fw.config import ConfigError
+from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
+from mergekit_fw.integration.stock import solve
+from tests.paths import (
+    assert_same_tensors,
+    mergekit_fw_run,
+    mergekit_yaml,
+    replay,
+    tensors,
+    write_config,
+)
+
+
+def _models(random_pool):
+    return [{"model": f"{random_pool['base']}+{a}"} for a in random_pool["adapters"]] + [{"model": str(random_pool["dense"][0])}]
+
+
+def _ta(random_pool, tmp_path, **extra):
+    return write_config(tmp_path / "ta.yml", {
+        "merge_method": "task_arithmetic", "base_model": str(random_pool["base"]),
+        "models": [{**m, "parameters": {"weight": 0.3}} for m in _models(random_pool)], "dtype": "float32", **extra,
+    })
+
+
+def _fw(random_pool, tmp_path, name="fw.yml", **parameters):
+    return write_config(tmp_path / name, {
+        "merge_method": "frank_wolfe", "base_model": str(random_pool["base"]), "models": _models(random_pool),
+        "parameters": {"calibration": str(random_pool["calibration"]), **parameters}, "dtype": "float32",
+    })
+
+
+@pytest.mark.slow
+def test_ta_init_is_exactly_mergekits_merge_at_iteration_zero(random_pool, tmp_path):
+    ta = _ta(random_pool, tmp_path)
+    fw = _fw(random_pool, tmp_path, init=str(ta), epsilon=1e9, iterations=1)  # stops before any step
+    mergekit_yaml(ta, tmp_path / "ta_out", tmp_path / "lora_cache")
+    mergekit_fw_run(fw, tmp_path / "fast")
+    mergekit_yaml(fw, tmp_path / "yaml", tmp_path / "lora_cache")
+    expected = tensors(tmp_path / "ta_out")
+    for out in ("fast", "yaml"):
+        got = tensors(tmp_path / out)
+        assert set(got) == set(expected)
+        unequal = [n for n in expected if not torch.equal(got[n], expected[n])]
+        assert not unequal, (out, unequal[:5])
+    trace = json.loads((tmp_path / "fast" / "fw_trace.json").read_text())
+    assert len(trace["iterations"]) == 1 and trace["iterations"][0]["gamma"] == 0.0 and "epsilon" in trace["stopped"]
+    table = json.loads((tmp_path / "fast" / "fw_table.json").read_text())
+    assert table["vertices"][-1] == "init" and table["init"]["source"] == str(ta)
+
+
+@pytest.mark.slow
+def test_ta_init_run_agrees_in_all_three_paths(random_pool, tmp_path):
+    ta = _ta(random_pool, tmp_path)
+    fw = _fw(random_pool, tmp_path, init=str(ta), iterations=3)
+    mergekit_fw_run(fw, tmp_path / "fast")
+    mergekit_yaml(fw, tmp_path / "yaml", tmp_path / "lora_cache")
+    replay(tmp_path / "fast", tmp_path / "replay", tmp_path / "lora_cache")
+    documents = list(yaml.safe_load_all((tmp_path / "fast" / "fw_mergekit.yml").read_text()))
+    assert [d.get("name") for d in documents] == ["fw-init", None]
+    assert any(m["model"] == "fw-init" for m in documents[1]["models"])
+    fast = tensors(tmp_path / "fast")
+    assert_same_tensors(fast, tensors(tmp_path / "yaml"), tensors(tmp_path / "replay"))
+    table = json.loads((tmp_path / "fast" / "fw_table.json").read_text())
+    init_weight = [w[-1] for w in table["weights"].values()]
+    assert min(init_weight) < 1.0  # the solve moved away from the initial merge
+
+
+def test_continue_from_a_previous_table(random_pool, tmp_path):
+    first = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, iterations=2)))
+    previous = solve(*first, progress=False)
+    previous.table.save(tmp_path / "fw_table.json")
+    spec, params = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, "fw2.yml", init=str(tmp_path / "fw_table.json"), iterations=2)))
+    continued = solve(spec, params, progress=False)
+    assert abs(continued.trace.initial_loss - previous.trace.final_loss) < 1e-9
+    assert continued.trace.final_loss <= previous.trace.final_loss
+    assert continued.table.meta["continued_from"] == str(tmp_path / "fw_table.json")
+
+
+@pytest.mark.parametrize(
+    "init_config, message",
+    [
+        ({"merge_method": "task_arithmetic", "models": "stranger"}, "not in the pool"),
+        ({"merge_method": "frank_wolfe"}, "cannot itself be frank_wolfe"),
+        ({"merge_method": "task_arithmetic", "base_model": "other-base"}, "but the pool's base is"),
+    ],
+)
+def test_bad_init_configs_fail_early_naming_the_file(random_pool, tmp_path, init_config, message):
+    config = {"merge_method": "task_arithmetic", "base_model": str(random_pool["base"]),
+              "models": [{"model": m["model"], "parameters": {"weight": 0.3}} for m in _models(random_pool)]}
+    config.update({k: v for k, v in init_config.items() if k != "models"})
+    if init_config.get("models") == "stranger":
+        config["models"].append({"model": str(tmp_path / "stranger"), "parameters": {"weight": 0.3}})
+    if config["merge_method"] == "frank_wolfe":
+        config["models"] = [{"model": m["model"]} for m in config["models"]]
+        config["parameters"] = {"calibration": "c.jsonl"}
+    init = write_config(tmp_path / "bad_init.yml", config)
+    spec, params = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, init=str(init))))
+    with pytest.raises(ConfigError, match=message) as error:
+        solve(spec, params, progress=False)
+    assert str(init) in str(error.value)
+
+
+def test_missing_init_file_and_mismatched_table_are_named(random_pool, tmp_path):
+    spec, params = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, init=str(tmp_path / "none.yml"))))
+    with pytest.raises(ConfigError, match="parameters.init: file not found"):
+        solve(spec, params, progress=False)
+    other = pool_and_parameters(load_merge_config(write_config(tmp_path / "small.yml", {
+        "merge_method": "frank_wolfe", "base_model": str(random_pool["base"]), "models": _models(random_pool)[:1],
+        "parameters": {"calibration": str(random_pool["calibration"]), "iterations": 1}, "dtype": "float32"})))
+    solve(*other, progress=False).table.save(tmp_path / "small_table.json")
+    spec, params = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, init=str(tmp_path / "small_table.json"))))
+    with pytest.raises(ConfigError, match="candidates .* differ from the pool"):
+        solve(spec, params, progress=False)
+    full = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, "full.yml", iterations=1)))
+    solve(*full, progress=False).table.save(tmp_path / "convex_table.json")
+    spec, params = pool_and_parameters(load_merge_config(
+        _fw(random_pool, tmp_path, "ties.yml", merge_fn="ties", init=str(tmp_path / "convex_table.json"))))
+    with pytest.raises(ConfigError, match="merge_fn 'convex', this run uses 'ties'"):
+        solve(spec, params, progress=False)

@@ -1,0 +1,94 @@
+"""The solve cache: a killed run resumes to the uninterrupted result; a changed
+adapter never reuses a stale solve."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import subprocess_env
+from tests.paths import mergekit_fw_run, tensors, write_config
+
+
+def _config(testbed, path, **parameters):
+    config = yaml.safe_load((testbed.root / "fw.yml").read_text())
+    config["parameters"].update(parameters)
+    return write_config(path, config)
+
+
+def _checkpointed_iterations(cache) -> int:
+    for checkpoint in cache.glob("*/fw_checkpoint.json"):
+        try:
+            return len(json.loads(checkpoint.read_text())["trace"]["iterations"])
+        except (ValueError, KeyError):
+            return 0
+    return 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_solve_then_the_same_command_resumes_to_the_uninterrupted_table(testbed, tmp_path):
+    config = _config(testbed, tmp_path / "fw.yml", iterations=12)
+    killed_cache, out = tmp_path / "killed", tmp_path / "out"
+    argv = ["mergekit-fw", "run", str(config), str(out), "--quiet"]
+    process = subprocess.Popen(argv, env=subprocess_env(MERGEKIT_FW_CACHE=str(killed_cache)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    seen = 0
+    while seen < 2:
+        assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        seen = _checkpointed_iterations(killed_cache)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert not out.exists()
+
+    mergekit_fw_run(config, out, MERGEKIT_FW_CACHE=str(killed_cache))
+    resumed = json.loads((out / "fw_trace.json").read_text())
+    assert len(resumed["resumed_at"]) == 1 and resumed["resumed_at"][0] >= seen
+    assert not list(killed_cache.glob("*/fw_checkpoint.json"))  # cleaned up after the finished solve
+
+    mergekit_fw_run(config, tmp_path / "clean", MERGEKIT_FW_CACHE=str(tmp_path / "clean_cache"))
+    clean = json.loads((tmp_path / "clean" / "fw_trace.json").read_text())
+    assert clean["resumed_at"] == []
+    assert [it["loss"] for it in resumed["iterations"]] == [it["loss"] for it in clean["iterations"]]
+    table = json.loads((out / "fw_table.json").read_text())
+    clean_table = json.loads((tmp_path / "clean" / "fw_table.json").read_text())
+    assert table["weights"] == clean_table["weights"]  # identical, not merely close
+    written, reference = tensors(out), tensors(tmp_path / "clean")
+    assert all(torch.equal(written[name], reference[name]) for name in reference)
+
+
+def test_an_adapter_changed_in_place_is_solved_again(random_pool, tmp_path):
+    from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
+    from mergekit_fw.solve.runner import solve_cached
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(random_pool["adapters"][0], adapter)
+    config = write_config(tmp_path / "fw.yml", {
+        "merge_method": "frank_wolfe",
+        "base_model": str(random_pool["base"]),
+        "models": [{"model": f"{random_pool['base']}+{adapter}"}, {"model": f"{random_pool['base']}+{random_pool['adapters'][1]}"}],
+        "parameters": {"calibration": str(random_pool["calibration"]), "iterations": 2, "cache_dir": str(tmp_path / "cache")},
+    })
+    first = solve_cached(*pool_and_parameters(load_merge_config(config)), progress=False)
+    again = solve_cached(*pool_and_parameters(load_merge_config(config)), progress=False)
+    assert again.reused and again.cache_dir == first.cache_dir
+
+    weights_file = adapter / "adapter_model.safetensors"
+    weights = load_file(str(weights_file))
+    save_file({name: -3 * t if "lora_B" in name else t for name, t in weights.items()}, str(weights_file))
+    changed = solve_cached(*pool_and_parameters(load_merge_config(config)), progress=False)
+    assert not changed.reused and changed.cache_dir != first.cache_dir
+    assert changed.trace.initial_loss == pytest.approx(first.trace.initial_loss)  # same base start
+    assert changed.table.weights.tolist() != first.table.weights.tolist()

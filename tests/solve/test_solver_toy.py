@@ -1,0 +1,176 @@
+"""The solver on a convex toy problem (no model): a quadratic over the convex
+hull of random points, one hull per tensor, with a known optimum."""
+
+import pytest
+import torch
+
+from mergekit_fw.config import FrankWolfeParameters
+from mergekit_fw.oracle import Evaluation
+from mergekit_fw.solve.simplex import check_feasible
+from mergekit_fw.solve.solver import solve
+from mergekit_fw.solve.table import CoefficientTable
+from tests.toy import QuadraticOracle
+
+
+def _params(**settings) -> FrankWolfeParameters:
+    return FrankWolfeParameters(calibration="unused.jsonl", **settings)
+
+
+def _first_within(trace, tolerance: float):
+    return next((r.iteration for r in trace.iterations if r.loss < tolerance), None)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hard_fw_with_line_search_reaches_the_optimum_and_the_gap_closes(seed):
+    oracle = QuadraticOracle(6, 3, 4, seed, inside=True)  # optimum: loss 0
+    _, trace = solve(oracle, oracle.table(), _params(iterations=400, line_search_steps=40), progress=False)
+    assert trace.final_loss < 1e-3
+    gaps = [r.gap for r in trace.iterations]
+    assert gaps[-1] < 0.02 * gaps[0] and gaps[-1] < 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_soft_fw_reaches_the_optimum_in_fewer_iterations(seed):
+    hard = QuadraticOracle(6, 3, 4, seed, inside=True)
+    _, hard_trace = solve(hard, hard.table(), _params(iterations=400, line_search_steps=40), progress=False)
+    soft = QuadraticOracle(6, 3, 4, seed, inside=True)
+    settings = dict(variant="soft", top_k=7, inner_steps=50, inner_lr=0.05, iterations=40)
+    _, soft_trace = solve(soft, soft.table(), _params(**settings), progress=False)
+    hard_at, soft_at = _first_within(hard_trace, 1e-3), _first_within(soft_trace, 1e-3)
+    assert hard_at is not None and soft_at is not None
+    assert soft_at < hard_at
+
+
+def test_soft_fw_matches_the_qp_optimum_on_a_face():
+    """Target outside the hulls: the optimum lies on a face; scipy's QP knows it."""
+    oracle = QuadraticOracle(5, 2, 6, seed=3)
+    optimum = oracle.optimum()
+    _, trace = solve(oracle, oracle.table(), _params(variant="soft", top_k=6, inner_steps=100, inner_lr=0.05, iterations=30), progress=False)
+    assert abs(trace.final_loss - optimum) < 1e-3
+    assert trace.final_loss >= optimum - 1e-9  # never below the true minimum: iterates are feasible
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(),
+        dict(step="schedule"),
+        dict(step="fixed", gamma=0.5),
+        dict(lmo="task"),
+        dict(lmo_score="cosine"),
+        dict(variant="soft", top_k=2),
+        dict(variant="soft", top_k=3, inner_weights="task", lmo="task"),
+        dict(variant="soft", top_k=2, lmo_score="cosine"),
+    ],
+)
+def test_every_iterate_is_feasible_and_monotone_steps_never_raise_the_loss(settings):
+    oracle = QuadraticOracle(5, 4, 3, seed=7)
+    seen = []
+    solve(oracle, oracle.table(), _params(iterations=8, **settings), progress=False,
+          on_iteration=lambda table, record: seen.append((table.weights.clone(), record)))
+    assert seen
+    for weights, record in seen:
+        check_feasible(weights)
+        assert record.gap >= -1e-12
+        if record.loss_after is not None:  # line search and soft steps know their loss
+            assert record.loss_after <= record.loss + 1e-12
+            assert abs(record.loss_after - oracle.loss(weights[1:])) < 1e-9
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(variant="soft", top_k=3)])
+def test_taskwise_and_layerwise_agree_with_one_tensor(variant):
+    runs = []
+    for lmo in ("layer", "task"):
+        oracle = QuadraticOracle(5, 1, 4, seed=11)
+        extra = {"inner_weights": lmo} if variant else {}
+        table, trace = solve(oracle, oracle.table(), _params(iterations=6, lmo=lmo, **variant, **extra), progress=False)
+        runs.append((table.weights, [r.loss for r in trace.iterations]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=1e-12)
+    assert runs[0][1] == pytest.approx(runs[1][1], abs=1e-12)
+
+
+def test_epsilon_stops_and_the_trace_says_why():
+    oracle = QuadraticOracle(4, 2, 3, seed=5)
+    _, trace = solve(oracle, oracle.table(), _params(iterations=50, epsilon=1e9), progress=False)
+    assert len(trace.iterations) == 1 and "epsilon" in trace.stopped
+    _, trace = solve(oracle, oracle.table(), _params(iterations=3), progress=False)
+    assert trace.stopped == "reached iterations = 3"
+
+
+class ScriptedOracle:
+    """Scores fixed per call, to follow the update rule by hand."""
+
+    def __init__(self, scripts, norms):
+        self.scripts, self.norms, self.calls = scripts, norms, 0
+
+    def evaluate(self, coefficients, *, per_task=False):
+        scores = torch.tensor(self.scripts[min(self.calls, len(self.scripts) - 1)], dtype=torch.float64)
+        self.calls += 1
+        return Evaluation(1.0, scores, torch.tensor([1.0], dtype=torch.float64))
+
+    def loss(self, coefficients):
+        return 1.0
+
+    def vertex_norms(self):
+        return torch.tensor(self.norms, dtype=torch.float64)
+
+
+def test_fixed_step_reproduces_the_authors_update_rule_by_hand():
+    """The authors' code: merged = TA(0.3); each iteration picks per tensor the
+    candidate with the most negative cosine (none if all >= 0: a zero task vector,
+    i.e. the base) and sets merged += 0.3 * (2 / (t + 2) * 0.1) * (s - merged).
+
+    Two orthogonal unit task vectors tau_1, tau_2 on tensors a and b; the TA merge
+    0.3 (tau_1 + tau_2) is the init vertex (row 3). Model coefficients on tau_i:
+    a: (0.3, 0.3) -> s=tau_1, gamma 0.03 -> (0.321, 0.291) -> s=tau_2, gamma 0.02 -> (0.31458, 0.30518)
+    b: (0.3, 0.3) -> s=base,  gamma 0.03 -> (0.291, 0.291) -> s=tau_1, gamma 0.02 -> (0.30518, 0.28518)
+    """
+    init = 0.3
+    # scores <g, delta> of tau_1, tau_2 and the init merge (0.3 * the sum), per tensor (a, b)
+    it0 = [[-1.0, 0.2], [0.5, 0.4]]
+    it1 = [[0.5, -0.8], [-1.0, 0.1]]
+    scripts = [rows + [[init * (rows[0][l] + rows[1][l]) for l in range(2)]] for rows in (it0, it1)]
+    norms = [[1.0, 1.0], [1.0, 1.0], [init * 2**0.5] * 2]
+    table = CoefficientTable.at_base(["tau1", "tau2", "init"], ["a", "b"], "toy", "toy")
+    table.init = {"name": "init"}
+    table.weights[:] = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    table, trace = solve(
+        ScriptedOracle(scripts, norms), table, _params(step="fixed", gamma=0.06, lmo_score="cosine", iterations=2), progress=False
+    )
+    assert [r.gamma for r in trace.iterations] == pytest.approx([0.03, 0.02], abs=1e-15)
+    assert [r.choice for r in trace.iterations] == [["tau1", "base"], ["tau2", "tau1"]]
+    c = table.coefficients()
+    model = c[:2] + c[2:3] * init  # coefficient of each tau in the merged model
+    by_hand = torch.tensor([[0.31458, 0.30518], [0.30518, 0.28518]], dtype=torch.float64)
+    torch.testing.assert_close(model, by_hand, rtol=0, atol=1e-12)
+
+    # the same numbers from the published update written out in model space
+    theta = {"a": torch.tensor([init, init]), "b": torch.tensor([init, init])}
+    picks = [{"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 0.0])}, {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([1.0, 0.0])}]
+    for t, s in enumerate(picks):
+        step = 2 / (t + 2) * 0.1
+        for name in theta:
+            theta[name] = theta[name] + 0.3 * step * (s[name] - theta[name])
+    published = torch.stack([theta["a"], theta["b"]], dim=1).to(torch.float64)
+    torch.testing.assert_close(model, published, rtol=0, atol=1e-7)
+
+
+class TwoTaskOracle(QuadraticOracle):
+    """Task 0's scores favour candidate 0, task 1's candidate 1 (their sum favours 0)."""
+
+    def evaluate(self, coefficients, *, per_task=False):
+        evaluation = super().evaluate(coefficients, per_task=False)
+        task_scores = torch.zeros(2, *evaluation.scores.shape, dtype=torch.float64)
+        task_scores[0, 0], task_scores[1, 1] = -3.0, -1.0
+        scores = task_scores.sum(0)
+        return Evaluation(evaluation.loss, scores, torch.tensor([evaluation.loss / 2] * 2, dtype=torch.float64),
+                          task_scores if per_task else None)
+
+
+def test_top_k_per_task_takes_the_union_of_each_tasks_top_k():
+    points = {}
+    for per in ("all", "task"):
+        oracle = TwoTaskOracle(3, 2, 3, seed=2)
+        _, trace = solve(oracle, oracle.table(), _params(variant="soft", top_k=1, top_k_per=per, iterations=1), progress=False)
+        points[per] = trace.iterations[0].points
+    assert points == {"all": 1, "task": 2}
