@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import torch
 
-from evals.testbed.sanity import pool_spec, write_coefficients
+from testbed.sanity import pool_spec, write_coefficients
 from mergekit_fw.calibration import CalibrationBatch, CalibrationSet, build_calibration
 
 LOG = logging.getLogger(__name__)

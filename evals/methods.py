@@ -42,8 +42,9 @@ import torch
 import yaml
 
 from evals.common import THREADS, child_env
-from evals.testbed.build import Pool, read_rows, train_mtl
-from evals.testbed.data import calibration_file
+from testbed.build import Pool, train_mtl
+from testbed.data import read_rows
+from testbed.data import calibration_file
 
 LOG = logging.getLogger(__name__)
 TA_LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -159,14 +160,14 @@ def weighted_sum_model(cell: Cell, weights: Sequence[float]):
     """base + sum_i w_i delta_i, written by mergekit-fw's streaming writer and loaded
     back: the same sum mergekit's task_arithmetic computes, without a subprocess
     per candidate lambda."""
-    from evals.testbed.sanity import merged_model
+    from testbed.sanity import merged_model
 
     return merged_model(cell.pool, cell.entries, weights)
 
 
 def calibration_score(model, tokenizer, cell: Cell) -> float:
     """Mean over asked tasks of the greedy score on the cell's calibration rows."""
-    from evals.testbed.build import greedy_scores
+    from testbed.build import greedy_scores
 
     return sum(greedy_scores(model, tokenizer, read_rows(cell.pool.files[t].calib, cell.per_task)) for t in cell.asked) / len(cell.asked)
 

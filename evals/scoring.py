@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Dict, Mapping, Sequence
 
-from evals.testbed.build import Pool
-from evals.testbed.data import lm_eval_name, metric
-from evals.testbed.tasks import BY_NAME
+from testbed.build import Pool
+from testbed.data import lm_eval_name, metric
+from testbed.tasks import BY_NAME
 
 LOG = logging.getLogger(__name__)
 BATCH_SIZE = 64

@@ -35,7 +35,7 @@ def build_base(folder: Path, *, layers: int = 2, dtype: torch.dtype = torch.bflo
     model is never instantiated, so building needs about one tensor of memory)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mergekit_fw.testbed import SKILLS, build_tokenizer
+    from testbed.build import SIX as SKILLS, build_tokenizer
 
     folder = Path(folder)
     if (folder / _DONE).is_file():
@@ -92,14 +92,14 @@ def build_adapter(base: Path, folder: Path, *, index: int, layers: int = 2, seed
 def write_calibration(path: Path, *, tasks: Sequence[str] = ("reverse", "sort"), samples: int = 4,
                       length: int = 24, seed: int = 0) -> Path:
     """Symbol-task rows of about ``length + 10`` tokens each."""
-    from mergekit_fw.testbed import SKILLS, SYMBOLS
+    from testbed.tasks import BY_NAME, SYMBOLS
 
     rng = random.Random(seed)
     rows: List[str] = []
     for task in tasks:
         for _ in range(samples):
             seq = [rng.choice(SYMBOLS) for _ in range(length)]
-            answer = " ".join(SKILLS[task](seq[:8]))
+            answer = " ".join(BY_NAME[task].answer(seq[:8]))  # type: ignore[misc]
             rows.append(json.dumps({"task": task, "prompt": f"{task} {' '.join(seq)} =", "completion": " " + answer}))
     path.write_text("\n".join(rows) + "\n")
     return path

@@ -29,9 +29,21 @@ def subprocess_env(**extra: str) -> dict:
 @pytest.fixture(scope="session")
 def testbed(tmp_path_factory):
     """The small trained pool: 2 asked tasks, 4 irrelevant LoRAs (~25 s)."""
-    from mergekit_fw.testbed import build_testbed
+    from testbed.asked import build_testbed
 
     return build_testbed(tmp_path_factory.mktemp("testbed"), size="small", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pool(tmp_path_factory):
+    """A miniature evidence pool (every kind of member, seconds to build)."""
+    from testbed.build import PoolSize, build_pool
+    from testbed.data import Sizes
+
+    tiny = PoolSize("tiny", hidden=32, layers=1, heads=2, base_steps=60, lora_steps=30, dense_steps=20, batch=16,
+                    tasks=("reverse", "sort", "firstlow"), duplicates=("reverse",), noisy=("sort",), dense=("reverse",),
+                    data=Sizes(train=20, calib=8, test=6))
+    return build_pool(tmp_path_factory.mktemp("tb") / "pool", tiny, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +56,7 @@ def random_pool(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mergekit_fw.testbed import SKILLS, build_tokenizer
+    from testbed.build import SIX as SKILLS, build_tokenizer
 
     root = tmp_path_factory.mktemp("random_pool")
     base_dir = root / "base"

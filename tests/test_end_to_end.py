@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 
-from mergekit_fw.testbed import exact_match, read_jsonl
+from testbed.build import greedy_scores as exact_match
+from testbed.data import read_rows as read_jsonl
 from tests.paths import (
     assert_same_tensors,
     mergekit_fw_run,

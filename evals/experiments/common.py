@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from evals.common import RESULTS, THREADS, machine
 from evals.methods import Cell, Method, Workspace
 from evals.scoring import individual_scores, normalized, test_scores
-from evals.testbed.build import SIZES, Pool, build_pool
+from testbed.build import SIZES, Pool, build_pool
 
 LOG = logging.getLogger(__name__)
 

@@ -1,7 +1,4 @@
-"""The evidence testbed (issue 6): tasks, pools and data whose relevance we control.
-
-Built deterministically from a seed, cached on disk, in ``--quick`` and full
-sizes. This package holds the pieces that are fixed before any method is scored:
-the task catalogue (:mod:`evals.testbed.tasks`) and its data and lm-eval task
-files (:mod:`evals.testbed.data`).
+"""The evidence's commands on the shared testbed (:mod:`testbed`, the repository's
+one builder of synthetic pools): ``python -m evals.testbed`` builds a size and writes
+its sanity table to ``evals/results/``; :mod:`evals.testbed.probe` probes a recipe.
 """

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from evals.common import THREADS, machine, write_results
-from evals.testbed.build import SIZES, build_pool
-from evals.testbed.sanity import markdown, sanity_table
+from testbed.build import SIZES, build_pool
+from testbed.sanity import markdown, sanity_table
 
 ASKED = {"quick": ("reverse", "sort", "shiftup", "firstbigger"), "full": ("reverse", "sort", "cipher", "firstbigger")}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from evals.common import THREADS
-from evals.testbed.build import (
+from testbed.build import (
     LORA_STYLES,
     SIZES,
     _pool_from_manifest,
@@ -26,7 +26,7 @@ from evals.testbed.build import (
     read_rows,
     train_lora,
 )
-from evals.testbed.sanity import LAMBDAS, merged_model
+from testbed.sanity import LAMBDAS, merged_model
 
 
 def main() -> None:

@@ -46,7 +46,8 @@ def test_lm_eval_scores_agree_with_an_independent_scorer(quick):
 
     from evals.experiments.common import run_cell
     from evals.methods import method
-    from evals.testbed.build import greedy_scores, read_rows
+    from testbed.build import greedy_scores
+    from testbed.data import read_rows
 
     cell = quick.cell(quick.main_members())
     record = run_cell(quick, cell, method("base"))

@@ -87,7 +87,7 @@ def _big_pool(root):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mergekit_fw.testbed import SKILLS, build_tokenizer
+    from testbed.build import SIX as SKILLS, build_tokenizer
 
     build_tokenizer(root / "base", list(SKILLS))
     torch.manual_seed(0)

@@ -34,15 +34,14 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from evals.testbed.data import Sizes, TaskFiles, write_task_data
-from evals.testbed.tasks import BY_NAME, LENGTH, SYMBOLS, Task, sequences, words
-from mergekit_fw.testbed import build_tokenizer, set_lora_strength
+from testbed.data import Sizes, TaskFiles, read_rows, write_task_data
+from testbed.tasks import BY_NAME, LENGTH, SYMBOLS, Task, sequences, words
 
 LOG = logging.getLogger(__name__)
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -76,6 +75,14 @@ class PoolSize:
 
 
 ALL_TASKS = tuple(BY_NAME)
+# the tests' and the bundled example's six skills: all four-symbol answers, so the base
+# confuses every one with every other (it has the skills, not the routing)
+SIX = ("reverse", "sort", "rotate", "swappairs", "copy", "shiftup")
+SMALL = PoolSize(
+    "small", hidden=64, layers=2, heads=4, base_steps=900, lora_steps=400, dense_steps=0, batch=64,
+    tasks=SIX, duplicates=(), noisy=(), dense=(), data=Sizes(train=200, calib=100, test=50),
+)
+EXAMPLE = replace(SMALL, name="example", data=Sizes(train=200, calib=100, test=100))  # more held-out rows
 QUICK = PoolSize(
     "quick", hidden=64, layers=2, heads=4, base_steps=900, lora_steps=600, dense_steps=120, batch=64,
     tasks=("reverse", "sort", "rotate", "swappairs", "shiftup", "mirror", "cipher", "double", "firstlow", "firstbigger"),
@@ -88,7 +95,51 @@ FULL = PoolSize(
     noisy=("reverse", "sort", "cipher"), dense=("rotate", "shiftup", "countlow"),
     data=Sizes(train=400, calib=100, test=200),
 )
-SIZES = {"quick": QUICK, "full": FULL}
+SIZES = {"small": SMALL, "example": EXAMPLE, "quick": QUICK, "full": FULL}
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def build_tokenizer(folder: Path, tasks: Sequence[str], extra_words: Sequence[str] = ()):
+    """A word-level tokenizer trained with ``tokenizers``, saved as a HF fast tokenizer
+    (task names, symbols, ``=`` and any ``extra_words``)."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIALS)
+    corpus = [f"{t} {' '.join(SYMBOLS[:LENGTH])} =" for t in tasks] + [" ".join(SYMBOLS)] + list(extra_words)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def set_lora_strength(model, factor: float) -> None:
+    """Scale every LoRA layer to ``factor`` of its trained strength (alternating full
+    and half strength in training keeps an adapter useful when a merge scales it down).
+    The full scaling is remembered on first use, so rsLoRA's alpha/sqrt(r) is kept too."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            full = getattr(module, "_full_scaling", None)
+            if full is None:
+                full = module._full_scaling = dict(module.scaling)
+            for name in module.scaling:
+                module.scaling[name] = full[name] * factor
+
 
 
 def answer_format(task: Task) -> Tuple[str, object]:
@@ -283,7 +334,8 @@ def build_pool(root: Path, size: PoolSize, seed: int = 0) -> Pool:
     base, noisy_base = root / "base", root / "noisy_base"
     tokenizer = build_tokenizer(base, list(BY_NAME), extra_words=vocabulary)
     pretrained_base(base, tokenizer, size, seed)
-    pretrained_base(noisy_base, tokenizer, size, seed + 1000)  # another initialisation: the noisy members' base
+    if size.noisy:  # another initialisation: the noisy members' base
+        pretrained_base(noisy_base, tokenizer, size, seed + 1000)
     write_task_data(root, size.tasks, size.data, seed)  # read back by _pool_from_manifest
     candidates: List[dict] = []
     plan = [(task, "task", base, seed + 100 + i) for i, task in enumerate(size.tasks)]
@@ -384,8 +436,3 @@ def skill_share(model, tokenizer, rows: Sequence[dict], task: str, tasks: Sequen
     got = greedy_answers(model, tokenizer, rows)
     inputs = [tuple(r["prompt"].split()[1:-1]) for r in rows]
     return sum(any(rule.completion(seq) == g for rule in rules) for seq, g in zip(inputs, got)) / len(rows)
-
-
-def read_rows(path: Path, limit: Optional[int] = None) -> List[dict]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return rows[:limit] if limit else rows

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from evals.testbed import build
-from evals.testbed.build import build_pool, greedy_scores, read_rows, train_mtl
-from tests.evals.conftest import TINY
+from testbed import build
+from testbed.build import build_pool, greedy_scores, train_mtl
+from testbed.data import read_rows
 
 
 def test_every_member_is_built_and_recorded(tiny_pool):
@@ -40,7 +40,7 @@ def test_noisy_base_is_another_initialisation(tiny_pool):
 
 def test_a_complete_build_is_reused(tiny_pool, monkeypatch):
     monkeypatch.setattr(build, "train_base", lambda *a, **k: pytest.fail("retrained a cached pool"))
-    again = build_pool(tiny_pool.root, TINY, seed=0)
+    again = build_pool(tiny_pool.root, tiny_pool.size, seed=0)
     assert again.candidates == tiny_pool.candidates
 
 
@@ -63,7 +63,7 @@ def test_sanity_table_merges_the_relevant_adapters_exactly(tiny_pool):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from evals.testbed.sanity import markdown, merged_model, sanity_table
+    from testbed.sanity import markdown, merged_model, sanity_table
 
     entries = [tiny_pool.candidate("reverse"), tiny_pool.candidate("sort")]
     merged = merged_model(tiny_pool, entries, [0.5, 0.5]).state_dict()
@@ -92,16 +92,16 @@ def test_a_base_trained_by_the_same_recipe_is_reused(tiny_pool, monkeypatch):
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_pool.base))
     monkeypatch.setattr(build, "train_base", lambda *a, **k: pytest.fail("retrained a base of the same recipe"))
-    build.pretrained_base(tiny_pool.base, tokenizer, TINY, seed=0)
-    build.pretrained_base(tiny_pool.noisy_base, tokenizer, TINY, seed=1000)
+    build.pretrained_base(tiny_pool.base, tokenizer, tiny_pool.size, seed=0)
+    build.pretrained_base(tiny_pool.noisy_base, tokenizer, tiny_pool.size, seed=1000)
     # the members' recipe is not the base's: a change there keeps the base
-    build.pretrained_base(tiny_pool.base, tokenizer, replace(TINY, lora_steps=TINY.lora_steps + 1), seed=0)
+    build.pretrained_base(tiny_pool.base, tokenizer, replace(tiny_pool.size, lora_steps=tiny_pool.size.lora_steps + 1), seed=0)
     trained = []
     monkeypatch.setattr(build, "train_base", lambda folder, *a, **k: trained.append(folder))
     key = (tiny_pool.base / build.BASE_KEY_FILE).read_text()
     try:
-        build.pretrained_base(tiny_pool.base, tokenizer, replace(TINY, base_lr=TINY.base_lr / 2), seed=0)
-        build.pretrained_base(tiny_pool.base, tokenizer, TINY, seed=1)
+        build.pretrained_base(tiny_pool.base, tokenizer, replace(tiny_pool.size, base_lr=tiny_pool.size.base_lr / 2), seed=0)
+        build.pretrained_base(tiny_pool.base, tokenizer, tiny_pool.size, seed=1)
     finally:
         (tiny_pool.base / build.BASE_KEY_FILE).write_text(key)
     assert trained == [tiny_pool.base, tiny_pool.base]

@@ -6,7 +6,7 @@ For an asked set of tasks: the base's score, each task's own adapter's score (th
 individual upper bound), and the relevant adapters merged inside the convex hull
 (1/k each, the region Frank-Wolfe searches), by plain addition (1 each), and by
 task arithmetic with one scaling picked on the calibration rows. Scores
-here are the fast in-process ones (:func:`evals.testbed.build.greedy_scores`).
+here are the fast in-process ones (:func:`testbed.build.greedy_scores`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from evals.testbed.build import Pool, greedy_scores, read_rows, skill_share
+from testbed.build import Pool, greedy_scores, skill_share
+from testbed.data import read_rows
 
 LAMBDAS = (0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
 

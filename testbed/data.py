@@ -13,12 +13,40 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from evals.testbed.tasks import BY_NAME, Task, sequences
-from mergekit_fw.testbed import LM_EVAL_TASK, write_jsonl
+from testbed.tasks import BY_NAME, Task, sequences
 
 PREFIX = "fwtb_"  # lm-eval task names: fwtb_<task>
+
+LM_EVAL_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{completion}}}}"
+target_delimiter: " "
+generation_kwargs:
+  until: []
+  max_gen_toks: {tokens}
+  do_sample: false
+filter_list:
+  - name: strip
+    filter:
+      - function: regex
+        regex_pattern: "^\\\\s*(.*?)\\\\s*$"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
 
 LM_EVAL_CHOICE_TASK = """task: {name}
 dataset_path: json
@@ -38,6 +66,17 @@ metric_list:
 metadata:
   version: 1.0
 """
+
+
+def write_jsonl(path: Path, rows: List[dict]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def read_rows(path: Path, limit: Optional[int] = None) -> List[dict]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
 
 
 @dataclass(frozen=True)

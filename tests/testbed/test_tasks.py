@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import random
 
-from evals.testbed.data import Sizes, calibration_file, lm_eval_name, write_task_data
-from evals.testbed.tasks import BY_NAME, SYMBOLS, TASKS, sequences, split_of, words
+from testbed.data import Sizes, calibration_file, lm_eval_name, write_task_data
+from testbed.tasks import BY_NAME, SYMBOLS, TASKS, sequences, split_of, words
 
 FAMILIES = {"string", "arithmetic", "lookup", "short", "choice"}
 
