@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
 
 import torch
 
@@ -42,17 +42,20 @@ class CalibrationBatch:
     positions: torch.Tensor  # (B, T) bool, logit positions the objective counts
     task: int  # every row of a batch belongs to this task
 
-    def to(self, device) -> "CalibrationBatch":
+    def to(self, device) -> CalibrationBatch:
         return CalibrationBatch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
-            self.positions.to(device), self.task,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.targets.to(device),
+            self.positions.to(device),
+            self.task,
         )
 
 
 @dataclass
 class CalibrationSet:
-    tasks: List[str]
-    batches: List[CalibrationBatch]
+    tasks: list[str]
+    batches: list[CalibrationBatch]
     counted_positions: torch.Tensor  # (n_tasks,) positions the objective counts, per task
     objective: str = "cross_entropy"
 
@@ -61,7 +64,7 @@ class CalibrationSet:
         return sum(int(b.input_ids.shape[0]) for b in self.batches)
 
 
-def read_jsonl(path: Path, *, labelled: bool = True) -> List[CalibrationExample]:
+def read_jsonl(path: Path, *, labelled: bool = True) -> list[CalibrationExample]:
     """Read and validate every line, so a bad file fails before any model loads.
 
     Unlabelled data (the entropy objective) needs only ``task`` and ``prompt``.
@@ -84,8 +87,7 @@ def read_jsonl(path: Path, *, labelled: bool = True) -> List[CalibrationExample]
             for key in ("task", "prompt", "completion"):
                 if not isinstance(record.get(key), str):
                     raise CalibrationError(
-                        f"{path}:{number}: field {key!r} must be a string "
-                        f"(got {type(record.get(key)).__name__})"
+                        f"{path}:{number}: field {key!r} must be a string (got {type(record.get(key)).__name__})"
                     )
             if labelled and not record["completion"]:
                 raise CalibrationError(f"{path}:{number}: empty completion")
@@ -99,9 +101,9 @@ def read_jsonl(path: Path, *, labelled: bool = True) -> List[CalibrationExample]
 
 def select_per_task(
     examples: Sequence[CalibrationExample], samples_per_task: int
-) -> "OrderedDict[str, List[CalibrationExample]]":
+) -> OrderedDict[str, list[CalibrationExample]]:
     """The first N examples of each task, tasks in order of first appearance."""
-    by_task: "OrderedDict[str, List[CalibrationExample]]" = OrderedDict()
+    by_task: OrderedDict[str, list[CalibrationExample]] = OrderedDict()
     for example in examples:
         bucket = by_task.setdefault(example.task, [])
         if len(bucket) < samples_per_task:
@@ -169,5 +171,7 @@ def build_calibration(
                     positions[row, :n_prompt] = True
             counted[task_index] += float(positions.sum())
             batches.append(CalibrationBatch(input_ids, attention, targets, positions, task_index))
-    LOG.info("calibration: %d examples over %d tasks (%s)", sum(map(len, by_task.values())), len(tasks), ", ".join(tasks))
+    LOG.info(
+        "calibration: %d examples over %d tasks (%s)", sum(map(len, by_task.values())), len(tasks), ", ".join(tasks)
+    )
     return CalibrationSet(tasks=tasks, batches=batches, counted_positions=counted, objective=objective)

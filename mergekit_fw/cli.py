@@ -13,7 +13,6 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
 
 import click
 
@@ -29,10 +28,10 @@ def _parameters_help() -> str:
     return "\n".join(lines)
 
 
-
-
-def _setup(verbose: bool, threads: Optional[int]) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _setup(verbose: bool, threads: int | None) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if threads:
         import torch
 
@@ -69,7 +68,15 @@ _quiet = click.option("--quiet", is_flag=True, help="No progress bars.")
 @_verbose
 @_threads
 @_quiet
-def run(config_file: Path, out_path: Path, out_shard_size: str, overwrite: bool, verbose: bool, threads: Optional[int], quiet: bool) -> None:
+def run(
+    config_file: Path,
+    out_path: Path,
+    out_shard_size: str,
+    overwrite: bool,
+    verbose: bool,
+    threads: int | None,
+    quiet: bool,
+) -> None:
     """Solve and write the merged model, never expanding LoRAs to full copies.
 
     Under ``accelerate launch --num_processes N`` (or torchrun) the calibration
@@ -125,8 +132,14 @@ def _write(result, merge_config, out_path: Path, shard_size: int, quiet: bool) -
 
 @main.command()
 @click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--to", "target", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for the PNGs (default: OUT_PATH).")
-def report(out_path: Path, target: Optional[Path]) -> None:
+@click.option(
+    "--to",
+    "target",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the PNGs (default: OUT_PATH).",
+)
+def report(out_path: Path, target: Path | None) -> None:
     """Draw a finished run's figures (also written into every output): loss and FW gap
     per iteration, the coefficient table as a heatmap, and the LMO's scores per
     candidate per calibration task."""
@@ -160,7 +173,10 @@ def inspect(config_file: Path, as_json: bool) -> None:
         merge_config = load_merge_config(config_file)
         spec, params = pool_and_parameters(merge_config, source=str(config_file))
         check = check_pool(
-            spec, exclude_outliers=params.exclude_outliers, pickles_to=pickles_folder(params), cache=cache_root(params) / "checks"
+            spec,
+            exclude_outliers=params.exclude_outliers,
+            pickles_to=pickles_folder(params),
+            cache=cache_root(params) / "checks",
         )
     except (ConfigError, ValueError, OSError) as error:
         _fail(error)
@@ -171,11 +187,17 @@ def inspect(config_file: Path, as_json: bool) -> None:
 
 @main.command(epilog=_parameters_help())
 @_config_arg
-@click.option("--table", "table_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Where to write the coefficient table JSON.")
+@click.option(
+    "--table",
+    "table_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the coefficient table JSON.",
+)
 @_verbose
 @_threads
 @_quiet
-def solve(config_file: Path, table_path: Path, verbose: bool, threads: Optional[int], quiet: bool) -> None:
+def solve(config_file: Path, table_path: Path, verbose: bool, threads: int | None, quiet: bool) -> None:
     """Run only the optimisation and save the coefficient table."""
     _setup(verbose, threads)
     try:
@@ -203,9 +225,21 @@ def solve(config_file: Path, table_path: Path, verbose: bool, threads: Optional[
 
 @main.command()
 @click.argument("table_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Output YAML (default: fw_mergekit.yml beside the table).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The fw.yml the table came from, to carry over dtype and tokenizer settings.")
-def export(table_path: Path, output: Optional[Path], config_file: Optional[Path]) -> None:
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Output YAML (default: fw_mergekit.yml beside the table).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The fw.yml the table came from, to carry over dtype and tokenizer settings.",
+)
+def export(table_path: Path, output: Path | None, config_file: Path | None) -> None:
     """Write stock mergekit config(s) for a table: task_arithmetic or ties with per-tensor
     weights, preceded by the initial merge (for mergekit-multi) when the run had one."""
     try:

@@ -7,8 +7,9 @@ single source of the CLI's ``--help`` and the README's parameter table.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Optional
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -30,7 +31,7 @@ class FrankWolfeParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     calibration: str = Field(
-        description="Path to the calibration JSONL: one {\"task\", \"prompt\", \"completion\"} "
+        description='Path to the calibration JSONL: one {"task", "prompt", "completion"} '
         "object per line; a relative path is taken from the working directory."
     )
     samples_per_task: int = Field(
@@ -58,18 +59,14 @@ class FrankWolfeParameters(BaseModel):
         "or 'cosine', that divided by the vertex's norm (what the authors' code computes).",
     )
     iterations: int = Field(10, ge=1, description="Maximum number of Frank-Wolfe iterations.")
-    epsilon: float = Field(
-        0.0, ge=0.0, description="Stop once the Frank-Wolfe gap is at or below this value."
-    )
+    epsilon: float = Field(0.0, ge=0.0, description="Stop once the Frank-Wolfe gap is at or below this value.")
     step: Literal["line_search", "schedule", "fixed"] = Field(
         "line_search",
         description="Hard FW step size: 'line_search' (golden-section search of gamma in [0, 1] on "
         "the calibration loss; never increases it), 'schedule' (gamma = 2 / (t + 2)) or 'fixed' "
         "(gamma_t = gamma / (t + 2), the authors' published rule).",
     )
-    line_search_steps: int = Field(
-        8, ge=2, le=64, description="Loss evaluations of the golden-section line search."
-    )
+    line_search_steps: int = Field(8, ge=2, le=64, description="Loss evaluations of the golden-section line search.")
     gamma: float = Field(
         0.06,
         gt=0.0,
@@ -77,9 +74,7 @@ class FrankWolfeParameters(BaseModel):
         description="Numerator of the 'fixed' step rule gamma_t = gamma / (t + 2); the authors' "
         "code uses 0.06 (step_size 0.1 times their 0.3 task-arithmetic scaling times 2).",
     )
-    top_k: int = Field(
-        2, ge=1, description="Soft FW: vertices taken from the LMO's ranking at every iteration."
-    )
+    top_k: int = Field(2, ge=1, description="Soft FW: vertices taken from the LMO's ranking at every iteration.")
     top_k_per: Literal["all", "task"] = Field(
         "all",
         description="Soft FW: rank vertices by the whole objective ('all') or take the top_k of "
@@ -87,12 +82,9 @@ class FrankWolfeParameters(BaseModel):
     )
     inner_weights: Literal["layer", "task"] = Field(
         "layer",
-        description="Soft FW: one simplex of weights per tensor ('layer') or one for the whole "
-        "model ('task').",
+        description="Soft FW: one simplex of weights per tensor ('layer') or one for the whole model ('task').",
     )
-    inner_steps: int = Field(
-        10, ge=1, le=1000, description="Soft FW: projected gradient steps of the inner problem."
-    )
+    inner_steps: int = Field(10, ge=1, le=1000, description="Soft FW: projected gradient steps of the inner problem.")
     inner_lr: float = Field(
         1.0,
         gt=0.0,
@@ -117,9 +109,7 @@ class FrankWolfeParameters(BaseModel):
         description="merge_fn ties: fraction of each task vector's largest-magnitude entries kept.",
     )
     batch_size: int = Field(16, ge=1, description="Calibration sequences per forward pass.")
-    max_length: int = Field(
-        512, ge=8, description="Longest calibration sequence in tokens; longer ones are cut."
-    )
+    max_length: int = Field(512, ge=8, description="Longest calibration sequence in tokens; longer ones are cut.")
     seed: int = Field(0, description="Seed for every random choice of the solve.")
     oracle_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
@@ -133,7 +123,7 @@ class FrankWolfeParameters(BaseModel):
         "keeping them: less memory for long calibration batches, about one more forward pass of "
         "time. Does not change the result.",
     )
-    device_map: Optional[str] = Field(
+    device_map: str | None = Field(
         None,
         description="Where the oracle's model lives: unset = the GPU if there is one (the process's "
         "own under data parallel), else the CPU; a device ('cpu', 'cuda:1'); or Accelerate's "
@@ -152,10 +142,9 @@ class FrankWolfeParameters(BaseModel):
         "torch's restricted unpickler and converted to safetensors once, in the cache. Only for "
         "files you trust; never on by default.",
     )
-    cache_dir: Optional[str] = Field(
+    cache_dir: str | None = Field(
         None,
-        description="Where solves are cached by fingerprint (default: $MERGEKIT_FW_CACHE or "
-        "~/.cache/mergekit_fw).",
+        description="Where solves are cached by fingerprint (default: $MERGEKIT_FW_CACHE or ~/.cache/mergekit_fw).",
     )
 
     @field_validator("calibration")
@@ -169,13 +158,11 @@ class FrankWolfeParameters(BaseModel):
     @classmethod
     def _init_kind(cls, value: str) -> str:
         if value != "base" and not value.endswith((".json", ".yml", ".yaml")):
-            raise ValueError(
-                "init must be 'base', a mergekit config (.yml/.yaml) or a coefficient table (.json)"
-            )
+            raise ValueError("init must be 'base', a mergekit config (.yml/.yaml) or a coefficient table (.json)")
         return value
 
     @model_validator(mode="after")
-    def _settings_fit_the_variant(self) -> "FrankWolfeParameters":
+    def _settings_fit_the_variant(self) -> FrankWolfeParameters:
         """A setting that the chosen variant ignores is almost always a typo in intent:
         name it instead of silently doing something else."""
         given = self.model_fields_set
@@ -195,7 +182,7 @@ class FrankWolfeParameters(BaseModel):
                 raise ValueError(f"{name} needs {other}: {needed} ({why}); {other} is {getattr(self, other)!r}")
         return self
 
-    def resolved_init(self) -> Optional[Path]:
+    def resolved_init(self) -> Path | None:
         """The init file, checked to exist (None for the base)."""
         if self.init == "base":
             return None
@@ -210,16 +197,17 @@ class FrankWolfeParameters(BaseModel):
         path = Path(self.calibration).expanduser()
         if not path.is_file():
             raise ConfigError(
-                f"parameters.calibration: file not found: {self.calibration!r} "
-                f"(resolved to {path.resolve()})"
+                f"parameters.calibration: file not found: {self.calibration!r} (resolved to {path.resolve()})"
             )
         return path.resolve()
 
-    def fingerprint_fields(self) -> Dict[str, Any]:
+    def fingerprint_fields(self) -> dict[str, Any]:
         """Fields that change the result. The cache location and where or how the
         oracle runs do not, so a run resumed on another device (say, with gradient
         checkpointing after running out of memory) continues the same solve."""
-        return self.model_dump(exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map", "allow_pickle"})
+        return self.model_dump(
+            exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map", "allow_pickle"}
+        )
 
 
 def from_method_kwargs(kwargs: Mapping[str, Any]) -> FrankWolfeParameters:
@@ -230,16 +218,12 @@ def from_method_kwargs(kwargs: Mapping[str, Any]) -> FrankWolfeParameters:
     config itself was validated by :func:`parse_parameters` before planning).
     """
     fields = FrankWolfeParameters.model_fields
-    given = {
-        k: v for k, v in kwargs.items() if k in fields and (fields[k].is_required() or v != fields[k].default)
-    }
+    given = {k: v for k, v in kwargs.items() if k in fields and (fields[k].is_required() or v != fields[k].default)}
     return FrankWolfeParameters(**given)
 
 
-def parameter_descriptions() -> Dict[str, str]:
-    return {
-        name: field.description or "" for name, field in FrankWolfeParameters.model_fields.items()
-    }
+def parameter_descriptions() -> dict[str, str]:
+    return {name: field.description or "" for name, field in FrankWolfeParameters.model_fields.items()}
 
 
 def shown_key(key: object) -> str:
@@ -248,7 +232,7 @@ def shown_key(key: object) -> str:
     return text if text.isidentifier() else repr(text)
 
 
-def parse_parameters(raw: Optional[Mapping[str, Any]], *, source: str = "config") -> FrankWolfeParameters:
+def parse_parameters(raw: Mapping[str, Any] | None, *, source: str = "config") -> FrankWolfeParameters:
     """Validate a ``parameters:`` block, naming the offending field on failure."""
     raw = dict(raw or {})
     for key, value in raw.items():

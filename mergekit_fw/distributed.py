@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -41,7 +42,7 @@ class Processes:
     def parallel(self) -> bool:
         return self.world_size > 1
 
-    def shard(self, items: Sequence[T]) -> List[T]:
+    def shard(self, items: Sequence[T]) -> list[T]:
         """This process's share: every ``world_size``-th item from ``rank``."""
         return list(items[self.rank :: self.world_size])
 
@@ -86,7 +87,7 @@ class Processes:
             self.barrier()
 
 
-_CURRENT: Optional[Processes] = None
+_CURRENT: Processes | None = None
 
 
 def launched_world_size() -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, Mapping, Sequence, Union
 
 LOG = logging.getLogger(__name__)
 
@@ -23,10 +23,10 @@ def lm_eval_scores(
     tasks: Sequence[str],
     include_path: Path,
     *,
-    metric: Union[str, Mapping[str, str]] = "exact_match",
+    metric: str | Mapping[str, str] = "exact_match",
     batch_size: int = 64,
     device: str = "cpu",
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """``metric`` per task for an HF model folder, via ``lm_eval.simple_evaluate``; one
     call for every task, so the model is loaded once. ``metric``: one name for every
     task, or a name per task (generation tasks report exact match, multiple-choice

@@ -7,8 +7,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -29,7 +29,7 @@ def write_json_atomic(path: Path, data: object) -> None:
         raise
 
 
-def file_fingerprint(paths: Iterable[Path], small_limit: int = 1 << 20) -> List[Tuple[str, str]]:
+def file_fingerprint(paths: Iterable[Path], small_limit: int = 1 << 20) -> list[tuple[str, str]]:
     """(path, digest) per file: content hash for small files, size+mtime for weights.
 
     Size+mtime is what notices a rebuilt pool at the same path (the case where

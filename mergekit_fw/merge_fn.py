@@ -16,24 +16,24 @@ reproduce it exactly. (Under ``ties`` a lone vertex is still trimmed.)
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 import torch
 
 # (name, base, deltas, weights) -> merged tensor; only non-zero weights are passed
-MergeFunction = Callable[[str, torch.Tensor, List[torch.Tensor], List[float]], torch.Tensor]
+MergeFunction = Callable[[str, torch.Tensor, list[torch.Tensor], list[float]], torch.Tensor]
 # density -> mergekit's TIES as a MergeFunction
 TiesKernel = Callable[[float], MergeFunction]
 
 
-def convex_merge(name: str, base: torch.Tensor, deltas: List[torch.Tensor], weights: List[float]) -> torch.Tensor:
+def convex_merge(name: str, base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     acc = base.clone()
     for delta, weight in zip(deltas, weights):
         acc.add_(delta, alpha=weight)
     return acc
 
 
-def merge_function(merge_fn: str, density: Optional[float] = None, ties: Optional[TiesKernel] = None) -> MergeFunction:
+def merge_function(merge_fn: str, density: float | None = None, ties: TiesKernel | None = None) -> MergeFunction:
     """``ties`` is mergekit's kernel, needed only for ``merge_fn: ties``."""
     if merge_fn == "convex":
         return convex_merge
@@ -46,7 +46,7 @@ def merge_function(merge_fn: str, density: Optional[float] = None, ties: Optiona
     raise ValueError(f"unknown merge_fn {merge_fn!r}")
 
 
-def single_vertex(weights: List[float]) -> Optional[int]:
+def single_vertex(weights: list[float]) -> int | None:
     """The index of the only non-zero weight when it is exactly 1, else None."""
     nonzero = [i for i, w in enumerate(weights) if w != 0.0]
     if len(nonzero) == 1 and weights[nonzero[0]] == 1.0:

@@ -133,8 +133,11 @@ def test_mergekit_is_imported_by_the_integration_folder_alone():
     assert outside == []
 
 
-def test_every_folder_says_its_job():
-    for init in PACKAGE.rglob("__init__.py"):
+def test_every_folder_is_a_package_that_says_its_job():
+    folders = {path.parent for path in PACKAGE.rglob("*.py")}
+    for folder in sorted(folders):
+        init = folder / "__init__.py"
+        assert init.is_file(), f"{folder} has no __init__.py (a namespace package by accident)"
         docstring = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
         assert docstring, f"{init} has no docstring saying what the folder is for"
 

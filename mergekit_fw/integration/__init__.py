@@ -8,6 +8,7 @@ calibration, oracle, solve, output) never import it; what they need of mergekit
 * :mod:`.configs`: mergekit configs into a pool spec and settings, dtypes, sizes;
 * :mod:`.stock`: mergekit's own machinery handed down (TIES, stock merges, its card);
 * :mod:`.replay`: the stock configs that reproduce a merge without this package;
+* :mod:`.artifacts`: the files beside the weights, with mergekit's replay documents and card;
 * :mod:`.method`: the registered ``frank_wolfe`` kernel;
 * :mod:`.mergekit_yaml`: the ``run_merge`` wrapper that solves once before planning;
 * :mod:`.autoload`: the start-up hook that wires the last two into every process.

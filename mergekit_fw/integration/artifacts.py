@@ -5,7 +5,7 @@ folder mergekit did not write, mergekit's own model card."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from mergekit_fw.integration.replay import checked_replay
 from mergekit_fw.integration.stock import mergekit_card
@@ -14,8 +14,11 @@ from mergekit_fw.solve.runner import SolveResult
 
 
 def write_artifacts(
-    out_path: Path, result: SolveResult, merge_config: Optional[Any], write_seconds: Optional[float] = None,
-    name: Optional[str] = None,
+    out_path: Path,
+    result: SolveResult,
+    merge_config: Any | None,
+    write_seconds: float | None = None,
+    name: str | None = None,
 ) -> None:
     """Table, trace, replay config, plots and the model card (see :func:`mergekit_fw.output.report.write_artifacts`)."""
     report.write_artifacts(

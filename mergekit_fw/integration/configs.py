@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 import yaml
@@ -50,7 +50,7 @@ def load_merge_config(config_file: Path) -> Any:
         raise ConfigError(f"{config_file}: not a valid mergekit config: {error}") from None
 
 
-def pool_and_parameters(merge_config: Any, source: str = "config") -> Tuple[PoolSpec, FrankWolfeParameters]:
+def pool_and_parameters(merge_config: Any, source: str = "config") -> tuple[PoolSpec, FrankWolfeParameters]:
     """The pool and settings a ``frank_wolfe`` config describes, fully validated."""
     where = source
     if merge_config.merge_method != METHOD_NAME:
@@ -62,8 +62,10 @@ def pool_and_parameters(merge_config: Any, source: str = "config") -> Tuple[Pool
     params = parse_parameters(merge_config.parameters, source=where)
     tokenizer = getattr(merge_config, "tokenizer", None)
     align_vocab = False
-    for key, value in (("tokenizer_source", getattr(merge_config, "tokenizer_source", None)),
-                       ("tokenizer.source", getattr(tokenizer, "source", None))):
+    for key, value in (
+        ("tokenizer_source", getattr(merge_config, "tokenizer_source", None)),
+        ("tokenizer.source", getattr(tokenizer, "source", None)),
+    ):
         if value is None:
             continue
         if str(value) != "base":
@@ -88,10 +90,12 @@ def pool_and_parameters(merge_config: Any, source: str = "config") -> Tuple[Pool
         candidates.append(candidate_spec(reference))
     if merge_config.base_model.lora:
         raise ConfigError(f"{where}: base_model must be a plain model, not BASE+LORA")
-    return PoolSpec(base=model_source(merge_config.base_model.model), candidates=tuple(candidates), align_vocab=align_vocab), params
+    return PoolSpec(
+        base=model_source(merge_config.base_model.model), candidates=tuple(candidates), align_vocab=align_vocab
+    ), params
 
 
-def config_models(merge_config: Any) -> Tuple[Optional[str], list]:
+def config_models(merge_config: Any) -> tuple[str | None, list]:
     """(base reference string, [model reference strings]) of any mergekit config."""
     base = reference_name(merge_config.base_model) if merge_config.base_model is not None else None
     return base, [reference_name(m) for m in merge_config.referenced_models() if reference_name(m) != base]
@@ -103,7 +107,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype_from_name(name)
 
 
-def output_dtype(merge_config: Any) -> Optional[torch.dtype]:
+def output_dtype(merge_config: Any) -> torch.dtype | None:
     """mergekit's rule: out_dtype, else dtype, else the base's own dtype (None)."""
     name = merge_config.out_dtype or merge_config.dtype
     return torch_dtype(name) if name else None

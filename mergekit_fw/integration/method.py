@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 
@@ -29,7 +29,7 @@ from mergekit_fw.solve.table import CoefficientTable
 
 LOG = logging.getLogger(__name__)
 
-_TABLES: Dict[Tuple[PoolSpec, FrankWolfeParameters], "KernelPlan"] = {}
+_TABLES: dict[tuple[PoolSpec, FrankWolfeParameters], KernelPlan] = {}
 _TABLES_LOCK = threading.Lock()
 
 
@@ -39,13 +39,15 @@ class KernelPlan:
     function, and the solved pool (with the initial merge's vertex, which mergekit's
     graph lacks) whose files every tensor is computed from."""
 
-    coefficients: Dict[str, Dict[str, float]]
+    coefficients: dict[str, dict[str, float]]
     merge: MergeFunction
     pool: Pool
 
     @classmethod
-    def from_result(cls, table: CoefficientTable, pool: Pool) -> "KernelPlan":
-        return cls(table.coefficient_map(), merge_function(table.merge_fn, table.density, ties=ties_merge_function), pool)
+    def from_result(cls, table: CoefficientTable, pool: Pool) -> KernelPlan:
+        return cls(
+            table.coefficient_map(), merge_function(table.merge_fn, table.density, ties=ties_merge_function), pool
+        )
 
 
 def _merge_with_plan(group: Any, plan: KernelPlan) -> torch.Tensor:
@@ -95,7 +97,8 @@ def _build_method() -> Any:
     parameters = tuple(
         ParameterSpec(
             name=name,
-            value_type=Optional[field.annotation] if field.is_required() else field.annotation,
+            # typing.Optional takes any annotation object; `X | None` needs X to support `|`
+            value_type=Optional[field.annotation] if field.is_required() else field.annotation,  # noqa: UP045
             scope=ParameterScope.SHARED,
             default=None if field.is_required() else field.default,
             description=field.description,

@@ -10,17 +10,17 @@ before it is written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from mergekit_fw.output.export import INIT_MERGE_NAME, write_replay
 from mergekit_fw.solve.table import INIT_VERTEX, CoefficientTable
 
 
-def ties_replay_parameters(density: float) -> Dict[str, Any]:
+def ties_replay_parameters(density: float) -> dict[str, Any]:
     return {"density": density, "normalize": False, "lambda": 1.0}
 
 
-def replay_documents(table: CoefficientTable, merge_config: Optional[Any] = None) -> List[dict]:
+def replay_documents(table: CoefficientTable, merge_config: Any | None = None) -> list[dict]:
     """Stock mergekit configs for ``table``; ``merge_config`` lends its dtype and tokenizer settings.
 
     mergekit's ``filter:`` is a substring match where the first match wins, so full
@@ -31,16 +31,16 @@ def replay_documents(table: CoefficientTable, merge_config: Optional[Any] = None
     order = sorted(range(len(table.tensors)), key=lambda l: (-len(table.tensors[l]), table.tensors[l]))
     models = []
     for i, name in enumerate(table.candidates):
-        weights: List[Dict[str, Any]] = [
+        weights: list[dict[str, Any]] = [
             {"filter": table.tensors[l], "value": float(coefficients[i, l])} for l in order
         ]
         weights.append({"value": 0.0})
         model = INIT_MERGE_NAME if (table.init is not None and name == INIT_VERTEX) else name
         models.append({"model": model, "parameters": {"weight": weights}})
-    parameters: Dict[str, Any] = {"normalize": False, "lambda": 1.0}
+    parameters: dict[str, Any] = {"normalize": False, "lambda": 1.0}
     if table.merge_fn == "ties":
         parameters.update(ties_replay_parameters(table.density if table.density is not None else 1.0))
-    config: Dict[str, Any] = {
+    config: dict[str, Any] = {
         "merge_method": "ties" if table.merge_fn == "ties" else "task_arithmetic",
         "base_model": table.base_model,
         "models": models,
@@ -55,7 +55,7 @@ def replay_documents(table: CoefficientTable, merge_config: Optional[Any] = None
     return [{"name": INIT_MERGE_NAME, **table.init["config"]}, config]
 
 
-def validate_replay(documents: List[dict]) -> None:
+def validate_replay(documents: list[dict]) -> None:
     """Every document must be a config mergekit itself accepts."""
     from mergekit.config import MergeConfiguration
 
@@ -63,13 +63,13 @@ def validate_replay(documents: List[dict]) -> None:
         MergeConfiguration.model_validate({k: v for k, v in document.items() if k != "name"})
 
 
-def checked_replay(table: CoefficientTable, merge_config: Optional[Any] = None) -> List[dict]:
+def checked_replay(table: CoefficientTable, merge_config: Any | None = None) -> list[dict]:
     documents = replay_documents(table, merge_config)
     validate_replay(documents)
     return documents
 
 
-def write_checked_replay(table: CoefficientTable, merge_config: Optional[Any], path: Path) -> List[dict]:
+def write_checked_replay(table: CoefficientTable, merge_config: Any | None, path: Path) -> list[dict]:
     """Build, check and write the replay config for ``table`` at ``path``."""
     documents = checked_replay(table, merge_config)
     write_replay(documents, path)

@@ -9,7 +9,7 @@ for an output folder mergekit did not write.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 
@@ -30,7 +30,7 @@ def run_mergekit(merge_config: Any, out_path: Path, *, lora_cache: Path, seed: i
     run_merge(merge_config, str(out_path), options=options)
 
 
-def _merge_config_dict(config: Dict[str, Any], out_path: Path, lora_cache: Path, seed: int) -> None:
+def _merge_config_dict(config: dict[str, Any], out_path: Path, lora_cache: Path, seed: int) -> None:
     from mergekit.config import MergeConfiguration
 
     run_mergekit(MergeConfiguration.model_validate(config), out_path, lora_cache=lora_cache, seed=seed)
@@ -48,7 +48,7 @@ def ties_merge_function(density: float) -> MergeFunction:
     off (the weights are absolute, as in the convex merge) and ``lambda`` is 1."""
     from mergekit.merge_methods.api import merge_tensors
 
-    def merge(name: str, base: torch.Tensor, deltas: List[torch.Tensor], weights: List[float]) -> torch.Tensor:
+    def merge(name: str, base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         tensors = [base, *(base + delta for delta in deltas)]
         return merge_tensors(
             tensors,
@@ -69,7 +69,7 @@ def solve(spec: PoolSpec, params: FrankWolfeParameters, *, progress: bool = True
     return solve_cached(spec, params, progress=progress, upstream=UPSTREAM)
 
 
-def mergekit_card(merge_config: Any, name: str) -> Tuple[str, str]:
+def mergekit_card(merge_config: Any, name: str) -> tuple[str, str]:
     """(mergekit's model card, the config's YAML) for a folder mergekit did not write."""
     from mergekit.card import generate_card
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,7 +35,7 @@ class Evaluation:
     loss: float
     scores: torch.Tensor  # (n_candidates, n_tensors) float64
     task_losses: torch.Tensor  # (n_tasks,) float64, sums to ``loss``
-    task_scores: Optional[torch.Tensor] = None  # (n_tasks, n_candidates, n_tensors)
+    task_scores: torch.Tensor | None = None  # (n_tasks, n_candidates, n_tensors)
 
 
 class Oracle:
@@ -46,9 +45,9 @@ class Oracle:
         pool: Pool,
         calibration: CalibrationSet,
         *,
-        merge: Optional[MergeFunction] = None,
+        merge: MergeFunction | None = None,
         progress: bool = False,
-        processes: Optional[Processes] = None,
+        processes: Processes | None = None,
     ):
         """``merge``: a non-linear merge function (TIES); then every candidate takes
         the dense path, since gates can only express weighted sums. ``processes``:
@@ -65,17 +64,17 @@ class Oracle:
         self.tensors = pool.tensor_names()
         self.weights = position_weights(calibration)
         self.progress = progress
-        self.lora: Optional[LoraGates] = None
+        self.lora: LoraGates | None = None
         lora = pool.lora_candidates() if merge is None else []
         if lora:
             self.lora_columns = [c for c, t in enumerate(self.tensors) if any(t in cand.factors for _, cand in lora)]
             self.lora = LoraGates(self.model, lora, [self.tensors[c] for c in self.lora_columns])
         everyone = list(enumerate(pool.candidates))
         dense = [(i, c) for i, c in everyone if c.dense_tensor_names()] if merge is None else everyone
-        self.dense: Optional[DenseMix] = DenseMix(self.model, dense, self.tensors, merge) if dense else None
+        self.dense: DenseMix | None = DenseMix(self.model, dense, self.tensors, merge) if dense else None
         self._device = input_device(self.model)
-        self._current: Optional[torch.Tensor] = None
-        self._norms: Optional[torch.Tensor] = None
+        self._current: torch.Tensor | None = None
+        self._norms: torch.Tensor | None = None
 
     def set_point(self, coefficients: torch.Tensor) -> None:
         """Make the model compute the merge at coefficients ``c[i, l]``."""
@@ -124,7 +123,11 @@ class Oracle:
         self.set_point(coefficients)
         n_tasks = len(self.calibration.tasks)
         task_losses = torch.zeros(n_tasks, dtype=torch.float64)
-        task_scores = torch.zeros(n_tasks, len(self.pool.candidates), len(self.tensors), dtype=torch.float64) if per_task else None
+        task_scores = (
+            torch.zeros(n_tasks, len(self.pool.candidates), len(self.tensors), dtype=torch.float64)
+            if per_task
+            else None
+        )
         if self.lora is not None:
             self.lora.gates.grad = None
             self.lora.require_grad(True)
@@ -137,9 +140,9 @@ class Oracle:
                 loss.backward()
                 task_losses[batch.task] += float(loss.detach())
                 last_of_task = index + 1 == len(batches) or batches[index + 1].task != batch.task
-                if per_task and last_of_task:
+                if task_scores is not None and last_of_task:
                     task_scores[batch.task] += self._harvest()
-            if per_task:
+            if task_scores is not None:
                 scores = self.processes.sum_(task_scores).sum(dim=0)
             else:
                 scores = self.processes.sum_(self._harvest())
@@ -152,7 +155,7 @@ class Oracle:
                 self.dense.require_grad(False)
         return Evaluation(float(task_losses.sum()), scores, task_losses, task_scores)
 
-    def loss_and_scores(self, coefficients: torch.Tensor) -> Tuple[float, torch.Tensor]:
+    def loss_and_scores(self, coefficients: torch.Tensor) -> tuple[float, torch.Tensor]:
         evaluation = self.evaluate(coefficients)
         return evaluation.loss, evaluation.scores
 

@@ -11,7 +11,7 @@ with it, so resident memory does not grow with the number of candidates.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -24,9 +24,9 @@ class DenseMix:
     def __init__(
         self,
         model: nn.Module,
-        candidates: Sequence[Tuple[int, Candidate]],
+        candidates: Sequence[tuple[int, Candidate]],
         tensors: Sequence[str],
-        merge: Optional[MergeFunction] = None,
+        merge: MergeFunction | None = None,
     ):
         self.candidates = list(candidates)
         self.tensors = list(tensors)
@@ -40,7 +40,7 @@ class DenseMix:
         touched = set().union(*self._touches) if self._touches else set()
         self.columns = [c for c, name in enumerate(self.tensors) if name in touched]
         params = dict(model.named_parameters())
-        self.params: Dict[str, nn.Parameter] = {}
+        self.params: dict[str, nn.Parameter] = {}
         for column in self.columns:
             name = self.tensors[column]
             if name not in params:
@@ -66,7 +66,9 @@ class DenseMix:
                 for k, (row, candidate) in enumerate(self.candidates):
                     weight = float(coefficients[row, column])
                     if weight != 0.0 and name in self._touches[k]:
-                        deltas.append(candidate.delta(name, base).to(dtype))
+                        delta = candidate.delta(name, base)
+                        assert delta is not None  # the candidate touches this tensor
+                        deltas.append(delta.to(dtype))
                         weights.append(weight)
                 merged = self.merge(name, base.to(dtype), deltas, weights) if deltas else base
                 self.params[name].copy_(merged.to(base.dtype))
@@ -92,6 +94,8 @@ class DenseMix:
             grad = grad.to("cpu", torch.float64)
             for k, (_, candidate) in enumerate(self.candidates):
                 if name in self._touches[k]:
-                    delta = candidate.delta(name, self.base[name]).to(torch.float64)
+                    stored = candidate.delta(name, self.base[name])
+                    assert stored is not None  # the candidate touches this tensor
+                    delta = stored.to(torch.float64)
                     out[k, column] = torch.sum(grad * delta)
         return out

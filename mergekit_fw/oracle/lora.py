@@ -9,7 +9,7 @@ no dense gradient is ever formed, and memory grows only with the adapters' bytes
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ class _GatedLowRank(torch.autograd.Function):
 
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids go: the embeddings' device (Accelerate may spread the rest)."""
-    return execution_device(model.get_input_embeddings())
+    return execution_device(model.get_input_embeddings())  # type: ignore[operator]  # a transformers model
 
 
 def execution_device(module: nn.Module) -> torch.device:
@@ -58,7 +58,9 @@ def execution_device(module: nn.Module) -> torch.device:
 class _ModuleBank:
     """All adapters of one linear module, concatenated along the rank axis."""
 
-    def __init__(self, column: int, rows: List[int], A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, ranks: torch.Tensor):
+    def __init__(
+        self, column: int, rows: list[int], A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, ranks: torch.Tensor
+    ):
         self.column = column  # this module's column in the gate table
         self.rows = torch.tensor(rows, dtype=torch.long)  # gate rows of its adapters
         self.A = A  # (R, in)
@@ -70,7 +72,7 @@ class _ModuleBank:
 class LoraGates:
     """Forward hooks that add gated low-rank paths to the base model's linears."""
 
-    def __init__(self, model: nn.Module, candidates: Sequence[Tuple[int, LoraCandidate]], tensors: Sequence[str]):
+    def __init__(self, model: nn.Module, candidates: Sequence[tuple[int, LoraCandidate]], tensors: Sequence[str]):
         dtype = next(model.parameters()).dtype
         self.candidate_rows = [index for index, _ in candidates]
         self.tensors = list(tensors)
@@ -106,7 +108,7 @@ class LoraGates:
             self._handles.append(module.register_forward_hook(self._hook(bank)))
 
     @staticmethod
-    def _fill_bank(factors, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _fill_bank(factors, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One module's adapters side by side along the rank axis, filled adapter by
         adapter; where the bank has the factors' own dtype and device they then
         point at its slices, so every adapter is resident once."""
@@ -130,7 +132,9 @@ class LoraGates:
             x = inputs[0]
             gates = self.gates[bank.rows, bank.column].to(bank.scale.device)
             # at least float32: the gates' gradients are the LMO scores, summed over every token
-            per_rank = torch.repeat_interleave(gates * bank.scale, bank.ranks).to(torch.promote_types(x.dtype, torch.float32))
+            per_rank = torch.repeat_interleave(gates * bank.scale, bank.ranks).to(
+                torch.promote_types(x.dtype, torch.float32)
+            )
             return output + _GatedLowRank.apply(x, per_rank, bank.A, bank.B)
 
         return add_low_rank

@@ -11,28 +11,44 @@ with stock mergekit.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
 
 from mergekit_fw.output.export import REPLAY_FILE
 from mergekit_fw.solve.table import CoefficientTable
 
 LOG = logging.getLogger(__name__)
 SECTION_TITLE = "## Frank-Wolfe merge (mergekit-fw)"
-_SETTINGS = ("variant", "lmo", "lmo_score", "step", "iterations", "epsilon", "objective", "samples_per_task",
-             "merge_fn", "top_k", "init", "seed", "exclude_outliers")
+_SETTINGS = (
+    "variant",
+    "lmo",
+    "lmo_score",
+    "step",
+    "iterations",
+    "epsilon",
+    "objective",
+    "samples_per_task",
+    "merge_fn",
+    "top_k",
+    "init",
+    "seed",
+    "exclude_outliers",
+)
 
 
 def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> str:
     meta = table.meta
     parameters = meta.get("parameters", {})
-    tasks: List[str] = list(meta.get("tasks", []))
-    sizes: List[int] = list(meta.get("task_samples", []))
+    tasks: list[str] = list(meta.get("tasks", []))
+    sizes: list[int] = list(meta.get("task_samples", []))
     coefficients = table.coefficients()
     means = sorted(((float(coefficients[i].mean()), name) for i, name in enumerate(table.candidates)), reverse=True)
     multi = table.init is not None
-    replay = (f"mergekit-multi {REPLAY_FILE} -I WORK/ --out-path OUT/ --lora-merge-cache CACHE/" if multi
-              else f"mergekit-yaml {REPLAY_FILE} OUT/ --lora-merge-cache CACHE/")
+    replay = (
+        f"mergekit-multi {REPLAY_FILE} -I WORK/ --out-path OUT/ --lora-merge-cache CACHE/"
+        if multi
+        else f"mergekit-yaml {REPLAY_FILE} OUT/ --lora-merge-cache CACHE/"
+    )
     lines = [
         SECTION_TITLE,
         "",
@@ -40,8 +56,13 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
         f"{len(table.pool_candidates)} candidates on the base `{table.base_model}`, choosing per-tensor "
         "coefficients that minimise a calibration loss.",
         "",
-        "**Calibration tasks:** " + (", ".join(
-            f"`{task}` ({sizes[i]} samples)" if i < len(sizes) else f"`{task}`" for i, task in enumerate(tasks)) or "not recorded"),
+        "**Calibration tasks:** "
+        + (
+            ", ".join(
+                f"`{task}` ({sizes[i]} samples)" if i < len(sizes) else f"`{task}`" for i, task in enumerate(tasks)
+            )
+            or "not recorded"
+        ),
         "",
         "**Settings:** " + ", ".join(f"`{key}: {parameters[key]}`" for key in _SETTINGS if key in parameters),
         "",
@@ -70,13 +91,16 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
     return "\n".join(lines)
 
 
-def _fmt(value: Optional[float]) -> str:
+def _fmt(value: float | None) -> str:
     return "?" if value is None else f"{value:.4f}"
 
 
 def write_model_card(
-    folder: Path, table: CoefficientTable, trace: dict, name: str,
-    mergekit_card: Optional[Callable[[str], Tuple[str, str]]] = None,
+    folder: Path,
+    table: CoefficientTable,
+    trace: dict,
+    name: str,
+    mergekit_card: Callable[[str], tuple[str, str]] | None = None,
 ) -> None:
     """Append the section to mergekit's card. When mergekit wrote none (the fast
     path), ``mergekit_card(name)`` gives (its card, its config YAML) to write first."""

@@ -8,7 +8,6 @@ with a header that says how to run them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
 
 import yaml
 
@@ -16,7 +15,7 @@ REPLAY_FILE = "fw_mergekit.yml"
 INIT_MERGE_NAME = "fw-init"
 
 
-def write_replay(documents: List[dict], path: Path) -> None:
+def write_replay(documents: list[dict], path: Path) -> None:
     """One document: a ``mergekit-yaml`` config; two: the initial merge then the
     weighted merge that uses it, for ``mergekit-multi``."""
     if len(documents) == 1:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
 
 from mergekit_fw.solve.table import BASE_VERTEX
 
@@ -29,7 +28,7 @@ def _short(name: str) -> str:
     return tail.split("/")[-1] or name
 
 
-def draw_report(folder: Path, target: Path | None = None) -> List[Path]:
+def draw_report(folder: Path, target: Path | None = None) -> list[Path]:
     """Draw the figures for the run whose ``fw_table.json``/``fw_trace.json`` are in ``folder``."""
     import matplotlib
 
@@ -83,8 +82,13 @@ def draw_report(folder: Path, target: Path | None = None) -> List[Path]:
         for k, (task, row) in enumerate(zip(tasks, scores)):
             xs = [i + k * width for i in range(len(row))]
             ax.bar(xs, [-value for value in row], width=width, label=task)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table["candidates"]))],
-                      [_short(c) for c in table["candidates"]], rotation=45, ha="right", fontsize=7)
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(table["candidates"]))],
+            [_short(c) for c in table["candidates"]],
+            rotation=45,
+            ha="right",
+            fontsize=7,
+        )
         ax.axhline(0.0, color="black", linewidth=0.5)
         ax.legend(fontsize=7)
         ax.set(title="LMO at the start: first-order loss decrease per task", ylabel="-<grad, task vector>")

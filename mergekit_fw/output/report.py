@@ -4,8 +4,8 @@ the trace of the run and the replay config."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 from mergekit_fw.files import write_json_atomic
 from mergekit_fw.output.card import write_model_card
@@ -16,7 +16,7 @@ from mergekit_fw.solve.runner import TABLE_FILE, TRACE_FILE, SolveResult
 LOG = logging.getLogger(__name__)
 
 
-def stage_seconds(result: SolveResult, write_seconds: Optional[float]) -> Dict[str, float]:
+def stage_seconds(result: SolveResult, write_seconds: float | None) -> dict[str, float]:
     """Seconds per stage over the whole run: the iterations' oracle, LMO and step,
     and writing the weights."""
     totals = {"oracle": 0.0, "lmo": 0.0, "step": 0.0}
@@ -31,10 +31,10 @@ def stage_seconds(result: SolveResult, write_seconds: Optional[float]) -> Dict[s
 def write_artifacts(
     out_path: Path,
     result: SolveResult,
-    replay: List[dict],
-    write_seconds: Optional[float] = None,
-    name: Optional[str] = None,
-    mergekit_card: Optional[Callable[[str], Tuple[str, str]]] = None,
+    replay: list[dict],
+    write_seconds: float | None = None,
+    name: str | None = None,
+    mergekit_card: Callable[[str], tuple[str, str]] | None = None,
 ) -> None:
     """Table, trace, replay config, plots and the model card's Frank-Wolfe section.
 

@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -32,7 +32,7 @@ from mergekit_fw.merge_fn import (
     merge_function,
     single_vertex,
 )
-from mergekit_fw.pool.candidates import Candidate, SafetensorsIndex
+from mergekit_fw.pool.candidates import Candidate, DenseCandidate, LoraCandidate, SafetensorsIndex
 from mergekit_fw.pool.pool import Pool
 from mergekit_fw.pool.safetensors_io import (
     ShardedSafetensorsWriter,
@@ -47,22 +47,35 @@ LOG = logging.getLogger(__name__)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
-def contributors(pool: Pool, weights: Optional[Dict[str, float]], name: str) -> List[Tuple[Candidate, float]]:
+def contributors(pool: Pool, weights: dict[str, float] | None, name: str) -> list[tuple[Candidate, float]]:
     """The candidates with a non-zero weight on ``name`` that have a delta there."""
     if not weights:
         return []
-    return [(c, weights[c.name]) for c in pool.candidates if weights.get(c.name, 0.0) != 0.0 and name in c.tensor_names()]
+    return [
+        (c, weights[c.name]) for c in pool.candidates if weights.get(c.name, 0.0) != 0.0 and name in c.tensor_names()
+    ]
 
 
-def _stored_vertex(present: List[Tuple[Candidate, float]], merge: MergeFunction, name: str) -> Optional[Candidate]:
+def _stored_vertex(present: list[tuple[Candidate, float]], merge: MergeFunction, name: str) -> DenseCandidate | None:
     """Under ``convex``, the dense candidate holding all the weight (its stored tensor is the
     output, unless it has to be aligned to the base's vocabulary first)."""
     if merge is not convex_merge:
         return None
     only = single_vertex([weight for _, weight in present])
-    if only is None or present[only][0].kind != "dense" or name in present[only][0].vocab_maps:
+    if only is None:
         return None
-    return present[only][0]
+    candidate = present[only][0]
+    if not isinstance(candidate, DenseCandidate) or name in candidate.vocab_maps:
+        return None
+    return candidate
+
+
+def _deltas(present: list[tuple[Candidate, float]], name: str, base: torch.Tensor) -> list[torch.Tensor]:
+    deltas = [c.delta(name, base) for c, _ in present]
+    missing = [c.name for (c, _), d in zip(present, deltas) if d is None]
+    if missing:  # contributors() keeps only candidates that move ``name``
+        raise ValueError(f"{name}: no delta from {', '.join(missing)}")
+    return [d for d in deltas if d is not None]
 
 
 _BLOCK_ELEMENTS = 1 << 22  # 16 MiB of float32 per row block: cache-friendly, no page-fault churn
@@ -87,7 +100,7 @@ def _row_reader(candidate_or_base, name: str, base_rows=None) -> Iterator[Callab
         yield lambda start, stop: stored[start:stop]
 
 
-def convex_blocks(pool: Pool, name: str, present: List[Tuple[Candidate, float]]) -> Iterator[torch.Tensor]:
+def convex_blocks(pool: Pool, name: str, present: list[tuple[Candidate, float]]) -> Iterator[torch.Tensor]:
     """Row blocks of ``base + sum_i c_i delta_i`` in the compute dtype.
 
     All LoRAs go through one GEMM over stacked factors per block,
@@ -98,10 +111,10 @@ def convex_blocks(pool: Pool, name: str, present: List[Tuple[Candidate, float]])
     shape = pool.base_index.shape(name)
     if not shape:  # a scalar: nothing to stream
         base = pool.base_index.get(name)
-        yield convex_merge(name, base.to(compute_dtype(base)), [c.delta(name, base) for c, _ in present], [w for _, w in present])
+        yield convex_merge(name, base.to(compute_dtype(base)), _deltas(present, name, base), [w for _, w in present])
         return
     dtype = compute_dtype(torch.empty((), dtype=pool.base_index.stored(name).spec.dtype))
-    loras = [(c.factors[name], weight) for c, weight in present if c.is_low_rank(name)]
+    loras = [(c.factors[name], weight) for c, weight in present if isinstance(c, LoraCandidate) and c.is_low_rank(name)]
     B = A = None
     if loras:
         fresh = [factors for factors, _ in loras if not factors.loaded]
@@ -115,19 +128,23 @@ def convex_blocks(pool: Pool, name: str, present: List[Tuple[Candidate, float]])
     step = max(1, _BLOCK_ELEMENTS // max(width, 1))
     with ExitStack() as stack:
         base_rows = stack.enter_context(_row_reader(pool.base_index, name))
-        dense = [(stack.enter_context(_row_reader(c, name, base_rows)), w) for c, w in present if not c.is_low_rank(name)]
+        dense = [
+            (stack.enter_context(_row_reader(c, name, base_rows)), w) for c, w in present if not c.is_low_rank(name)
+        ]
         for start in range(0, shape[0], step):
             stop = min(start + step, shape[0])
             base = base_rows(start, stop).to(dtype)
             merged = base.clone()
-            if B is not None:
+            if B is not None and A is not None:
                 merged.addmm_(B[start:stop], A)
             for rows, weight in dense:
                 merged.add_(rows(start, stop).to(dtype) - base, alpha=weight)
             yield merged
 
 
-def merged_tensor(pool: Pool, weights: Optional[Dict[str, float]], name: str, base: torch.Tensor, merge: MergeFunction) -> torch.Tensor:
+def merged_tensor(
+    pool: Pool, weights: dict[str, float] | None, name: str, base: torch.Tensor, merge: MergeFunction
+) -> torch.Tensor:
     """One whole output tensor: ``merge`` over the candidates with non-zero weight."""
     present = contributors(pool, weights, name) if base.is_floating_point() else []
     if not present:
@@ -139,16 +156,20 @@ def merged_tensor(pool: Pool, weights: Optional[Dict[str, float]], name: str, ba
         blocks = list(convex_blocks(pool, name, present))
         return blocks[0] if base.dim() == 0 else torch.cat(blocks)
     dtype = compute_dtype(base)
-    deltas = [c.delta(name, base).to(dtype) for c, _ in present]
+    deltas = [delta.to(dtype) for delta in _deltas(present, name, base)]
     return merge(name, base.to(dtype), deltas, [weight for _, weight in present])
 
 
-def _output_spec(stored: StoredTensor, dtype: Optional[torch.dtype]) -> TensorSpec:
+def _output_spec(stored: StoredTensor, dtype: torch.dtype | None) -> TensorSpec:
     floating = stored.spec.dtype.is_floating_point
-    return TensorSpec(stored.spec.name, dtype if dtype is not None and floating else stored.spec.dtype, stored.spec.shape)
+    return TensorSpec(
+        stored.spec.name, dtype if dtype is not None and floating else stored.spec.dtype, stored.spec.shape
+    )
 
 
-def _unchanged_source(pool: Pool, present: List[Tuple[Candidate, float]], merge: MergeFunction, name: str) -> Optional[StoredTensor]:
+def _unchanged_source(
+    pool: Pool, present: list[tuple[Candidate, float]], merge: MergeFunction, name: str
+) -> StoredTensor | None:
     """The stored tensor an output equals bit for bit, if there is one."""
     if not present:
         return pool.base_index.stored(name)
@@ -161,11 +182,11 @@ def write_merged_model(
     table: CoefficientTable,
     out_path: Path,
     *,
-    dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype | None = None,
     max_shard_size: int = 5 * 1000**3,
     progress: bool = True,
-    extra_writer: Optional[Callable[[Path], None]] = None,
-    ties: Optional[TiesKernel] = None,
+    extra_writer: Callable[[Path], None] | None = None,
+    ties: TiesKernel | None = None,
 ) -> None:
     """Write the merge to ``out_path`` atomically; ``extra_writer(folder)`` adds files.
     ``ties``: mergekit's TIES kernel, for a table solved with ``merge_fn: ties``."""
@@ -239,7 +260,7 @@ def output_lock(out_path: Path, *, overwrite: bool) -> Iterator[None]:
         handle.close()
 
 
-def _copy_side_files(base_dir: Path, target: Path, dtype: Optional[torch.dtype]) -> None:
+def _copy_side_files(base_dir: Path, target: Path, dtype: torch.dtype | None) -> None:
     for item in base_dir.iterdir():
         if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and item.name != "config.json":
             shutil.copy2(item, target / item.name)

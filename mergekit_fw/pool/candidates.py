@@ -1,17 +1,20 @@
 """The candidates' tensors: PEFT LoRA factors kept resident, dense checkpoints
 served lazily one tensor at a time, each checked to fit the base it moves."""
 
+from __future__ import annotations
+
 import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import safe_open
 
+from mergekit_fw.pool.references import PoolError
 from mergekit_fw.pool.safetensors_io import (
     SafetensorsFormatError,
     StoredTensor,
@@ -20,7 +23,6 @@ from mergekit_fw.pool.safetensors_io import (
 from mergekit_fw.pool.vocab import VocabularyError, align_rows, vocab_map
 
 LOG = logging.getLogger(__name__)
-from mergekit_fw.pool.references import PoolError
 
 
 class SafetensorsIndex:
@@ -30,8 +32,8 @@ class SafetensorsIndex:
         self.folder = folder
         self.what = what
         index_file = folder / "model.safetensors.index.json"
-        self.files: Dict[str, Path] = {}
-        self._layouts: Dict[Path, Dict[str, StoredTensor]] = {}
+        self.files: dict[str, Path] = {}
+        self._layouts: dict[Path, dict[str, StoredTensor]] = {}
         if index_file.is_file():
             try:
                 weight_map = json.loads(index_file.read_text())["weight_map"]
@@ -53,7 +55,7 @@ class SafetensorsIndex:
                 for name in self._layout(shard):
                     self.files[name] = shard
 
-    def _layout(self, shard: Path) -> Dict[str, StoredTensor]:
+    def _layout(self, shard: Path) -> dict[str, StoredTensor]:
         """The shard's header, read once; a truncated or corrupt file is named here."""
         if shard not in self._layouts:
             try:
@@ -62,10 +64,10 @@ class SafetensorsIndex:
                 raise PoolError(f"{self.what.rstrip(':')}: {error}") from None
         return self._layouts[shard]
 
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         return list(self.files)
 
-    def shape(self, name: str) -> Tuple[int, ...]:
+    def shape(self, name: str) -> tuple[int, ...]:
         return self.stored(name).spec.shape
 
     def get(self, name: str) -> torch.Tensor:
@@ -76,7 +78,7 @@ class SafetensorsIndex:
         with safe_open(str(shard), framework="pt") as handle:
             return handle.get_tensor(name)
 
-    def weight_files(self) -> List[Path]:
+    def weight_files(self) -> list[Path]:
         return sorted(set(self.files.values()))
 
     def stored(self, name: str) -> StoredTensor:
@@ -92,11 +94,20 @@ class LoraFactors:
     ``A`` and ``B`` at slices of those, so no adapter is ever held twice.
     """
 
-    def __init__(self, source: Path, key_A: str, key_B: str, scale: float, rank: int, shape: Tuple[int, int], transpose: bool = False):
+    def __init__(
+        self,
+        source: Path,
+        key_A: str,
+        key_B: str,
+        scale: float,
+        rank: int,
+        shape: tuple[int, int],
+        transpose: bool = False,
+    ):
         self.source, self.key_A, self.key_B = source, key_A, key_B
         self.scale, self.rank, self.shape, self.transpose = scale, rank, shape, transpose
-        self._A: Optional[torch.Tensor] = None
-        self._B: Optional[torch.Tensor] = None
+        self._A: torch.Tensor | None = None
+        self._B: torch.Tensor | None = None
 
     def _load(self) -> None:
         with safe_open(str(self.source), framework="pt") as handle:
@@ -151,9 +162,9 @@ class LoraCandidate:
 
     name: str
     adapter_dir: Path
-    factors: Dict[str, LoraFactors]  # keyed by base tensor name
-    full: Dict[str, str] = field(default_factory=dict)  # base tensor name -> key in the adapter file
-    vocab_maps: Dict[str, torch.Tensor] = field(default_factory=dict)  # aligned full tensors (tokenizer_source: base)
+    factors: dict[str, LoraFactors]  # keyed by base tensor name
+    full: dict[str, str] = field(default_factory=dict)  # base tensor name -> key in the adapter file
+    vocab_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # aligned full tensors (tokenizer_source: base)
 
     kind = "lora"
 
@@ -161,20 +172,20 @@ class LoraCandidate:
     def weights_file(self) -> Path:
         return self.adapter_dir / "adapter_model.safetensors"
 
-    def tensor_names(self) -> List[str]:
+    def tensor_names(self) -> list[str]:
         return [*self.factors, *self.full]
 
-    def dense_tensor_names(self) -> List[str]:
+    def dense_tensor_names(self) -> list[str]:
         return list(self.full)
 
     def is_low_rank(self, tensor: str) -> bool:
         return tensor in self.factors
 
-    def source_of(self, tensor: str) -> Tuple[Path, str]:
+    def source_of(self, tensor: str) -> tuple[Path, str]:
         """The file and key holding ``tensor``'s full value (modules_to_save only)."""
         return self.weights_file, self.full[tensor]
 
-    def delta(self, tensor: str, base: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def delta(self, tensor: str, base: torch.Tensor | None = None) -> torch.Tensor | None:
         factors = self.factors.get(tensor)
         if factors is not None:
             return factors.delta()
@@ -189,14 +200,14 @@ class LoraCandidate:
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         return value.to(dtype) - base.to(dtype)
 
-    def delta_norm(self, tensor: str, base: Optional[torch.Tensor] = None) -> float:
+    def delta_norm(self, tensor: str, base: torch.Tensor | None = None) -> float:
         factors = self.factors.get(tensor)
         if factors is not None:
             return factors.frobenius_norm()
         delta = self.delta(tensor, base)
         return 0.0 if delta is None else float(torch.linalg.vector_norm(delta.to(torch.float64)))
 
-    def files(self) -> List[Path]:
+    def files(self) -> list[Path]:
         return [self.adapter_dir / "adapter_config.json", self.weights_file]
 
     def nbytes(self) -> int:
@@ -209,44 +220,46 @@ class DenseCandidate:
     name: str
     folder: Path
     index: SafetensorsIndex
-    touched: List[str] = field(default_factory=list)
-    vocab_maps: Dict[str, torch.Tensor] = field(default_factory=dict)  # aligned tensors (tokenizer_source: base)
+    touched: list[str] = field(default_factory=list)
+    vocab_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # aligned tensors (tokenizer_source: base)
 
     kind = "dense"
 
-    def tensor_names(self) -> List[str]:
+    def tensor_names(self) -> list[str]:
         return self.touched
 
-    def dense_tensor_names(self) -> List[str]:
+    def dense_tensor_names(self) -> list[str]:
         return self.touched
 
     def is_low_rank(self, tensor: str) -> bool:
         return False
 
-    def source_of(self, tensor: str) -> Tuple[Path, str]:
+    def source_of(self, tensor: str) -> tuple[Path, str]:
         return self.index.files[tensor], tensor
 
-    def delta(self, tensor: str, base: torch.Tensor) -> Optional[torch.Tensor]:
+    def delta(self, tensor: str, base: torch.Tensor | None) -> torch.Tensor | None:
         if tensor not in self.index.files:
             return None
+        if base is None:
+            raise ValueError(f"candidate {self.name}: the delta of dense tensor {tensor} needs the base tensor")
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         value = self.index.get(tensor)
         if tensor in self.vocab_maps:
             value = align_rows(value, self.vocab_maps[tensor], base)
         return value.to(dtype) - base.to(dtype)
 
-    def delta_norm(self, tensor: str, base: torch.Tensor) -> float:
+    def delta_norm(self, tensor: str, base: torch.Tensor | None) -> float:
         delta = self.delta(tensor, base)
         return 0.0 if delta is None else float(torch.linalg.vector_norm(delta.to(torch.float64)))
 
-    def files(self) -> List[Path]:
+    def files(self) -> list[Path]:
         return [self.folder / "config.json", *self.index.weight_files()]
 
 
-Candidate = Union[LoraCandidate, DenseCandidate]
+Candidate = LoraCandidate | DenseCandidate
 
 
-def _pattern_value(patterns: Dict[str, float], module: str) -> Optional[float]:
+def _pattern_value(patterns: dict[str, float], module: str) -> float | None:
     """PEFT's rank/alpha pattern lookup: a key matches a module name suffix."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -254,12 +267,16 @@ def _pattern_value(patterns: Dict[str, float], module: str) -> Optional[float]:
     return None
 
 
-def _vocab_rows(tensor: str, shape: Tuple[int, ...], base_shape: Tuple[int, ...]) -> bool:
+def _vocab_rows(tensor: str, shape: tuple[int, ...], base_shape: tuple[int, ...]) -> bool:
     """An embedding or output head whose row count is the vocabulary's."""
-    return len(shape) == 2 and shape[1:] == base_shape[1:] and ("embed" in tensor or "lm_head" in tensor or "wte" in tensor)
+    return (
+        len(shape) == 2
+        and shape[1:] == base_shape[1:]
+        and ("embed" in tensor or "lm_head" in tensor or "wte" in tensor)
+    )
 
 
-def _aligned_map(name: str, folder: Path, align_to: Optional[Path], cache: Dict[str, torch.Tensor]) -> torch.Tensor:
+def _aligned_map(name: str, folder: Path, align_to: Path | None, cache: dict[str, torch.Tensor]) -> torch.Tensor:
     if "map" not in cache:
         try:
             cache["map"] = vocab_map(align_to, folder, f"candidate {name}:")  # type: ignore[arg-type]
@@ -268,7 +285,9 @@ def _aligned_map(name: str, folder: Path, align_to: Optional[Path], cache: Dict[
     return cache["map"]
 
 
-def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex, align_to: Optional[Path] = None) -> LoraCandidate:
+def load_lora(
+    name: str, adapter_dir: Path, base_index: SafetensorsIndex, align_to: Path | None = None
+) -> LoraCandidate:
     config_file = adapter_dir / "adapter_config.json"
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not config_file.is_file():
@@ -293,18 +312,22 @@ def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex, align_
     rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
 
-    pairs: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
-    full: Dict[str, str] = {}
-    vocab_maps: Dict[str, torch.Tensor] = {}
-    shared: Dict[str, torch.Tensor] = {}
+    pairs: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    full: dict[str, str] = {}
+    vocab_maps: dict[str, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}
     with safe_open(str(weights_file), framework="pt") as handle:
         for key in handle.keys():
             match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
             saved = _saved_module_tensor(key, modules_to_save)
             if saved is not None:
                 shape = tuple(handle.get_slice(key).get_shape())
-                if (align_to is not None and saved in base_index.files and shape != base_index.shape(saved)
-                        and _vocab_rows(saved, shape, base_index.shape(saved))):
+                if (
+                    align_to is not None
+                    and saved in base_index.files
+                    and shape != base_index.shape(saved)
+                    and _vocab_rows(saved, shape, base_index.shape(saved))
+                ):
                     vocab_maps[saved] = _aligned_map(name, adapter_dir, align_to, shared)
                 else:
                     _check_full_tensor(name, weights_file, key, saved, shape, base_index)
@@ -315,7 +338,7 @@ def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex, align_
             module, which = match.group(1), match.group(2)
             pairs.setdefault(module, {})[which] = (key, tuple(handle.get_slice(key).get_shape()))
 
-    factors: Dict[str, LoraFactors] = {}
+    factors: dict[str, LoraFactors] = {}
     for module, pair in pairs.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise PoolError(f"candidate {name}: {weights_file}: module {module} lacks lora_A or lora_B")
@@ -340,7 +363,9 @@ def load_lora(name: str, adapter_dir: Path, base_index: SafetensorsIndex, align_
         module_alpha = _pattern_value(alpha_pattern, module)
         module_alpha = alpha if module_alpha is None else float(module_alpha)
         scale = module_alpha / (math.sqrt(rank) if rslora else rank)
-        factors[tensor] = LoraFactors(weights_file, key_A, key_B, scale, rank, tuple(base_shape), transpose=fan_in_fan_out)
+        factors[tensor] = LoraFactors(
+            weights_file, key_A, key_B, scale, rank, (int(base_shape[0]), int(base_shape[1])), transpose=fan_in_fan_out
+        )
     if not factors and not full:
         raise PoolError(f"candidate {name}: {weights_file}: no LoRA weights")
     missing = [m for m in modules_to_save if not any(_module_matches(t.rsplit(".", 1)[0], m) for t in full)]
@@ -354,7 +379,7 @@ def _module_matches(module: str, pattern: str) -> bool:
     return module == pattern or module.endswith(f".{pattern}")
 
 
-def _saved_module_tensor(key: str, modules_to_save: Sequence[str]) -> Optional[str]:
+def _saved_module_tensor(key: str, modules_to_save: Sequence[str]) -> str | None:
     """The base tensor a ``modules_to_save`` entry of the adapter file replaces, if it is one.
 
     PEFT stores them under the module's own name (``base_model.model.lm_head.weight``)."""
@@ -366,22 +391,35 @@ def _saved_module_tensor(key: str, modules_to_save: Sequence[str]) -> Optional[s
     return tensor if any(_module_matches(module, m) for m in modules_to_save) else None
 
 
-def _check_full_tensor(name: str, weights_file: Path, key: str, tensor: str, shape: Tuple[int, ...], base_index: SafetensorsIndex) -> None:
+def _check_full_tensor(
+    name: str, weights_file: Path, key: str, tensor: str, shape: tuple[int, ...], base_index: SafetensorsIndex
+) -> None:
     if tensor not in base_index.files:
-        raise PoolError(f"candidate {name}: {weights_file}: modules_to_save tensor {key!r} has no counterpart {tensor!r} in the base")
+        raise PoolError(
+            f"candidate {name}: {weights_file}: modules_to_save tensor {key!r} has no counterpart {tensor!r} in the base"
+        )
     base_shape = tuple(base_index.shape(tensor))
     if shape != base_shape:
-        what = "vocabulary size" if ("embed" in tensor or "lm_head" in tensor) and shape[1:] == base_shape[1:] else "shape"
+        what = (
+            "vocabulary size" if ("embed" in tensor or "lm_head" in tensor) and shape[1:] == base_shape[1:] else "shape"
+        )
         raise PoolError(
             f"candidate {name}: {weights_file}: modules_to_save tensor {key!r} has {what} {shape}, the base "
             f"{tensor} has {base_shape} (an extended vocabulary? set tokenizer_source: base to align it to the base's)"
         )
 
 
-_ARCH_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+_ARCH_KEYS = (
+    "architectures",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
-def _read_config(folder: Path, what: str) -> dict:
+def read_model_config(folder: Path, what: str) -> dict:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise PoolError(f"{what} {folder}: config.json not found")
@@ -392,9 +430,10 @@ def _read_config(folder: Path, what: str) -> dict:
 
 
 def load_dense(
-    name: str, folder: Path, base_config: dict, base_index: SafetensorsIndex, align_to: Optional[Path] = None
+    name: str, folder: Path, base_config: dict, base_index: SafetensorsIndex, align_to: Path | None = None
 ) -> DenseCandidate:
-    config = _read_config(folder, f"candidate {name}:")
+
+    config = read_model_config(folder, f"candidate {name}:")
     for key in _ARCH_KEYS:
         if key == "vocab_size" and align_to is not None:
             continue  # aligned below, tensor by tensor
@@ -409,8 +448,8 @@ def load_dense(
             )
     index = SafetensorsIndex(folder, f"candidate {name}:")
     touched = []
-    vocab_maps: Dict[str, torch.Tensor] = {}
-    shared: Dict[str, torch.Tensor] = {}
+    vocab_maps: dict[str, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}
     for tensor in index.names():
         if tensor not in base_index.files:
             raise PoolError(f"candidate {name}: tensor {tensor!r} is not in the base model")
@@ -422,5 +461,3 @@ def load_dense(
                 raise PoolError(f"candidate {name}: tensor {tensor} has shape {shape}, the base {base_shape}")
         touched.append(tensor)
     return DenseCandidate(name=name, folder=folder, index=index, touched=touched, vocab_maps=vocab_maps)
-
-

@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -29,15 +28,19 @@ class PickleRefused(ValueError):
     pass
 
 
-def pickled_weights(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES and not p.name.startswith("training_args"))
+def pickled_weights(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix in PICKLE_SUFFIXES and not p.name.startswith("training_args")
+    )
 
 
 def _has_safetensors(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
 
 
-def pickle_free(folder: Path, what: str, convert_to: Optional[Path]) -> Path:
+def pickle_free(folder: Path, what: str, convert_to: Path | None) -> Path:
     """``folder`` itself when it has safetensors weights, else its converted copy under
     ``convert_to`` (None: pickles are refused, the default)."""
     if _has_safetensors(folder):
@@ -77,7 +80,9 @@ def pickle_free(folder: Path, what: str, convert_to: Optional[Path]) -> Path:
         save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in state})
     if len(pickles) > 1:
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
+        )
     (tmp / ".complete").write_text(str(folder))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

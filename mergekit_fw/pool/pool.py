@@ -6,24 +6,23 @@ to fit the base: same architecture, same tensor shapes, LoRA deltas that land on
 real base weights. Task vectors are served lazily, one tensor at a time; only the
 adapters' own low-rank factors are kept resident."""
 
+from __future__ import annotations
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
 
-from mergekit_fw.pool.pickled import PickleRefused
-from mergekit_fw.pool.pickled import pickle_free as _pickle_free
-
-LOG = logging.getLogger(__name__)
 from mergekit_fw.pool.candidates import (
     Candidate,
     DenseCandidate,
     LoraCandidate,
     SafetensorsIndex,
-    _read_config,
     load_dense,
     load_lora,
+    read_model_config,
 )
+from mergekit_fw.pool.pickled import PickleRefused
+from mergekit_fw.pool.pickled import pickle_free as _pickle_free
 from mergekit_fw.pool.references import (
     CandidateSpec,
     PoolError,
@@ -32,62 +31,69 @@ from mergekit_fw.pool.references import (
     local_dir,
 )
 
+LOG = logging.getLogger(__name__)
+
 
 @dataclass
 class Pool:
     base_dir: Path
     base_config: dict
     base_index: SafetensorsIndex
-    candidates: List[Candidate]
+    candidates: list[Candidate]
 
     @property
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         return [c.name for c in self.candidates]
 
-    def tensor_names(self) -> List[str]:
+    def tensor_names(self) -> list[str]:
         """Tensors that some candidate moves, in the base checkpoint's order."""
         moved = set()
         for candidate in self.candidates:
             moved.update(candidate.tensor_names())
         return [name for name in self.base_index.names() if name in moved]
 
-    def lora_candidates(self) -> List[Tuple[int, LoraCandidate]]:
+    def lora_candidates(self) -> list[tuple[int, LoraCandidate]]:
         return [(i, c) for i, c in enumerate(self.candidates) if isinstance(c, LoraCandidate)]
 
-    def dense_candidates(self) -> List[Tuple[int, DenseCandidate]]:
+    def dense_candidates(self) -> list[tuple[int, DenseCandidate]]:
         return [(i, c) for i, c in enumerate(self.candidates) if isinstance(c, DenseCandidate)]
 
-    def with_candidate(self, candidate: Candidate) -> "Pool":
+    def with_candidate(self, candidate: Candidate) -> Pool:
         """This pool plus one more vertex (the initial merge), checked like the others."""
         if candidate.name in self.names:
             raise PoolError(f"candidate {candidate.name} is already in the pool")
         return Pool(self.base_dir, self.base_config, self.base_index, [*self.candidates, candidate])
 
-    def files(self) -> List[Path]:
+    def files(self) -> list[Path]:
         out = [self.base_dir / "config.json", *self.base_index.weight_files()]
         for candidate in self.candidates:
             out.extend(candidate.files())
         return out
 
 
-def pickle_free(folder: Path, what: str, convert_to: Optional[Path]) -> Path:
+def pickle_free(folder: Path, what: str, convert_to: Path | None) -> Path:
     try:
         return _pickle_free(folder, what, convert_to)
     except PickleRefused as error:
         raise PoolError(str(error)) from None
 
 
-def open_base(spec: PoolSpec, *, pickles_to: Optional[Path] = None) -> Tuple[Path, dict, SafetensorsIndex]:
+def open_base(spec: PoolSpec, *, pickles_to: Path | None = None) -> tuple[Path, dict, SafetensorsIndex]:
     """The base's folder, config and tensor index; a :class:`PoolError` if unusable."""
     base_dir = local_dir(spec.base, "base_model")
     base_dir = pickle_free(base_dir, "base_model", pickles_to)
-    base_config = _read_config(base_dir, "base_model")
+    base_config = read_model_config(base_dir, "base_model")
     return base_dir, base_config, SafetensorsIndex(base_dir, "base_model")
 
 
 def load_candidate(
-    candidate: CandidateSpec, spec: PoolSpec, base_dir: Path, base_config: dict, base_index: SafetensorsIndex,
-    *, pickles_to: Optional[Path] = None,
+    candidate: CandidateSpec,
+    spec: PoolSpec,
+    base_dir: Path,
+    base_config: dict,
+    base_index: SafetensorsIndex,
+    *,
+    pickles_to: Path | None = None,
 ) -> Candidate:
     """One candidate, checked against the base; a :class:`PoolError` names the misfit."""
     if candidate.lora is not None:
@@ -106,7 +112,7 @@ def load_candidate(
     return load_dense(candidate.name, folder, base_config, base_index, base_dir if spec.align_vocab else None)
 
 
-def open_pool(spec: PoolSpec, *, pickles_to: Optional[Path] = None) -> Pool:
+def open_pool(spec: PoolSpec, *, pickles_to: Path | None = None) -> Pool:
     """Resolve and check the whole pool's structure; raise :class:`PoolError` on the first misfit.
 
     (The numeric checks, NaN/Inf and outliers, are :mod:`mergekit_fw.pool.validate`'s.)"""
@@ -118,8 +124,9 @@ def open_pool(spec: PoolSpec, *, pickles_to: Optional[Path] = None) -> Pool:
     pool = Pool(base_dir=base_dir, base_config=base_config, base_index=base_index, candidates=candidates)
     LOG.info(
         "pool: base %s, %d LoRA and %d dense candidates, %d tensors moved",
-        base_dir, len(pool.lora_candidates()), len(pool.dense_candidates()), len(pool.tensor_names()),
+        base_dir,
+        len(pool.lora_candidates()),
+        len(pool.dense_candidates()),
+        len(pool.tensor_names()),
     )
     return pool
-
-

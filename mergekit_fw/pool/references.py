@@ -3,11 +3,12 @@
 Hub ids go through ``huggingface_hub.snapshot_download``, which honours
 ``HF_HUB_OFFLINE``; nothing here opens a weight file."""
 
+from __future__ import annotations
+
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
 
 LOG = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ class ModelSource:
     """A model folder or hub id, optionally with a revision."""
 
     path: str
-    revision: Optional[str] = None
+    revision: str | None = None
 
     def __str__(self) -> str:
         return self.path if not self.revision else f"{self.path}@{self.revision}"
@@ -36,13 +37,13 @@ class CandidateSpec:
 
     name: str
     model: ModelSource
-    lora: Optional[ModelSource] = None
+    lora: ModelSource | None = None
 
 
 @dataclass(frozen=True)
 class PoolSpec:
     base: ModelSource
-    candidates: Tuple[CandidateSpec, ...]
+    candidates: tuple[CandidateSpec, ...]
     # tokenizer_source: base: candidates' other vocabularies are aligned to the base's. Not part of
     # equality: the kernel finds the solve by base and candidates (and the fingerprint has it).
     align_vocab: bool = field(default=False, compare=False)
@@ -61,9 +62,7 @@ def local_dir(source: ModelSource, what: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
-            snapshot_download(source.path, revision=source.revision, allow_patterns=list(WEIGHT_PATTERNS))
-        )
+        return Path(snapshot_download(source.path, revision=source.revision, allow_patterns=list(WEIGHT_PATTERNS)))
     except Exception as error:
         raise PoolError(
             f"{what} {source}: not a local folder and could not be fetched from the hub ({error})"
@@ -77,5 +76,3 @@ def check_pool_spec(spec: PoolSpec) -> None:
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
         raise PoolError(f"candidate listed twice: {', '.join(sorted(duplicates))}")
-
-

@@ -19,15 +19,16 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterable, List, Optional, Tuple
+from typing import BinaryIO
 
 import torch
 
 MERGEKIT_VERSION = "0.1.5"  # what mergekit's writer records in the index metadata
 
-_DTYPES: Dict[str, torch.dtype] = {
+_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -55,7 +56,7 @@ class TensorSpec:
 
     name: str
     dtype: torch.dtype
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +76,7 @@ class StoredTensor:
     nbytes: int
 
 
-def read_layout(path: Path) -> Dict[str, StoredTensor]:
+def read_layout(path: Path) -> dict[str, StoredTensor]:
     """Parse a safetensors header: name -> dtype, shape and byte range.
 
     Checks what a truncated download breaks (the header length, the data
@@ -88,13 +89,15 @@ def read_layout(path: Path) -> Dict[str, StoredTensor]:
             raise SafetensorsFormatError(f"{path}: {size} bytes, too short for a safetensors header")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
-            raise SafetensorsFormatError(f"{path}: header claims {header_len} bytes but the file has {size} (truncated?)")
+            raise SafetensorsFormatError(
+                f"{path}: header claims {header_len} bytes but the file has {size} (truncated?)"
+            )
         try:
             header = json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise SafetensorsFormatError(f"{path}: unreadable safetensors header ({error})") from None
     data_start = 8 + header_len
-    layout: Dict[str, StoredTensor] = {}
+    layout: dict[str, StoredTensor] = {}
     end = 0
     for name, entry in header.items():
         if name == "__metadata__":
@@ -105,18 +108,22 @@ def read_layout(path: Path) -> Dict[str, StoredTensor]:
         begin, stop = entry["data_offsets"]
         spec = TensorSpec(name, dtype, tuple(entry["shape"]))
         if stop - begin != spec.nbytes:
-            raise SafetensorsFormatError(f"{path}: tensor {name!r} spans {stop - begin} bytes, its shape needs {spec.nbytes}")
+            raise SafetensorsFormatError(
+                f"{path}: tensor {name!r} spans {stop - begin} bytes, its shape needs {spec.nbytes}"
+            )
         layout[name] = StoredTensor(path, spec, data_start + begin, stop - begin)
         end = max(end, stop)
     if data_start + end > size:
-        raise SafetensorsFormatError(f"{path}: data ends at byte {data_start + end} but the file has {size} (truncated)")
+        raise SafetensorsFormatError(
+            f"{path}: data ends at byte {data_start + end} but the file has {size} (truncated)"
+        )
     return layout
 
 
-def plan_shards(specs: Iterable[TensorSpec], max_shard_size: int) -> List[List[TensorSpec]]:
+def plan_shards(specs: Iterable[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
     """mergekit's rule: start a new shard when the next tensor would overflow a
     non-empty one (a tensor bigger than the limit gets a shard of its own)."""
-    shards: List[List[TensorSpec]] = [[]]
+    shards: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
         if shards[-1] and max_shard_size > 0 and size + spec.nbytes > max_shard_size:
@@ -127,14 +134,14 @@ def plan_shards(specs: Iterable[TensorSpec], max_shard_size: int) -> List[List[T
     return [shard for shard in shards if shard]
 
 
-def shard_names(count: int, prefix: str = "model", extension: str = "safetensors") -> List[str]:
+def shard_names(count: int, prefix: str = "model", extension: str = "safetensors") -> list[str]:
     if count == 1:
         return [f"{prefix}.{extension}"]
     return [f"{prefix}-{i + 1:05d}-of-{count:05d}.{extension}" for i in range(count)]
 
 
-def _header_bytes(shard: List[TensorSpec], metadata: Dict[str, str]) -> bytes:
-    header: Dict[str, object] = {"__metadata__": metadata}
+def _header_bytes(shard: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for spec in shard:
         header[spec.name] = {
@@ -156,7 +163,7 @@ def _write_all(handle: BinaryIO, data: memoryview) -> None:
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
 
 
 class ShardedSafetensorsWriter:
@@ -166,7 +173,9 @@ class ShardedSafetensorsWriter:
     header can never disagree with its data. ``finalize`` fsyncs every file.
     """
 
-    def __init__(self, folder: Path, specs: List[TensorSpec], max_shard_size: int, metadata: Optional[Dict[str, str]] = None):
+    def __init__(
+        self, folder: Path, specs: list[TensorSpec], max_shard_size: int, metadata: dict[str, str] | None = None
+    ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -174,8 +183,8 @@ class ShardedSafetensorsWriter:
         self.names = shard_names(len(self.shards))
         self._queue = [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
         self._next = 0
-        self._open_shard: Optional[int] = None
-        self._handle: Optional[BinaryIO] = None
+        self._open_shard: int | None = None
+        self._handle: BinaryIO | None = None
 
     def _expect(self, name: str) -> TensorSpec:
         if self._next >= len(self._queue):
@@ -207,7 +216,9 @@ class ShardedSafetensorsWriter:
         rows = 0
         for block in blocks:
             if block.dtype != spec.dtype or tuple(block.shape[1:]) != spec.shape[1:] or block.dim() != len(spec.shape):
-                raise ValueError(f"{self.folder}: a block of {name!r} is {block.dtype} {tuple(block.shape)}, planned {spec.dtype} {spec.shape}")
+                raise ValueError(
+                    f"{self.folder}: a block of {name!r} is {block.dtype} {tuple(block.shape)}, planned {spec.dtype} {spec.shape}"
+                )
             rows += block.shape[0]
             _write_all(self._handle, _tensor_bytes(block.cpu()))  # type: ignore[arg-type]
         if rows != spec.shape[0]:
@@ -234,7 +245,10 @@ class ShardedSafetensorsWriter:
         self._close_shard()
         if len(self.shards) > 1:
             index = {
-                "metadata": {"total_size": sum(s.nbytes for shard in self.shards for s in shard), "mergekit_version": MERGEKIT_VERSION},
+                "metadata": {
+                    "total_size": sum(s.nbytes for shard in self.shards for s in shard),
+                    "mergekit_version": MERGEKIT_VERSION,
+                },
                 "weight_map": {spec.name: self.names[i] for i, shard in enumerate(self.shards) for spec in shard},
             }
             index_path = self.folder / "model.safetensors.index.json"

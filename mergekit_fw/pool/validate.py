@@ -22,7 +22,6 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 
@@ -46,15 +45,15 @@ class CandidateCheck:
     folder: str
     rank: str = ""
     alpha: str = ""
-    rslora: Optional[bool] = None
-    targets: List[str] = field(default_factory=list)
-    modules_to_save: List[str] = field(default_factory=list)
-    recorded_base: Optional[str] = None  # base_model_name_or_path / _name_or_path
+    rslora: bool | None = None
+    targets: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    recorded_base: str | None = None  # base_model_name_or_path / _name_or_path
     recorded_base_differs: bool = False
-    block_norms: Dict[str, float] = field(default_factory=dict)  # ||task vector|| per block
+    block_norms: dict[str, float] = field(default_factory=dict)  # ||task vector|| per block
     rms: float = 0.0  # task vector RMS per moved element
-    errors: List[str] = field(default_factory=list)
-    warnings: List[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     outlier: bool = False
     excluded: bool = False
 
@@ -72,16 +71,16 @@ class CandidateCheck:
 @dataclass
 class PoolCheck:
     base: str
-    candidates: List[CandidateCheck]
-    pool: Optional[Pool] = None  # the usable pool (refused and excluded candidates left out)
+    candidates: list[CandidateCheck]
+    pool: Pool | None = None  # the usable pool (refused and excluded candidates left out)
 
-    def first_error(self) -> Optional[str]:
+    def first_error(self) -> str | None:
         for check in self.candidates:
             if check.errors:
                 return check.errors[0]
         return None
 
-    def exclusions(self) -> Dict[str, str]:
+    def exclusions(self) -> dict[str, str]:
         """Candidate -> why it was left out (for the trace)."""
         return {c.name: "; ".join(c.warnings) for c in self.candidates if c.excluded}
 
@@ -110,7 +109,7 @@ def _non_finite(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
-def _scan_index(index: SafetensorsIndex, names: List[str], what: str) -> Optional[str]:
+def _scan_index(index: SafetensorsIndex, names: list[str], what: str) -> str | None:
     """The first tensor with NaN/Inf values (truncation was caught when the index opened)."""
     for name in names:
         bad = _non_finite(index.get(name))
@@ -119,7 +118,7 @@ def _scan_index(index: SafetensorsIndex, names: List[str], what: str) -> Optiona
     return None
 
 
-def _recorded_base_mismatch(recorded: Optional[str], base_dir: Path, base_source: str) -> Optional[str]:
+def _recorded_base_mismatch(recorded: str | None, base_dir: Path, base_source: str) -> str | None:
     """A warning when an adapter says it was trained on something that is not our base."""
     if not recorded:
         return None
@@ -151,9 +150,9 @@ def _describe_lora(check: CandidateCheck, candidate: LoraCandidate) -> None:
     check.recorded_base = config.get("base_model_name_or_path")
 
 
-def _norms(candidate: Candidate, pool_base: SafetensorsIndex) -> tuple[Dict[str, float], float, Optional[str]]:
+def _norms(candidate: Candidate, pool_base: SafetensorsIndex) -> tuple[dict[str, float], float, str | None]:
     """Per-block task-vector norms (low-rank for LoRAs), the RMS, and the first NaN/Inf."""
-    squares: Dict[str, float] = {}
+    squares: dict[str, float] = {}
     elements = 0
     for tensor in candidate.tensor_names():
         low_rank = candidate.is_low_rank(tensor)
@@ -174,7 +173,7 @@ def _norms(candidate: Candidate, pool_base: SafetensorsIndex) -> tuple[Dict[str,
     return norms, rms, None
 
 
-def _mark_outliers(checks: List[CandidateCheck]) -> None:
+def _mark_outliers(checks: list[CandidateCheck]) -> None:
     usable = [c for c in checks if not c.errors and c.rms > 0]
     if len(usable) < MIN_POOL_FOR_OUTLIERS:
         return
@@ -198,15 +197,15 @@ class _NumericCache:
     """Results of the reading checks (NaN/Inf scans, dense norms) keyed by the files'
     fingerprints: a 7B base or a full checkpoint is read once, not on every run."""
 
-    def __init__(self, folder: Optional[Path]):
+    def __init__(self, folder: Path | None):
         self.folder = folder
 
-    def _path(self, files: List[Path]) -> Optional[Path]:
+    def _path(self, files: list[Path]) -> Path | None:
         if self.folder is None:
             return None
         return self.folder / f"{fingerprint(['check', 1, file_fingerprint(files)])}.json"
 
-    def get(self, files: List[Path]) -> Optional[dict]:
+    def get(self, files: list[Path]) -> dict | None:
         path = self._path(files)
         if path is None or not path.is_file():
             return None
@@ -215,14 +214,16 @@ class _NumericCache:
         except ValueError:
             return None
 
-    def put(self, files: List[Path], value: dict) -> None:
+    def put(self, files: list[Path], value: dict) -> None:
         path = self._path(files)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, value)
 
 
-def _numeric_checks(candidate: Candidate, base_index: SafetensorsIndex, base_files: List[Path], cache: _NumericCache) -> dict:
+def _numeric_checks(
+    candidate: Candidate, base_index: SafetensorsIndex, base_files: list[Path], cache: _NumericCache
+) -> dict:
     files = [*candidate.files(), *base_files]
     cached = cache.get(files)
     if cached is not None:
@@ -235,7 +236,7 @@ def _numeric_checks(candidate: Candidate, base_index: SafetensorsIndex, base_fil
 
 
 def check_pool(
-    spec: PoolSpec, *, exclude_outliers: bool = False, pickles_to: Optional[Path] = None, cache: Optional[Path] = None
+    spec: PoolSpec, *, exclude_outliers: bool = False, pickles_to: Path | None = None, cache: Path | None = None
 ) -> PoolCheck:
     """Every check on every candidate; nothing raises except a base that cannot be read.
     ``cache``: a folder remembering the reading checks of unchanged files."""
@@ -248,8 +249,8 @@ def check_pool(
         numeric.put(base_files, scanned)
     if scanned["error"]:
         raise PoolError(scanned["error"])
-    checks: List[CandidateCheck] = []
-    loaded: List[Candidate] = []
+    checks: list[CandidateCheck] = []
+    loaded: list[Candidate] = []
     for candidate_spec in spec.candidates:
         folder = str(candidate_spec.lora or candidate_spec.model)
         check = CandidateCheck(candidate_spec.name, "lora" if candidate_spec.lora else "full", folder)
@@ -280,14 +281,14 @@ def check_pool(
             check.excluded = True
             continue
         keep.append(candidate)
-    result = PoolCheck(str(spec.base), checks)
+    found = PoolCheck(str(spec.base), checks)
     if keep:
-        result.pool = Pool(base_dir=base_dir, base_config=base_config, base_index=base_index, candidates=keep)
-    return result
+        found.pool = Pool(base_dir=base_dir, base_config=base_config, base_index=base_index, candidates=keep)
+    return found
 
 
 def validated_pool(
-    spec: PoolSpec, *, exclude_outliers: bool = False, pickles_to: Optional[Path] = None, cache: Optional[Path] = None
+    spec: PoolSpec, *, exclude_outliers: bool = False, pickles_to: Path | None = None, cache: Path | None = None
 ) -> tuple[Pool, PoolCheck]:
     """The pool ready for maths, or a :class:`PoolError` naming the first culprit."""
     check = check_pool(spec, exclude_outliers=exclude_outliers, pickles_to=pickles_to, cache=cache)
@@ -314,16 +315,34 @@ def _fits(check: CandidateCheck) -> str:
 
 def format_check(check: PoolCheck) -> str:
     """``mergekit-fw inspect``'s table: one row per candidate, then per-block norms and findings."""
-    header = ["candidate", "kind", "rank", "alpha", "rsLoRA", "targets", "modules_to_save", "RMS |dW|", "fits base", "verdict"]
+    header = [
+        "candidate",
+        "kind",
+        "rank",
+        "alpha",
+        "rsLoRA",
+        "targets",
+        "modules_to_save",
+        "RMS |dW|",
+        "fits base",
+        "verdict",
+    ]
     rows = [header]
     for c in check.candidates:
-        rows.append([
-            c.name, c.kind, c.rank or "-", c.alpha or "-",
-            "-" if c.rslora is None else ("yes" if c.rslora else "no"),
-            ",".join(c.targets) or ("all" if c.kind == "full" and not c.errors else "-"),
-            ",".join(c.modules_to_save) or "-",
-            f"{c.rms:.3g}" if not c.errors else "-", _fits(c), c.verdict,
-        ])
+        rows.append(
+            [
+                c.name,
+                c.kind,
+                c.rank or "-",
+                c.alpha or "-",
+                "-" if c.rslora is None else ("yes" if c.rslora else "no"),
+                ",".join(c.targets) or ("all" if c.kind == "full" and not c.errors else "-"),
+                ",".join(c.modules_to_save) or "-",
+                f"{c.rms:.3g}" if not c.errors else "-",
+                _fits(c),
+                c.verdict,
+            ]
+        )
     lines = [f"base: {check.base}", *_aligned(rows)]
     blocks = sorted({b for c in check.candidates for b in c.block_norms}, key=_block_order)
     if blocks:
@@ -345,6 +364,6 @@ def _block_order(block: str):
     return ({"embed": 0, "head": 2}.get(block, 3), 0)
 
 
-def _aligned(rows: List[List[str]]) -> List[str]:
+def _aligned(rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

@@ -47,7 +47,9 @@ def align_rows(value: torch.Tensor, index: torch.Tensor, base_rows: torch.Tensor
         raise VocabularyError(f"vocabulary map has {index.shape[0]} rows for a block of {base_rows.shape[0]}")
     present = index >= 0
     if bool((index[present] >= value.shape[0]).any()):
-        raise VocabularyError("a tokenizer id is beyond the candidate's embedding rows (tokenizer and weights disagree)")
+        raise VocabularyError(
+            "a tokenizer id is beyond the candidate's embedding rows (tokenizer and weights disagree)"
+        )
     out = base_rows.to(value.dtype, copy=True)
     out[present] = value[index[present]]
     return out

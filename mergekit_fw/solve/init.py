@@ -17,7 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any
 
 import torch
 import yaml
@@ -47,7 +47,7 @@ def pool_files_fingerprint(pool: Pool) -> str:
     return fingerprint([pool.names, file_fingerprint(pool.files())])
 
 
-def check_init_config(path: Path, spec: PoolSpec, upstream: Optional[Upstream]) -> dict:
+def check_init_config(path: Path, spec: PoolSpec, upstream: Upstream | None) -> dict:
     """Read an init config and check it merges the same pool; returns its raw dict."""
     stock = require(upstream, f"parameters.init: {path}").read_config(path)
     if stock.merge_method == METHOD_NAME:
@@ -65,7 +65,7 @@ def check_init_config(path: Path, spec: PoolSpec, upstream: Optional[Upstream]) 
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def materialize(config: dict, pool: Pool, cache_root: Path, seed: int, upstream: Optional[Upstream]) -> Path:
+def materialize(config: dict, pool: Pool, cache_root: Path, seed: int, upstream: Upstream | None) -> Path:
     """The folder mergekit wrote for ``config``: cached by the config and the pool's files."""
     key = fingerprint(["init", config, seed, file_fingerprint(pool.files())])
     folder = cache_root / "init" / key
@@ -89,7 +89,7 @@ def materialize(config: dict, pool: Pool, cache_root: Path, seed: int, upstream:
 
 
 def attach_init(
-    pool: Pool, init: Optional[Dict[str, object]], cache_root: Path, seed: int, upstream: Optional[Upstream] = None
+    pool: Pool, init: dict[str, Any] | None, cache_root: Path, seed: int, upstream: Upstream | None = None
 ) -> Pool:
     """The pool plus the initial merge's vertex, re-merging it if its folder is gone
     (which needs ``upstream``)."""
@@ -97,22 +97,25 @@ def attach_init(
         return pool
     folder = Path(str(init["folder"]))
     if not (folder / _COMPLETE).is_file():
-        folder = materialize(dict(init["config"]), pool, cache_root, seed, upstream)  # type: ignore[arg-type]
+        folder = materialize(dict(init["config"]), pool, cache_root, seed, upstream)
         init["folder"] = str(folder)
     candidate = load_dense(INIT_VERTEX, folder / "model", pool.base_config, pool.base_index)
     # Tensors the merge left bit-identical to the base are no part of its task
     # vector: without this a LoRA pool's init would drag every embedding and norm
     # into the dense gradient.
     candidate.touched = [
-        name for name in candidate.touched
-        if not torch.equal(candidate.index.get(name), pool.base_index.get(name))
+        name for name in candidate.touched if not torch.equal(candidate.index.get(name), pool.base_index.get(name))
     ]
     return pool.with_candidate(candidate)
 
 
 def starting_point(
-    params: FrankWolfeParameters, spec: PoolSpec, pool: Pool, key: str, cache_root: Path,
-    upstream: Optional[Upstream] = None,
+    params: FrankWolfeParameters,
+    spec: PoolSpec,
+    pool: Pool,
+    key: str,
+    cache_root: Path,
+    upstream: Upstream | None = None,
 ) -> Start:
     init_path = params.resolved_init()
     pool_files = pool_files_fingerprint(pool)  # the user's pool, without the init vertex
@@ -137,21 +140,30 @@ def starting_point(
 
 
 def _continue(
-    path: Path, params: FrankWolfeParameters, spec: PoolSpec, pool: Pool, key: str, cache_root: Path,
-    upstream: Optional[Upstream],
+    path: Path,
+    params: FrankWolfeParameters,
+    spec: PoolSpec,
+    pool: Pool,
+    key: str,
+    cache_root: Path,
+    upstream: Upstream | None,
 ) -> Start:
     try:
         previous = CoefficientTable.load(path)
     except (TableError, KeyError) as error:
         raise ConfigError(f"parameters.init: {error}") from None
     if previous.base_model != str(spec.base):
-        raise ConfigError(f"{path}: init: table is for base {previous.base_model!r}, the pool's base is {str(spec.base)!r}")
+        raise ConfigError(
+            f"{path}: init: table is for base {previous.base_model!r}, the pool's base is {str(spec.base)!r}"
+        )
     if previous.pool_candidates != pool.names:
         raise ConfigError(
             f"{path}: init: table's candidates {previous.pool_candidates} differ from the pool's {pool.names}"
         )
     if previous.merge_fn != params.merge_fn:
-        raise ConfigError(f"{path}: init: table was solved with merge_fn {previous.merge_fn!r}, this run uses {params.merge_fn!r}")
+        raise ConfigError(
+            f"{path}: init: table was solved with merge_fn {previous.merge_fn!r}, this run uses {params.merge_fn!r}"
+        )
     pool_files = pool_files_fingerprint(pool)
     recorded = previous.meta.get("pool_files")
     if recorded is not None and recorded != pool_files:
@@ -163,8 +175,13 @@ def _continue(
     if previous.tensors != pool.tensor_names():
         raise ConfigError(f"{path}: init: table's tensors differ from the pool's")
     table = CoefficientTable(
-        candidates=list(previous.candidates), tensors=list(previous.tensors), weights=previous.weights.clone(),
-        fingerprint=key, base_model=previous.base_model, init=previous.init, merge_fn=previous.merge_fn,
+        candidates=list(previous.candidates),
+        tensors=list(previous.tensors),
+        weights=previous.weights.clone(),
+        fingerprint=key,
+        base_model=previous.base_model,
+        init=previous.init,
+        merge_fn=previous.merge_fn,
         density=params.density if params.merge_fn == "ties" else None,
         meta={"pool_files": pool_files, "continued_from": str(path)},
     )

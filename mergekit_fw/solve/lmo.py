@@ -13,8 +13,6 @@ certifies optimality.
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import torch
 
 LMO_KINDS = ("layer", "task")
@@ -31,7 +29,7 @@ def vertex_norms(norms: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros(1, norms.shape[1], dtype=norms.dtype), norms], dim=0)
 
 
-def ranking(vscores: torch.Tensor, lmo: str, score: str, vnorms: Optional[torch.Tensor] = None) -> torch.Tensor:
+def ranking(vscores: torch.Tensor, lmo: str, score: str, vnorms: torch.Tensor | None = None) -> torch.Tensor:
     """What the LMO minimises: (n_vertices, n_tensors) for 'layer', (n_vertices,) for 'task'.
 
     Cosine divides by the vertex's norm only: the gradient's norm is one positive
@@ -50,7 +48,7 @@ def ranking(vscores: torch.Tensor, lmo: str, score: str, vnorms: Optional[torch.
     return torch.where(norms > 0, values / norms.clamp(min=torch.finfo(norms.dtype).tiny), torch.zeros_like(values))
 
 
-def ranked_points(rank: torch.Tensor, n_tensors: int, k: int) -> List[torch.Tensor]:
+def ranked_points(rank: torch.Tensor, n_tensors: int, k: int) -> list[torch.Tensor]:
     """The k best LMO points, best first (ties go to the lower vertex index, so an
     all-zero column keeps the base)."""
     n_vertices = rank.shape[0]

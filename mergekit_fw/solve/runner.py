@@ -14,10 +14,10 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -41,7 +41,7 @@ TRACE_FILE = "fw_trace.json"
 CHECKPOINT_FILE = "fw_checkpoint.json"
 
 _LOCK = threading.Lock()
-_MEMO: Dict[str, Tuple[CoefficientTable, Trace]] = {}
+_MEMO: dict[str, tuple[CoefficientTable, Trace]] = {}
 
 
 @dataclass
@@ -51,7 +51,7 @@ class SolveResult:
     pool: Pool
     cache_dir: Path
     reused: bool
-    check: Optional[PoolCheck] = None  # what validation found (warnings, exclusions)
+    check: PoolCheck | None = None  # what validation found (warnings, exclusions)
 
 
 def cache_root(params: FrankWolfeParameters) -> Path:
@@ -59,12 +59,14 @@ def cache_root(params: FrankWolfeParameters) -> Path:
     return Path(root).expanduser()
 
 
-def pickles_folder(params: FrankWolfeParameters) -> Optional[Path]:
+def pickles_folder(params: FrankWolfeParameters) -> Path | None:
     """Where pickled weights are converted to safetensors; None (refused) unless allow_pickle."""
     return cache_root(params) / "converted" if params.allow_pickle else None
 
 
-def run_fingerprint(spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, init: Optional[Path]) -> str:
+def run_fingerprint(
+    spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, init: Path | None
+) -> str:
     return fingerprint(
         [
             "mergekit-fw",
@@ -104,7 +106,11 @@ def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Process
             f"parameters.device_map: {placement!r} spreads one model over every device; it cannot be "
             "combined with data parallel processes (give each process a device, or run one process)"
         )
-    device_map = placement if placement in ACCELERATE_PLACEMENTS else str(torch.device(placement) if placement else processes.device)
+    device_map = (
+        placement
+        if placement in ACCELERATE_PLACEMENTS
+        else str(torch.device(placement) if placement else processes.device)
+    )
     model = AutoModelForCausalLM.from_pretrained(
         str(pool.base_dir), dtype=getattr(torch, params.oracle_dtype), device_map=device_map
     )
@@ -121,7 +127,7 @@ def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Process
 
 
 def solve_cached(
-    spec: PoolSpec, params: FrankWolfeParameters, *, progress: bool = True, upstream: Optional[Upstream] = None
+    spec: PoolSpec, params: FrankWolfeParameters, *, progress: bool = True, upstream: Upstream | None = None
 ) -> SolveResult:
     """Validate everything cheap first, then solve (or reuse a cached solve).
 
@@ -136,7 +142,10 @@ def solve_cached(
         check_init_config(init, spec, upstream)
     check_pool_spec(spec)
     pool, check = validated_pool(
-        spec, exclude_outliers=params.exclude_outliers, pickles_to=pickles_folder(params), cache=cache_root(params) / "checks"
+        spec,
+        exclude_outliers=params.exclude_outliers,
+        pickles_to=pickles_folder(params),
+        cache=cache_root(params) / "checks",
     )
     vertices = 1 + len(pool.candidates)
     if params.variant == "soft" and params.top_k > vertices:
@@ -150,8 +159,13 @@ def solve_cached(
 
 
 def _solve_or_reuse(
-    spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, init: Optional[Path], progress: bool,
-    upstream: Optional[Upstream],
+    spec: PoolSpec,
+    pool: Pool,
+    params: FrankWolfeParameters,
+    calibration: Path,
+    init: Path | None,
+    progress: bool,
+    upstream: Upstream | None,
 ) -> SolveResult:
     key = run_fingerprint(spec, pool, params, calibration, init)
     folder = cache_root(params) / key
@@ -179,8 +193,15 @@ def _solve_or_reuse(
 
 
 def _solve(
-    spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, key: str, folder: Path,
-    progress: bool, processes: Processes, upstream: Optional[Upstream],
+    spec: PoolSpec,
+    pool: Pool,
+    params: FrankWolfeParameters,
+    calibration: Path,
+    key: str,
+    folder: Path,
+    progress: bool,
+    processes: Processes,
+    upstream: Upstream | None,
 ):
     from mergekit_fw.oracle import Oracle
 
@@ -205,15 +226,23 @@ def _solve(
             start = starting_point(params, spec, pool, key, cache_root(params), upstream)
             pool, table, trace = start.pool, start.table, Trace()
     samples = [sum(int(b.input_ids.shape[0]) for b in calib.batches if b.task == t) for t in range(len(calib.tasks))]
-    table.meta.update({"tasks": calib.tasks, "task_samples": samples, "parameters": params.model_dump(), "mergekit_fw": __version__})
-    merge = (merge_function("ties", params.density, ties=require(upstream, "parameters.merge_fn: ties").ties)
-             if params.merge_fn == "ties" else None)
+    table.meta.update(
+        {"tasks": calib.tasks, "task_samples": samples, "parameters": params.model_dump(), "mergekit_fw": __version__}
+    )
+    merge = (
+        merge_function("ties", params.density, ties=require(upstream, "parameters.merge_fn: ties").ties)
+        if params.merge_fn == "ties"
+        else None
+    )
     oracle = Oracle(model, pool, calib, merge=merge, progress=progress and processes.is_main, processes=processes)
     try:
         table, trace = solve(
-            oracle, table, params,
+            oracle,
+            table,
+            params,
             checkpoint=folder / CHECKPOINT_FILE if processes.is_main else None,
-            trace=trace, progress=progress and processes.is_main,
+            trace=trace,
+            progress=progress and processes.is_main,
             rng_state=resumed.rng_state if resumed is not None else None,
         )
     finally:

@@ -16,8 +16,8 @@ projection; a step that would raise the loss is refused and the rate halved.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, List, Sequence, Tuple
 
 import torch
 
@@ -25,12 +25,12 @@ from mergekit_fw.solve.lmo import one_hot
 from mergekit_fw.solve.simplex import project_to_simplex
 
 # weights -> (loss, vertex scores (n_vertices, n_tensors)) at that point
-Evaluate = Callable[[torch.Tensor], Tuple[float, torch.Tensor]]
+Evaluate = Callable[[torch.Tensor], tuple[float, torch.Tensor]]
 
 
-def unique_points(points: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+def unique_points(points: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Drop repeated LMO points (the task-wise top-k of several tasks overlap)."""
-    out: List[torch.Tensor] = []
+    out: list[torch.Tensor] = []
     for point in points:
         if not any(torch.equal(point, seen) for seen in out):
             out.append(point)
@@ -47,7 +47,9 @@ def mix(anchor: torch.Tensor, points: Sequence[torch.Tensor], lam: torch.Tensor)
     return weights
 
 
-def lambda_gradient(anchor: torch.Tensor, points: Sequence[torch.Tensor], vscores: torch.Tensor, layerwise: bool) -> torch.Tensor:
+def lambda_gradient(
+    anchor: torch.Tensor, points: Sequence[torch.Tensor], vscores: torch.Tensor, layerwise: bool
+) -> torch.Tensor:
     """d loss / d lambda from the vertex scores at the current mix.
 
     d/d lambda_j[l] = <g_l, s_j[l] - base_l> (the constant <g_l, base_l> is shared
@@ -65,14 +67,14 @@ class InnerResult:
     weights: torch.Tensor
     loss: float
     vscores: torch.Tensor  # at the accepted point (the next outer iteration reuses them)
-    steps: List[Tuple[float, float, bool]] = field(default_factory=list)  # (lr, loss tried, accepted)
+    steps: list[tuple[float, float, bool]] = field(default_factory=list)  # (lr, loss tried, accepted)
 
 
 def solve_inner(
     evaluate: Evaluate,
     anchor: torch.Tensor,
     points: Sequence[torch.Tensor],
-    start: Tuple[float, torch.Tensor],
+    start: tuple[float, torch.Tensor],
     *,
     steps: int,
     lr: float,

@@ -16,9 +16,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -39,27 +40,32 @@ from mergekit_fw.solve.simplex import check_feasible
 from mergekit_fw.solve.soft import solve_inner, unique_points
 from mergekit_fw.solve.table import CoefficientTable
 
+if TYPE_CHECKING:  # the oracle's result type; the solver itself only calls a LossOracle
+    from mergekit_fw.oracle import Evaluation
+
 LOG = logging.getLogger(__name__)
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-class LossOracle:
+class LossOracle(Protocol):
     """What the solver needs from an oracle (see :class:`mergekit_fw.oracle.Oracle`)."""
 
     def loss(self, coefficients: torch.Tensor) -> float: ...
 
-    def evaluate(self, coefficients: torch.Tensor, *, per_task: bool = False): ...
+    def evaluate(self, coefficients: torch.Tensor, *, per_task: bool = False) -> Evaluation: ...
 
     def vertex_norms(self) -> torch.Tensor: ...
 
 
-def golden_section(phi: Callable[[float], float], f0: float, evaluations: int) -> Tuple[float, float, List[Tuple[float, float]]]:
+def golden_section(
+    phi: Callable[[float], float], f0: float, evaluations: int
+) -> tuple[float, float, list[tuple[float, float]]]:
     """Minimise ``phi`` on [0, 1] with a fixed number of evaluations.
 
     Returns the best point seen, including gamma = 0 (value ``f0``, already
     known), so the loss can never increase; plus every (gamma, loss) evaluated.
     """
-    seen: Dict[float, float] = {0.0: f0}
+    seen: dict[float, float] = {0.0: f0}
 
     def f(x: float) -> float:
         if x not in seen:
@@ -86,26 +92,26 @@ class IterationRecord:
     loss: float
     gap: float  # FW gap (inner product, layer-wise: the optimality certificate)
     gain: float  # <-g, s - theta> of the best LMO point under the chosen ranking
-    gamma: Optional[float]  # hard FW's step; soft FW: 1 - mean weight theta_t kept
-    loss_after: Optional[float]
-    chosen: Dict[str, int]  # vertex -> number of tensors choosing it (best point)
-    choice: List[str]  # best point's vertex per tensor, table order
-    seconds: Dict[str, float]
-    line_search: List[Tuple[float, float]] = field(default_factory=list)
+    gamma: float | None  # hard FW's step; soft FW: 1 - mean weight theta_t kept
+    loss_after: float | None
+    chosen: dict[str, int]  # vertex -> number of tensors choosing it (best point)
+    choice: list[str]  # best point's vertex per tensor, table order
+    seconds: dict[str, float]
+    line_search: list[tuple[float, float]] = field(default_factory=list)
     points: int = 1  # LMO points stepped towards (soft FW: top-k, unioned over tasks)
-    inner: List[Tuple[float, float, bool]] = field(default_factory=list)  # soft: (lr, loss, accepted)
+    inner: list[tuple[float, float, bool]] = field(default_factory=list)  # soft: (lr, loss, accepted)
 
 
 @dataclass
 class Trace:
-    iterations: List[IterationRecord] = field(default_factory=list)
-    stopped: Optional[str] = None
-    final_loss: Optional[float] = None
-    initial_loss: Optional[float] = None
+    iterations: list[IterationRecord] = field(default_factory=list)
+    stopped: str | None = None
+    final_loss: float | None = None
+    initial_loss: float | None = None
     in_hull: bool = True  # False with merge_fn ties: the model may leave the convex hull
-    resumed_at: List[int] = field(default_factory=list)  # iterations a killed run went on from
+    resumed_at: list[int] = field(default_factory=list)  # iterations a killed run went on from
     # at the starting point, per calibration task and candidate: <grad_task, delta> summed over tensors
-    task_scores: Optional[List[List[float]]] = None
+    task_scores: list[list[float]] | None = None
 
     def to_json(self) -> dict:
         return {
@@ -119,14 +125,19 @@ class Trace:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Trace":
+    def from_json(cls, data: dict) -> Trace:
         trace = cls(
-            stopped=data.get("stopped"), final_loss=data.get("final_loss"),
-            initial_loss=data.get("initial_loss"), in_hull=data.get("in_hull", True),
-            resumed_at=list(data.get("resumed_at", [])), task_scores=data.get("task_scores"),
+            stopped=data.get("stopped"),
+            final_loss=data.get("final_loss"),
+            initial_loss=data.get("initial_loss"),
+            in_hull=data.get("in_hull", True),
+            resumed_at=list(data.get("resumed_at", [])),
+            task_scores=data.get("task_scores"),
         )
         fields = IterationRecord.__dataclass_fields__
-        trace.iterations = [IterationRecord(**{k: v for k, v in r.items() if k in fields}) for r in data.get("iterations", [])]
+        trace.iterations = [
+            IterationRecord(**{k: v for k, v in r.items() if k in fields}) for r in data.get("iterations", [])
+        ]
         return trace
 
 
@@ -145,10 +156,14 @@ class _Evaluator:
 
     def __init__(self, oracle: LossOracle, table: CoefficientTable, per_task: bool):
         self.oracle, self.table, self.per_task = oracle, table, per_task
-        self._last: Optional[Tuple[torch.Tensor, object]] = None
+        self._last: tuple[torch.Tensor, Evaluation] | None = None
 
     def __call__(self, weights: torch.Tensor, *, per_task: bool = False):
-        if self._last is not None and torch.equal(self._last[0], weights) and (not per_task or self._last[1].task_scores is not None):
+        if (
+            self._last is not None
+            and torch.equal(self._last[0], weights)
+            and (not per_task or self._last[1].task_scores is not None)
+        ):
             return self._last[1]
         evaluation = self.oracle.evaluate(self.table.coefficients_for(weights), per_task=self.per_task or per_task)
         self._last = (weights.clone(), evaluation)
@@ -160,9 +175,9 @@ class _Evaluator:
         return self.oracle.loss(self.table.coefficients_for(weights))
 
 
-def _soft_points(evaluation, rank_of, n_tensors: int, params: FrankWolfeParameters) -> List[torch.Tensor]:
+def _soft_points(evaluation, rank_of, n_tensors: int, params: FrankWolfeParameters) -> list[torch.Tensor]:
     if params.top_k_per == "task" and evaluation.task_scores is not None and evaluation.task_scores.shape[0] > 1:
-        points: List[torch.Tensor] = []
+        points: list[torch.Tensor] = []
         for task_scores in evaluation.task_scores:
             points.extend(ranked_points(rank_of(vertex_scores(task_scores)), n_tensors, params.top_k))
         return unique_points(points)
@@ -174,12 +189,12 @@ def solve(
     table: CoefficientTable,
     params: FrankWolfeParameters,
     *,
-    checkpoint: Optional[Path] = None,
-    trace: Optional[Trace] = None,
+    checkpoint: Path | None = None,
+    trace: Trace | None = None,
     progress: bool = True,
-    on_iteration: Optional[Callable[[CoefficientTable, IterationRecord], None]] = None,
-    rng_state: Optional[torch.Tensor] = None,
-) -> Tuple[CoefficientTable, Trace]:
+    on_iteration: Callable[[CoefficientTable, IterationRecord], None] | None = None,
+    rng_state: torch.Tensor | None = None,
+) -> tuple[CoefficientTable, Trace]:
     """Run (or continue) Frank-Wolfe from ``table``.
 
     ``on_iteration`` sees the table after every step (tests check each iterate);
@@ -216,10 +231,11 @@ def solve(
         best = lmo_point(rank_of(vscores), n_tensors)
         gain = direction_gain(table.weights, vscores, best)
         t_lmo = time.perf_counter()
-        searched: List[Tuple[float, float]] = []
-        inner_steps: List[Tuple[float, float, bool]] = []
+        searched: list[tuple[float, float]] = []
+        inner_steps: list[tuple[float, float, bool]] = []
         n_points = 1
-        gamma: Optional[float]
+        gamma: float | None
+        stop: str | None
         if gap <= params.epsilon:
             gamma, loss_after, stop = 0.0, loss, f"gap {gap:.3g} <= epsilon {params.epsilon:g}"
         elif params.variant == "soft":
@@ -227,8 +243,12 @@ def solve(
             n_points = len(points)
             inner = solve_inner(
                 lambda w: (lambda e: (e.loss, vertex_scores(e.scores)))(evaluate(w)),
-                table.weights, points, (loss, vscores),
-                steps=params.inner_steps, lr=params.inner_lr, layerwise=params.inner_weights == "layer",
+                table.weights,
+                points,
+                (loss, vscores),
+                steps=params.inner_steps,
+                lr=params.inner_lr,
+                layerwise=params.inner_weights == "layer",
             )
             inner_steps = inner.steps
             gamma = 1.0 - float(inner.lam[0].mean())
@@ -295,7 +315,7 @@ class Checkpoint:
 
     table: CoefficientTable
     trace: Trace
-    rng_state: Optional[torch.Tensor]
+    rng_state: torch.Tensor | None
 
 
 def save_checkpoint(path: Path, table: CoefficientTable, trace: Trace) -> None:
@@ -304,7 +324,7 @@ def save_checkpoint(path: Path, table: CoefficientTable, trace: Trace) -> None:
     write_json_atomic(path, {"table": table.to_json(), "trace": trace.to_json(), "torch_rng_state": rng})
 
 
-def load_checkpoint(path: Path) -> Optional[Checkpoint]:
+def load_checkpoint(path: Path) -> Checkpoint | None:
     if not path.is_file():
         return None
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -33,28 +33,28 @@ class TableError(ValueError):
 
 @dataclass
 class CoefficientTable:
-    candidates: List[str]  # mergekit reference strings, pool order (then INIT_VERTEX)
-    tensors: List[str]
+    candidates: list[str]  # mergekit reference strings, pool order (then INIT_VERTEX)
+    tensors: list[str]
     weights: torch.Tensor  # (n_vertices, n_tensors) float64, columns on the simplex
     fingerprint: str
     base_model: str
-    init: Optional[Dict[str, object]] = None  # the initial merge's config and folder
+    init: dict[str, Any] | None = None  # the initial merge's config and folder
     merge_fn: str = "convex"
-    density: Optional[float] = None  # merge_fn ties only
-    meta: Dict[str, object] = field(default_factory=dict)
+    density: float | None = None  # merge_fn ties only
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON: tasks, parameters, pool files, ...
 
     @classmethod
-    def at_base(cls, candidates: List[str], tensors: List[str], fingerprint: str, base_model: str) -> "CoefficientTable":
+    def at_base(cls, candidates: list[str], tensors: list[str], fingerprint: str, base_model: str) -> CoefficientTable:
         weights = torch.zeros(1 + len(candidates), len(tensors), dtype=torch.float64)
         weights[0] = 1.0
         return cls(list(candidates), list(tensors), weights, fingerprint, base_model)
 
     @property
-    def vertices(self) -> List[str]:
+    def vertices(self) -> list[str]:
         return [BASE_VERTEX, *self.candidates]
 
     @property
-    def pool_candidates(self) -> List[str]:
+    def pool_candidates(self) -> list[str]:
         """The user's candidates (without the initial merge's vertex)."""
         return self.candidates[:-1] if self.init is not None else list(self.candidates)
 
@@ -71,7 +71,7 @@ class CoefficientTable:
         """Task-vector coefficients implied by other vertex weights of this table."""
         return candidate_coefficients(weights)
 
-    def coefficient_map(self) -> Dict[str, Dict[str, float]]:
+    def coefficient_map(self) -> dict[str, dict[str, float]]:
         """tensor -> candidate -> coefficient, for the merge kernels."""
         c = self.coefficients()
         return {
@@ -91,15 +91,13 @@ class CoefficientTable:
             "vertices": self.vertices,
             "candidates": self.candidates,
             "weights": {t: [float(x) for x in self.weights[:, l]] for l, t in enumerate(self.tensors)},
-            "coefficients": {
-                t: [float(x) for x in col] for t, col in zip(self.tensors, self.coefficients().T)
-            },
+            "coefficients": {t: [float(x) for x in col] for t, col in zip(self.tensors, self.coefficients().T)},
             "meta": self.meta,
         }
         return data
 
     @classmethod
-    def from_json(cls, data: dict, source: str = "table") -> "CoefficientTable":
+    def from_json(cls, data: dict, source: str = "table") -> CoefficientTable:
         if data.get("format") != TABLE_FORMAT:
             raise TableError(f"{source}: not a mergekit-fw coefficient table (format={data.get('format')!r})")
         if data.get("version") not in READABLE_VERSIONS:
@@ -125,7 +123,7 @@ class CoefficientTable:
         write_json_atomic(path, self.to_json())
 
     @classmethod
-    def load(cls, path: Path) -> "CoefficientTable":
+    def load(cls, path: Path) -> CoefficientTable:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as error:

@@ -10,9 +10,10 @@ neither runs without one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 from mergekit_fw.config import ConfigError
 from mergekit_fw.merge_fn import TiesKernel
@@ -23,8 +24,8 @@ class StockConfig:
     """A stock mergekit config as the solve sees it: its method and the models it merges."""
 
     merge_method: str
-    base: Optional[str]
-    models: List[str]
+    base: str | None
+    models: list[str]
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,10 @@ class Upstream:
     # a mergekit config file -> its method and models (raises ConfigError naming the file)
     read_config: Callable[[Path], StockConfig]
     # (config, out_path, lora_cache, seed): a stock mergekit merge written to out_path
-    merge: Callable[[Dict[str, Any], Path, Path, int], None]
+    merge: Callable[[dict[str, Any], Path, Path, int], None]
 
 
-def require(upstream: Optional[Upstream], what: str) -> Upstream:
+def require(upstream: Upstream | None, what: str) -> Upstream:
     """The upstream functions, or a clear error naming the option that needs them."""
     if upstream is None:
         raise ConfigError(
