@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from testbed.data import Sizes, TaskFiles, read_rows, write_task_data
+from testbed.data import Sizes, TaskFiles, write_task_data
 from testbed.tasks import BY_NAME, LENGTH, SYMBOLS, Task, sequences, words
 
 LOG = logging.getLogger(__name__)
