@@ -5,8 +5,8 @@ then scores the same way for every method.
 Every method goes through the tool a user would run: mergekit's own methods
 through mergekit's ``run_merge`` (LoRAs expanded into a ``lora_merge_cache``),
 PEFT's ``add_weighted_adapter``, ``mergekit-fw run`` for Frank-Wolfe. AdaMerging
-has no maintained LLM implementation, so it is written here on mergekit-fw's
-gradient oracle (:mod:`evals.adamerging`).
+has no maintained LLM implementation, so it is written on mergekit-fw's gradient
+oracle (:mod:`evals.learned`), with the supervised layer-wise baseline and LoraHub.
 
 Settings are fixed here, before any score was looked at, and are the methods'
 usual ones:
@@ -24,6 +24,12 @@ usual ones:
   members only (PEFT cannot hold full checkpoints);
 * Frank-Wolfe: mergekit-fw's defaults (10 iterations, line search, start at the
   base) with the variant and LMO named; ablations change one setting;
+* learned on the same calibration rows and the same oracle as Frank-Wolfe
+  (:mod:`evals.learned`): ``supervised`` (layer-wise coefficients, Adam on FW's
+  cross-entropy), ``adamerging`` (the same on FW's entropy objective, AdaMerging's
+  published settings), ``lorahub`` / ``lorahub_cma`` (one weight per member,
+  nevergrad, LoraHub's bounds, L1 term and budget); ``*_budget`` rows give one
+  method another's spend, in forward-pass equivalents (:func:`units`);
 * ``mtl``: a LoRA trained on exactly the calibration rows (equal data);
 * ``base`` and ``individual`` (each asked task's own adapter, the normaliser).
 """
@@ -43,8 +49,7 @@ import yaml
 
 from evals.common import THREADS, child_env
 from testbed.build import Pool, train_mtl
-from testbed.data import read_rows
-from testbed.data import calibration_file
+from testbed.data import calibration_file, read_rows
 
 LOG = logging.getLogger(__name__)
 TA_LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -194,7 +199,8 @@ def calibrated_lambda(cell: Cell, work: Workspace) -> Tuple[float, Dict[float, f
 def task_arithmetic(cell: Cell, out: Path, work: Workspace) -> Produced:
     best, picked = calibrated_lambda(cell, work)
     run_mergekit(mergekit_config(cell, "task_arithmetic", {"weight": best}), out, work)
-    return Produced(out, {"lambda": best, "calibration_scores": {str(k): v for k, v in picked.items()}})
+    return Produced(out, {"lambda": best, "calibration_scores": {str(k): v for k, v in picked.items()},
+                          "spend": {"decode": len(TA_LAMBDAS)}})  # one greedy decode of the rows per lambda
 
 
 # ---------------------------------------------------------------- PEFT
@@ -243,7 +249,9 @@ def merged_adapter(base: Path, adapter: Path, out: Path) -> Path:
 
 def mtl(cell: Cell, out: Path, work: Workspace) -> Produced:
     adapter = train_mtl(cell.pool, cell.asked, cell.per_task)
-    return Produced(merged_adapter(cell.pool.base, adapter, out), {"adapter": str(adapter)})
+    rows = cell.pool.size.lora_steps * cell.pool.size.batch  # rows drawn from the calibration rows
+    return Produced(merged_adapter(cell.pool.base, adapter, out),
+                    {"adapter": str(adapter), "spend": {"gradient": rows / (cell.per_task * len(cell.asked))}})
 
 
 def base(cell: Cell, out: Path, work: Workspace) -> Produced:
@@ -287,6 +295,7 @@ def fw_method(**parameters: object) -> Producer:
         trace = json.loads((out / "fw_trace.json").read_text())
         table = json.loads((out / "fw_table.json").read_text())
         return Produced(out, {"parameters": dict(parameters), "init_weight": init_weight, "trace": trace,
+                              "spend": dict(trace.get("passes", {})),
                               "mean_coefficients": _mean_coefficients(table)})
 
     return produce
@@ -299,11 +308,69 @@ def _mean_coefficients(table: dict) -> Dict[str, float]:
     return {name: sum(col[i] for col in columns) / len(columns) for i, name in enumerate(names)}
 
 
-def adamerging_method(cell: Cell, out: Path, work: Workspace) -> Produced:
-    from evals.adamerging import adamerging
+# ---------------------------------------------------------------- learned on the oracle
 
-    info = adamerging(cell, work.calibration(cell), out, seed=work.seed)
-    return Produced(out, info)
+# AdaMerging's published settings (entropy); the supervised baseline's (cross-entropy) are
+# what a user with labels would try first: the same parametrisation, a larger step.
+ADAMERGING = {"steps": 500, "lr": 1e-3}
+SUPERVISED = {"steps": 500, "lr": 1e-2}
+# FW at mergekit-fw's defaults spends per iteration one gradient pass and
+# line_search_steps (8) forward passes, plus one forward pass for the final loss.
+FW_DEFAULT_ITERATIONS, FW_LINE_SEARCH = 10, 8
+
+
+def units(spent: Mapping[str, float]) -> float:
+    """Forward-pass equivalents: a gradient pass (forward + backward) counts 3."""
+    return float(spent.get("forward", 0.0)) + 3.0 * float(spent.get("gradient", 0.0))
+
+
+def step_passes(cell: Cell) -> float:
+    """Gradient passes of one step of 16 rows per task."""
+    from evals.learned import ROWS_PER_STEP
+
+    return min(ROWS_PER_STEP, cell.per_task) / cell.per_task
+
+
+def fw_default_units() -> float:
+    return units({"gradient": FW_DEFAULT_ITERATIONS, "forward": FW_DEFAULT_ITERATIONS * FW_LINE_SEARCH + 1})
+
+
+def layerwise_method(objective: str, settings: Mapping[str, float], budget: Optional[str] = None, **positions) -> Producer:
+    """Layer-wise coefficients by Adam on the oracle (:func:`evals.learned.layerwise`).
+    ``budget="fw"``: as many steps as FW at its defaults spends, in forward-pass equivalents."""
+
+    def produce(cell: Cell, out: Path, work: Workspace) -> Produced:
+        from evals.learned import Objective, layerwise
+
+        steps = int(settings["steps"])
+        if budget == "fw":
+            steps = max(1, round(fw_default_units() / (3.0 * step_passes(cell))))
+        info = layerwise(cell, work.calibration(cell), out, objective=Objective(objective, **positions), steps=steps,
+                         lr=float(settings["lr"]), seed=work.seed)
+        return Produced(out, info)
+
+    return produce
+
+
+def lorahub_method(optimizer: str) -> Producer:
+    def produce(cell: Cell, out: Path, work: Workspace) -> Produced:
+        from evals.learned import lorahub
+
+        return Produced(out, lorahub(cell, work.calibration(cell), out, optimizer=optimizer, seed=work.seed))
+
+    return produce
+
+
+def fw_at_adamerging_budget(**parameters: object) -> Producer:
+    """FW given the forward-pass equivalents AdaMerging spends on the cell."""
+
+    def produce(cell: Cell, out: Path, work: Workspace) -> Produced:
+        budget = units({"gradient": ADAMERGING["steps"] * step_passes(cell), "forward": 2})
+        per_iteration = units({"gradient": 1, "forward": FW_LINE_SEARCH})
+        iterations = max(1, round((budget - 1) / per_iteration))
+        return fw_method(iterations=iterations, **parameters)(cell, out, work)
+
+    return produce
 
 
 # ---------------------------------------------------------------- registry
@@ -322,11 +389,21 @@ def _methods() -> Dict[str, Method]:
                mergekit_method("della", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {"normalize": True, "lambda": 1.0})),
         Method("peft_cat", "data-free", peft_method("cat"), "PEFT cat (1/n)"),
         Method("peft_svd", "data-free", peft_method("svd"), "PEFT svd (1/n)"),
-        Method("adamerging", "data-informed", adamerging_method, "AdaMerging (layer-wise)"),
+        Method("adamerging", "data-informed", layerwise_method("entropy", ADAMERGING), "AdaMerging (layer-wise, entropy)"),
+        Method("supervised", "data-informed", layerwise_method("cross_entropy", SUPERVISED),
+               "supervised layer-wise (Adam, cross-entropy)"),
+        Method("lorahub", "data-informed", lorahub_method("NGOpt"), "LoraHub (nevergrad NGOpt, as published)"),
+        Method("lorahub_cma", "data-informed", lorahub_method("CMA"), "LoraHub with CMA-ES"),
         Method("fw_hard_layer", "frank-wolfe", fw_method(variant="hard", lmo="layer"), "FW hard, layer LMO"),
         Method("fw_hard_task", "frank-wolfe", fw_method(variant="hard", lmo="task"), "FW hard, task LMO"),
         Method("fw_soft_layer", "frank-wolfe", fw_method(variant="soft", lmo="layer"), "FW soft, layer LMO"),
         Method("fw_soft_task", "frank-wolfe", fw_method(variant="soft", lmo="task"), "FW soft, task LMO"),
+        Method("fw_entropy", "frank-wolfe", fw_method(variant="hard", lmo="layer", objective="entropy"),
+               "FW hard layer, entropy (no labels)"),
+        Method("fw_hard_layer_ada_budget", "frank-wolfe", fw_at_adamerging_budget(variant="hard", lmo="layer"),
+               "FW hard layer at AdaMerging's passes"),
+        Method("supervised_fw_budget", "data-informed", layerwise_method("cross_entropy", SUPERVISED, budget="fw"),
+               "supervised layer-wise at FW's passes"),
         Method("mtl", "data-informed", mtl, "MTL LoRA (calib rows)"),
     ]
     return {m.name: m for m in listed}
@@ -335,8 +412,27 @@ def _methods() -> Dict[str, Method]:
 METHODS: Dict[str, Method] = _methods()
 MAIN = tuple(METHODS)  # every method, in table order
 SCALING = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "peft_cat", "peft_svd",
-           "adamerging", "fw_hard_layer", "fw_soft_task")
-DATA_INFORMED = ("task_arithmetic", "adamerging", "fw_hard_layer", "fw_soft_task", "mtl")
+           "adamerging", "supervised", "lorahub", "fw_hard_layer", "fw_soft_task")
+DATA_INFORMED = ("task_arithmetic", "adamerging", "supervised", "lorahub", "fw_hard_layer", "fw_soft_task",
+                 "fw_entropy", "mtl")
+
+# Which positions the entropy objective counts (experiment 8): FW and AdaMerging on the same rows
+# and the same objective, for each choice mergekit-fw offers.
+# (The default, the answer's first position, is the ``fw_entropy`` and ``adamerging`` rows.)
+POSITIONS = {"prompt": {"entropy_positions": "prompt"}, "answer2": {"answer_tokens": 2}, "answer4": {"answer_tokens": 4}}
+ENTROPY: Dict[str, Method] = {}
+for _key, _settings in POSITIONS.items():
+    _shown = ", ".join(f"{k} {v}" for k, v in _settings.items()) or "entropy_positions answer (default)"
+    ENTROPY[f"fw_entropy_{_key}"] = Method(f"fw_entropy_{_key}", "frank-wolfe",
+                                           fw_method(variant="hard", lmo="layer", objective="entropy", **_settings),
+                                           f"FW entropy, {_shown}")
+    ENTROPY[f"adamerging_{_key}"] = Method(f"adamerging_{_key}", "data-informed",
+                                           layerwise_method("entropy", ADAMERGING, **_settings),
+                                           f"AdaMerging, {_shown}")
+# AdaMerging starts at task arithmetic 0.3; FW with entropy from that same start isolates the optimiser.
+ENTROPY["fw_entropy_init_ta"] = Method("fw_entropy_init_ta", "frank-wolfe",
+                                       fw_method(variant="hard", lmo="layer", objective="entropy", init="ta"),
+                                       "FW entropy, from AdaMerging's start (TA 0.3)")
 
 ABLATIONS: Dict[str, Method] = {
     m.name: m
@@ -366,5 +462,7 @@ def method(name: str) -> Method:
         return METHODS[name]
     if name in ABLATIONS:
         return ABLATIONS[name]
-    raise KeyError(f"unknown method {name!r} (known: {', '.join([*METHODS, *ABLATIONS])})")
+    if name in ENTROPY:
+        return ENTROPY[name]
+    raise KeyError(f"unknown method {name!r} (known: {', '.join([*METHODS, *ABLATIONS, *ENTROPY])})")
 

@@ -1,41 +1,69 @@
-"""Every experiment of the evidence study, in order, on one testbed size.
+"""Every experiment of the evidence study, in order, on one testbed size, for each seed.
 
-    python -m evals.run [--quick] [--seed 0] [--work DIR]
+    python -m evals.run [--quick] [--seeds 0 1 2] [--only exp1_main,exp8_entropy] [--work DIR] [--summarize]
 
-Cells shared by several experiments are merged and scored once (records on disk),
-and a killed run resumes where it stopped. Writes ``evals/results/exp*_<...>.md``,
-``.json`` and ``.png`` plus ``evals/results/run[_quick].md`` with the timings.
+Each seed rebuilds the testbed (base, adapters, data) in its own workspace. Cells shared
+by several experiments are merged and scored once (records on disk), and a killed run
+resumes where it stopped. Writes ``evals/results/exp*_<...>.md``, ``.json`` and ``.png``
+from every seed recorded so far, plus ``evals/results/run[_quick].md`` with the timings.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import time
+from pathlib import Path
 
 from evals.common import RESULTS, machine
 from evals.experiments import EXPERIMENTS
-from evals.experiments.cli import arguments
-from evals.experiments.common import open_context
+from evals.experiments.common import open_context, write_summary
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the quick testbed and reduced grids")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", default="", help="comma-separated experiment stems (default: all)")
+    parser.add_argument("--summarize", action="store_true",
+                        help="only redraw the results from the per-seed records in evals/results/seeds/")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="parent of the per-seed workspaces (default: a temp folder per size and seed)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args
 
 
 def main() -> None:
-    args = arguments(__doc__.split("\n")[0])
-    started = time.perf_counter()
-    ctx = open_context("quick" if args.quick else "full", args.seed, args.work)
-    built = time.perf_counter() - started
-    timings = []
-    for experiment in EXPERIMENTS:
-        tick, computed, read_back = time.perf_counter(), ctx.computed, ctx.read_back
-        path = experiment.run(ctx)
-        timings.append((experiment.STEM, time.perf_counter() - tick, ctx.computed - computed, ctx.read_back - read_back, path.name))
-    total = time.perf_counter() - started
-    lines = [f"# Evidence run ({ctx.plan.size}, seed {args.seed})", "",
-             f"Pool built or reused in {built:.0f} s; total {total / 60:.1f} min on {machine()['cpu']} "
-             f"({machine()['threads_used']} threads).", "",
+    args = arguments()
+    only = {s for s in args.only.split(",") if s}
+    chosen = [e for e in EXPERIMENTS if not only or e.STEM in only]
+    size = "quick" if args.quick else "full"
+    if args.summarize:
+        for experiment in chosen:
+            written = write_summary(experiment.STEM + ("_quick" if args.quick else ""), size, experiment.summarize)
+            print(written or f"{experiment.STEM}: no seed recorded for the {size} testbed")
+        return
+    lines = [f"# Evidence run ({size}, seeds {', '.join(map(str, args.seeds))})", "",
              "A record read back costs nothing here: it was made by an earlier run (then this is not a fresh timing) "
-             "or by an earlier experiment sharing the cell.", "",
-             "| experiment | seconds | records made | read back | results |", "| --- | ---: | ---: | ---: | --- |"]
-    lines += [f"| {stem} | {seconds:.0f} | {made} | {back} | `{name}` |" for stem, seconds, made, back, name in timings]
-    (RESULTS / f"run{ctx.suffix}.md").write_text("\n".join(lines) + "\n")
+             "or by an earlier experiment sharing the cell.", ""]
+    for seed in args.seeds:
+        started = time.perf_counter()
+        ctx = open_context(size, seed, args.work / f"{size}_{seed}" if args.work else None)
+        built = time.perf_counter() - started
+        timings = []
+        for experiment in chosen:
+            tick, computed, read_back = time.perf_counter(), ctx.computed, ctx.read_back
+            path = experiment.run(ctx)
+            timings.append((experiment.STEM, time.perf_counter() - tick, ctx.computed - computed,
+                            ctx.read_back - read_back, path.name))
+        total = time.perf_counter() - started
+        lines += [f"## Seed {seed}", "", f"Pool built or reused in {built:.0f} s; total {total / 60:.1f} min on "
+                  f"{machine()['cpu']} ({machine()['threads_used']} threads).", "",
+                  "| experiment | seconds | records made | read back | results |", "| --- | ---: | ---: | ---: | --- |"]
+        lines += [f"| {stem} | {seconds:.0f} | {made} | {back} | `{name}` |" for stem, seconds, made, back, name in timings]
+        lines.append("")
+        (RESULTS / f"run{ctx.suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,8 +1,10 @@
 """Calibration data: task-tagged prompts (and completions), tokenised into batches.
 
 Each batch marks the logit positions the objective counts: the positions that
-predict completion tokens (cross-entropy, labelled data) or every prompt position
-(entropy, unlabelled prompts). The objective is balanced over tasks, so the set
+predict completion tokens (cross-entropy, labelled data), or for the entropy of
+unlabelled prompts the positions that predict the answer (the last prompt
+position; more answer positions are decoded later, by the oracle, at the starting
+point) or every prompt position. The objective is balanced over tasks, so the set
 knows how many counted positions each task has (the normaliser of its mean).
 Batches never mix tasks: per-task gradients (soft FW's task-wise top-k) are then
 a by-product of accumulating batch by batch.
@@ -58,6 +60,9 @@ class CalibrationSet:
     batches: list[CalibrationBatch]
     counted_positions: torch.Tensor  # (n_tasks,) positions the objective counts, per task
     objective: str = "cross_entropy"
+    # entropy at answer positions: how many per row; beyond the first they are decoded
+    # greedily by the oracle at the starting point (:meth:`Oracle.decode_answers`)
+    answer_tokens: int = 1
 
     @property
     def num_examples(self) -> int:
@@ -133,6 +138,14 @@ def _encode(tokenizer, example: CalibrationExample, max_length: int, labelled: b
     return prompt_ids + completion_ids, len(prompt_ids)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id, else its end of sequence, else 0 (padding is masked)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def build_calibration(
     path: Path,
     tokenizer,
@@ -141,13 +154,19 @@ def build_calibration(
     batch_size: int,
     max_length: int,
     objective: str = "cross_entropy",
+    entropy_positions: str = "answer",
+    answer_tokens: int = 1,
 ) -> CalibrationSet:
+    """``entropy_positions``, ``answer_tokens``: see the settings of the same names.
+    Every row counts exactly ``answer_tokens`` answer positions, known before any
+    decoding, so the task weights of the objective are fixed here."""
     labelled = objective == "cross_entropy"
+    answer = not labelled and entropy_positions == "answer"
+    if not labelled and entropy_positions not in ("answer", "prompt"):
+        raise ValueError(f"unknown entropy_positions {entropy_positions!r} (known: answer, prompt)")
     by_task = select_per_task(read_jsonl(path, labelled=labelled), samples_per_task)
     tasks = list(by_task)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     counted = torch.zeros(len(tasks), dtype=torch.float64)
     batches = []
     for task_index, examples in enumerate(by_task.values()):
@@ -167,11 +186,41 @@ def build_calibration(
                 if labelled:  # position t predicts token t + 1 of the completion
                     targets[row, n_prompt - 1 : len(ids) - 1] = torch.tensor(ids[n_prompt:])
                     positions[row, n_prompt - 1 : len(ids) - 1] = True
+                elif answer:  # the position after the prompt's last token predicts the answer
+                    positions[row, n_prompt - 1] = True
                 else:
                     positions[row, :n_prompt] = True
-            counted[task_index] += float(positions.sum())
+            counted[task_index] += float(positions.sum()) * (answer_tokens if answer else 1)
             batches.append(CalibrationBatch(input_ids, attention, targets, positions, task_index))
     LOG.info(
         "calibration: %d examples over %d tasks (%s)", sum(map(len, by_task.values())), len(tasks), ", ".join(tasks)
     )
-    return CalibrationSet(tasks=tasks, batches=batches, counted_positions=counted, objective=objective)
+    return CalibrationSet(
+        tasks=tasks,
+        batches=batches,
+        counted_positions=counted,
+        objective=objective,
+        answer_tokens=answer_tokens if answer else 1,
+    )
+
+
+def with_answers(batch: CalibrationBatch, answers: torch.Tensor, pad_id: int) -> CalibrationBatch:
+    """The batch with each row's decoded answer tokens appended after its prompt, and
+    the positions that predict them counted beside the last prompt position.
+
+    ``answers``: (B, k - 1) token ids. Rows are right-padded to different lengths, so
+    each row's answer starts where its own prompt ends."""
+    rows, extra = answers.shape
+    lengths = batch.attention_mask.sum(dim=1)
+    width = int(lengths.max()) + extra
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((rows, width), dtype=torch.long)
+    positions = torch.zeros((rows, width), dtype=torch.bool)
+    for row in range(rows):
+        n = int(lengths[row])
+        input_ids[row, :n] = batch.input_ids[row, :n]
+        input_ids[row, n : n + extra] = answers[row]
+        attention[row, : n + extra] = 1
+        positions[row, n - 1 : n + extra] = True
+    targets = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+    return CalibrationBatch(input_ids, attention, targets, positions, batch.task)

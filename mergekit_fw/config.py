@@ -40,8 +40,23 @@ class FrankWolfeParameters(BaseModel):
     objective: Literal["cross_entropy", "entropy"] = Field(
         "cross_entropy",
         description="Calibration objective, balanced over tasks: 'cross_entropy' on completion "
-        "tokens (labelled data) or 'entropy' of the next-token distribution over prompt tokens "
-        "(unlabelled prompts, AdaMerging's surrogate; completions are ignored).",
+        "tokens (labelled data) or 'entropy' of the next-token distribution where the answer is "
+        "predicted (unlabelled prompts, AdaMerging's surrogate; completions are ignored).",
+    )
+    entropy_positions: Literal["answer", "prompt"] = Field(
+        "answer",
+        description="objective entropy: the positions whose entropy counts. 'answer': those that "
+        "predict the answer (the last prompt position, and with answer_tokens > 1 the next ones "
+        "along the starting model's greedy continuation); 'prompt': every prompt position, most of "
+        "which predict the next input token rather than the answer.",
+    )
+    answer_tokens: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="objective entropy with entropy_positions answer: answer positions counted per "
+        "row; 1 is the prediction of the answer's first token, k > 1 adds the k - 1 tokens that the "
+        "starting point decodes greedily (decoded once, so the objective stays one fixed function).",
     )
     variant: Literal["hard", "soft"] = Field(
         "hard",
@@ -176,10 +191,14 @@ class FrankWolfeParameters(BaseModel):
             "inner_steps": ("variant", "soft", "only soft FW has an inner problem"),
             "inner_lr": ("variant", "soft", "only soft FW has an inner problem"),
             "density": ("merge_fn", "ties", "only ties trims task vectors"),
+            "entropy_positions": ("objective", "entropy", "only the entropy objective picks positions"),
+            "answer_tokens": ("objective", "entropy", "only the entropy objective picks positions"),
         }
         for name, (other, needed, why) in only.items():
             if name in given and getattr(self, other) != needed:
                 raise ValueError(f"{name} needs {other}: {needed} ({why}); {other} is {getattr(self, other)!r}")
+        if "answer_tokens" in given and self.entropy_positions != "answer":
+            raise ValueError("answer_tokens needs entropy_positions: answer (it counts answer positions)")
         return self
 
     def resolved_init(self) -> Path | None:

@@ -7,8 +7,12 @@ accumulated batch by batch (or process by process) and stay exact.
 
 * ``cross_entropy``: the next-token loss at positions that predict completion
   tokens (labelled prompt/completion pairs).
-* ``entropy``: the entropy of the model's next-token distribution at every prompt
-  position (unlabelled prompts; AdaMerging's test-time surrogate).
+* ``entropy``: the entropy of the model's next-token distribution (unlabelled
+  prompts; AdaMerging's test-time surrogate) at the positions the calibration set
+  marks: by default those that predict the answer. AdaMerging takes the entropy of a
+  classifier's prediction; in a language model that prediction is the token after
+  the prompt, while most prompt positions predict the next input token and say
+  nothing about the task (measured in ``evals/results/entropy_positions.md``).
 """
 
 from __future__ import annotations

@@ -86,6 +86,10 @@ def test_commands_fail_early_naming_the_field(random_pool, tmp_path, parameters,
         ({"gamma": 0.1}, "gamma"),
         ({"density": 0.5}, "density"),
         ({"inner_lr": 0.1}, "inner_lr"),
+        ({"entropy_positions": "prompt"}, "entropy_positions"),
+        ({"answer_tokens": 3}, "answer_tokens"),
+        ({"objective": "entropy", "answer_tokens": 0}, "answer_tokens"),
+        ({"objective": "entropy", "entropy_positions": "prompt", "answer_tokens": 2}, "answer_tokens"),
     ],
 )
 def test_every_parameter_rejects_bad_values_by_name(raw, field):

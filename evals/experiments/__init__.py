@@ -1,4 +1,4 @@
-"""The seven experiments of issue 6, each ``python -m evals.experiments.<name> [--quick]``;
+"""The experiments of issues 6 and 16, each ``python -m evals.experiments.<name> [--quick]``;
 ``python -m evals.run`` runs them all in order (shared cells are computed once)."""
 
 from evals.experiments import (
@@ -9,6 +9,9 @@ from evals.experiments import (
                                e5_data,
                                e6_ablations,
                                e7_diagnostics,
+                               e8_entropy,
+                               e9_relevant_all,
 )
 
-EXPERIMENTS = (e1_main, e2_irrelevant, e3_relevant, e4_noisy, e5_data, e6_ablations, e7_diagnostics)
+EXPERIMENTS = (e1_main, e2_irrelevant, e3_relevant, e4_noisy, e5_data, e6_ablations, e7_diagnostics, e8_entropy,
+               e9_relevant_all)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evals.common import RESULTS, THREADS, machine
+from evals.experiments.seeds import Stats
 from evals.methods import Cell, Method, Workspace
 from evals.scoring import individual_scores, normalized, test_scores
 from testbed.build import SIZES, Pool, build_pool
@@ -133,6 +134,7 @@ def run_cell(ctx: Context, cell: Cell, method: Method) -> dict:
         "method": method.name, "title": method.title, "family": method.family, "cell": cell.describe(),
         "scores": scores, "normalized": normalized(scores, individual), "individual": individual,
         "merge_seconds": round(merge_seconds, 2), "eval_seconds": round(time.perf_counter() - started - merge_seconds, 2),
+        "spend": {"forward": 0.0, "gradient": 0.0, **produced.info.get("spend", {}), "seconds": round(merge_seconds, 1)},
         "info": _slim(produced.info),
     }
     if produced.scratch:
@@ -171,26 +173,50 @@ def individual_record(ctx: Context, asked: Sequence[str]) -> dict:
 # ---------------------------------------------------------------- writing results
 
 
-ANALYSIS = RESULTS / "analysis"
+Summary = Callable[[Dict[int, dict], Path], Tuple[str, List[Stats]]]
 
 
-def write_experiment(ctx: Context, stem: str, data: dict, text: str, draw: Callable[[Path], None]) -> Path:
-    """``evals/results/<stem>[_quick].{md,json,png}``.
+def write_experiment(ctx: Context, stem: str, data: dict, summarize: Summary) -> Path:
+    """Keep this seed's data in ``evals/results/seeds/<stem>[_quick]_seed<k>.json``, then
+    write ``evals/results/<stem>[_quick].{md,json,png}`` from every seed kept there.
 
     The analysis of a result (why a target was missed, what in the method would fix it)
     is written by a person after reading the numbers, so it lives in
     ``evals/results/analysis/<stem>[_quick].md`` and is appended on every rewrite
     instead of being lost when the experiment is run again."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = stem + ctx.suffix
-    data = {**data, "size": ctx.plan.size, "seed": ctx.work.seed, "machine": machine()}
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
+    seeds_folder = RESULTS / "seeds"
+    seeds_folder.mkdir(parents=True, exist_ok=True)
+    seed_file = seeds_folder / f"{name}_seed{ctx.work.seed}.json"
+    seed_file.write_text(json.dumps({**data, "size": ctx.plan.size, "seed": ctx.work.seed, "machine": machine()}, indent=1))
+    written = write_summary(name, ctx.plan.size, summarize)
+    assert written is not None  # this seed was just kept
+    return written
+
+
+def write_summary(name: str, size: str, summarize: Summary) -> Optional[Path]:
+    """``evals/results/<name>.{md,json,png}`` from every seed kept for it (None: no seed yet)."""
+    seeds_folder = RESULTS / "seeds"
+    per_seed = {}
+    for path in seeds_folder.glob(f"{name}_seed*.json"):
+        seed = path.stem.rsplit("_seed", 1)[1]
+        if seed.isdigit():
+            per_seed[int(seed)] = json.loads(path.read_text())
+    if not per_seed:
+        return None
     figure = RESULTS / f"{name}.png"
-    draw(figure)
-    footer = (f"\nTestbed `{ctx.plan.size}`, seed {ctx.work.seed}; scores from lm-eval {_lm_eval_version()} on each task's "
-              f"held-out rows (exact match or multiple-choice accuracy); normalised = mean over asked tasks of merged / "
-              f"individual, x100. Figure: `{figure.name}`.\n")
-    analysis = ANALYSIS / f"{name}.md"
+    text, stats = summarize(per_seed, figure)
+    seeds = sorted(per_seed)
+    summary = [{"method": st.method, "title": st.title, "family": st.family, "x": st.x, "mean": st.mean, "std": st.std,
+                "normalized_by_seed": st.by_seed(), "spend_by_seed": dict(zip(st.seeds, st.spend.get("seconds", [])))}
+               for st in stats]
+    (RESULTS / f"{name}.json").write_text(json.dumps({"size": size, "seeds": seeds, "summary": summary}, indent=1))
+    footer = (f"\nTestbed `{size}`, seeds {', '.join(map(str, seeds))} (the testbed rebuilt per seed: base, "
+              f"adapters, data); scores from lm-eval {_lm_eval_version()} on each task's held-out rows (exact match or "
+              f"multiple-choice accuracy); normalised = mean over asked tasks of merged / individual, x100; mean ± "
+              f"sample standard deviation over seeds. Passes: over the calibration set, forward-only / gradient "
+              f"(forward + backward). Per-seed records: `seeds/{name}_seed<k>.json`. Figure: `{figure.name}`.\n")
+    analysis = RESULTS / "analysis" / f"{name}.md"
     if analysis.is_file():
         footer += "\n## Analysis\n\n" + analysis.read_text().strip() + "\n"
     (RESULTS / f"{name}.md").write_text(text + footer)
@@ -198,63 +224,11 @@ def write_experiment(ctx: Context, stem: str, data: dict, text: str, draw: Calla
     return RESULTS / f"{name}.md"
 
 
+def records_of(per_seed: Dict[int, dict], key: str = "records") -> Dict[int, List[dict]]:
+    return {seed: data[key] for seed, data in per_seed.items()}
+
+
 def _lm_eval_version() -> str:
     from importlib.metadata import version
 
     return version("lm_eval")
-
-
-def score_table(records: Sequence[dict], asked: Sequence[str]) -> str:
-    """Methods x asked tasks, then the normalised mean and the merge time."""
-    lines = ["| method | family | " + " | ".join(asked) + " | normalised | merge s |",
-             "| --- | --- |" + " ---: |" * (len(asked) + 2)]
-    for r in records:
-        cells = " | ".join(f"{r['scores'][t]:.3f}" for t in asked)
-        lines.append(f"| {r['title']} | {r['family']} | {cells} | **{r['normalized']:.1f}** | {r['merge_seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-def series_table(series: Dict[str, Dict[int, float]], header: str, steps: Sequence[int], digits: int = 1) -> str:
-    lines = ["| method | " + " | ".join(f"{header} {s}" for s in steps) + " | change |",
-             "| --- |" + " ---: |" * (len(steps) + 1)]
-    for name, row in series.items():
-        values = [row.get(s) for s in steps]
-        shown = " | ".join("" if v is None else f"{v:.{digits}f}" for v in values)
-        change = values[-1] - values[0] if values[0] is not None and values[-1] is not None else float("nan")
-        lines.append(f"| {name} | {shown} | {change:+.{digits}f} |")
-    return "\n".join(lines) + "\n"
-
-
-def bar_figure(path: Path, records: Sequence[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {"reference": "tab:gray", "data-free": "tab:blue", "data-informed": "tab:orange", "frank-wolfe": "tab:green"}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(records) + 2), 4.0))
-    ax.bar(range(len(records)), [r["normalized"] for r in records], color=[colours[r["family"]] for r in records])
-    ax.set_xticks(range(len(records)), [r["title"] for r in records], rotation=50, ha="right", fontsize=7)
-    ax.set(ylabel="normalised score (individual = 100)", title=title)
-    ax.axhline(100.0, color="black", linewidth=0.5, linestyle="--")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def line_figure(path: Path, series: Dict[str, Dict[int, float]], xlabel: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9.5, 4.2))
-    for name, row in series.items():
-        xs = sorted(row)
-        style = "-" if name.startswith("FW") else "--"
-        ax.plot(xs, [row[x] for x in xs], style, marker="o", label=name)
-    ax.set(xlabel=xlabel, ylabel="normalised score (individual = 100)", title=title)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Tuple
 
 from evals.experiments.cli import main
-from evals.experiments.common import (
-    Context,
-    line_figure,
-    run_cells,
-    series_table,
-    write_experiment,
-)
+from evals.experiments.common import Context, records_of, run_cells, write_experiment
+from evals.experiments.seeds import Stats, collect, line_figure, series_table
 from evals.methods import SCALING, method
 
 STEM = "exp3_relevant"
@@ -23,24 +18,33 @@ STEM = "exp3_relevant"
 PROBES = ("fw_hard_layer_init_ta_calibrated",)
 
 
+def task_order(ctx: Context) -> List[str]:
+    return list(ctx.plan.asked) + [t for t in ctx.pool.size.tasks if t not in ctx.plan.asked]
+
+
 def run(ctx: Context) -> Path:
-    order = list(ctx.plan.asked) + [t for t in ctx.pool.size.tasks if t not in ctx.plan.asked]
+    order = task_order(ctx)
     jobs = []
     for k in ctx.plan.relevant_asked:
         asked = order[:k]
         cell = ctx.cell([ctx.lora(t) for t in asked], asked)
         jobs += [(cell, method(name)) for name in (*SCALING, *PROBES)]
     records = run_cells(ctx, jobs, "exp3")
-    series: Dict[str, Dict[int, float]] = {}
-    for record in records:
-        series.setdefault(record["title"], {})[len(record["cell"]["asked"])] = record["normalized"]
+    return write_experiment(ctx, STEM, {"order": order[:max(ctx.plan.relevant_asked)], "records": records}, summarize)
+
+
+def summarize(per_seed: Dict[int, dict], figure: Path) -> Tuple[str, List[Stats]]:
+    stats = collect(records_of(per_seed), lambda r: len(r["cell"]["asked"]))
+    ks = sorted({s.x for s in stats})
+    some = per_seed[min(per_seed)]
+    order = some.get("order") or some["records"][-1]["cell"]["asked"]
     text = (
-        f"# Experiment 3: relevant adapters added (asked tasks = pool, {ctx.plan.relevant_asked[0]} -> {ctx.plan.relevant_asked[-1]})\n\n"
-        f"Task order: {', '.join(order[:max(ctx.plan.relevant_asked)])}; each asked task's own LoRA is in the pool.\n\n"
-        + series_table(series, "k =", ctx.plan.relevant_asked)
+        f"# Experiment 3: relevant adapters added (asked tasks = pool, {ks[0]} -> {ks[-1]})\n\n"
+        f"Task order: {', '.join(order)}; each asked task's own LoRA is in the pool.\n\n"
+        + series_table(stats, "k =", ks)
     )
-    return write_experiment(ctx, STEM, {"series": series, "records": records}, text,
-                            lambda p: line_figure(p, series, "asked tasks = adapters in the pool", "Experiment 3: relevant adapters"))
+    line_figure(figure, stats, "asked tasks = adapters in the pool", "Experiment 3: relevant adapters")
+    return text, stats
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Dict, List, Tuple
 
 from evals.experiments.cli import main
-from evals.experiments.common import Context, bar_figure, run_cells, write_experiment
+from evals.experiments.common import Context, run_cells, write_experiment
+from evals.experiments.seeds import Stats, collect, line_figure, series, shown
 from evals.methods import SCALING, method
 
 STEM = "exp4_noisy"
@@ -16,15 +18,27 @@ def run(ctx: Context) -> Path:
     noisy = ctx.cell(ctx.main_members() + ctx.noisy())
     before = run_cells(ctx, [(clean, method(n)) for n in SCALING], "exp4 clean")
     after = run_cells(ctx, [(noisy, method(n)) for n in SCALING], "exp4 noisy")
-    lines = ["| method | main pool | + noisy | change |", "| --- | ---: | ---: | ---: |"]
-    for b, a in zip(before, after):
-        lines.append(f"| {b['title']} | {b['normalized']:.1f} | {a['normalized']:.1f} | {a['normalized'] - b['normalized']:+.1f} |")
-    shown = [{**a, "title": a["title"] + " (+noisy)"} for a in after]
-    text = (f"# Experiment 4: noisy (misinitialised) adapters added: {', '.join(ctx.noisy())}\n\n"
+    return write_experiment(ctx, STEM, {"noisy_members": list(ctx.noisy()), "clean": before, "noisy": after}, summarize)
+
+
+def summarize(per_seed: Dict[int, dict], figure: Path) -> Tuple[str, List[Stats]]:
+    both = {seed: [*data["clean"], *data["noisy"]] for seed, data in per_seed.items()}
+    stats = collect(both, lambda r: len(r["cell"]["members"]))
+    sizes = sorted({s.x for s in stats})
+    lines = ["| method | main pool | + noisy | change (mean) | change per seed |", "| --- | ---: | ---: | ---: | --- |"]
+    for title, row in series(stats).items():
+        if sizes[0] not in row or sizes[-1] not in row:
+            continue
+        a, b = row[sizes[0]], row[sizes[-1]]
+        each = ", ".join(f"{b.by_seed()[s] - a.by_seed()[s]:+.1f}" for s in a.seeds if s in b.by_seed())
+        lines.append(f"| {title} | {shown(a.normalized)} | {shown(b.normalized)} | {b.mean - a.mean:+.1f} | {each} |")
+    some = per_seed[min(per_seed)]
+    noisy = some.get("noisy_members") or []
+    text = (f"# Experiment 4: noisy (misinitialised) adapters added: {', '.join(noisy)}\n\n"
             f"Each noisy LoRA was trained on a base from another initialisation and is applied to ours, as a "
             f"mislabelled download would be.\n\n" + "\n".join(lines) + "\n")
-    return write_experiment(ctx, STEM, {"clean": before, "noisy": after}, text,
-                            lambda p: bar_figure(p, [x for pair in zip(before, shown) for x in pair], "Experiment 4: + noisy adapters"))
+    line_figure(figure, stats, "pool size (main pool, then + noisy adapters)", "Experiment 4: + noisy adapters")
+    return text, stats
 
 
 if __name__ == "__main__":

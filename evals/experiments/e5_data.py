@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Tuple
 
 from evals.experiments.cli import main
-from evals.experiments.common import (
-    Context,
-    line_figure,
-    run_cells,
-    series_table,
-    write_experiment,
-)
+from evals.experiments.common import Context, records_of, run_cells, write_experiment
+from evals.experiments.seeds import Stats, collect, line_figure, series_table
 from evals.methods import DATA_INFORMED, method
 
 STEM = "exp5_data"
@@ -22,15 +17,20 @@ def run(ctx: Context) -> Path:
     members = ctx.main_members()
     jobs = [(ctx.cell(members, per_task=n), method(name)) for n in ctx.plan.per_task for name in DATA_INFORMED]
     records = run_cells(ctx, jobs, "exp5")
-    series: Dict[str, Dict[int, float]] = {}
-    for record in records:
-        series.setdefault(record["title"], {})[record["cell"]["per_task"]] = record["normalized"]
+    return write_experiment(ctx, STEM, {"members": list(members), "records": records}, summarize)
+
+
+def summarize(per_seed: Dict[int, dict], figure: Path) -> Tuple[str, List[Stats]]:
+    stats = collect(records_of(per_seed), lambda r: r["cell"]["per_task"])
+    rows = sorted({s.x for s in stats})
+    members = per_seed[min(per_seed)]["members"]
     text = (f"# Experiment 5: data efficiency on the {len(members)}-member main pool\n\n"
             "Rows per task are the first N of each asked task's calibration split, the same rows for every method "
-            "(task arithmetic uses them to pick lambda, AdaMerging their prompts only, MTL trains on them).\n\n"
-            + series_table(series, "N =", ctx.plan.per_task))
-    return write_experiment(ctx, STEM, {"series": series, "records": records}, text,
-                            lambda p: line_figure(p, series, "calibration rows per task", "Experiment 5: data efficiency"))
+            "(task arithmetic uses them to pick lambda, AdaMerging and FW with entropy their prompts only, the "
+            "supervised baseline, LoraHub and FW their answers too, MTL trains on them).\n\n"
+            + series_table(stats, "N =", rows))
+    line_figure(figure, stats, "calibration rows per task", "Experiment 5: data efficiency")
+    return text, stats
 
 
 if __name__ == "__main__":

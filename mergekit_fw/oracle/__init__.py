@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergekit_fw.calibration import CalibrationSet
+from mergekit_fw.calibration import CalibrationSet, with_answers
 from mergekit_fw.distributed import Processes
 from mergekit_fw.merge_fn import MergeFunction
 from mergekit_fw.objective import batch_loss, position_weights
@@ -75,6 +75,10 @@ class Oracle:
         self._device = input_device(self.model)
         self._current: torch.Tensor | None = None
         self._norms: torch.Tensor | None = None
+        # rows pushed through the model, forward only and forward + backward: what a
+        # solve spent, in rows (passes over the calibration set = rows / its rows)
+        self.forward_rows = 0
+        self.backward_rows = 0
 
     def set_point(self, coefficients: torch.Tensor) -> None:
         """Make the model compute the merge at coefficients ``c[i, l]``."""
@@ -90,6 +94,49 @@ class Oracle:
     def _batches(self, desc: str):
         return tqdm(self.batches, desc=desc, leave=False, disable=not self.progress)
 
+    @property
+    def rows(self) -> int:
+        """Rows of this process's share of the calibration set (one pass)."""
+        return sum(int(b.input_ids.shape[0]) for b in self.processes.shard(self.calibration.batches))
+
+    def passes(self) -> dict[str, float]:
+        """Passes over the calibration set spent so far: forward-only, and gradient
+        (forward + backward)."""
+        rows = max(self.rows, 1)
+        return {"forward": self.forward_rows / rows, "gradient": self.backward_rows / rows}
+
+    @torch.no_grad()
+    def decode_answers(self, coefficients: torch.Tensor, pad_id: int) -> None:
+        """Decode ``answer_tokens - 1`` tokens greedily after every prompt at this
+        point and count the positions that predict them from now on. Done once, at the
+        starting point, so the entropy objective stays one fixed function of the
+        coefficients (a line search compares values of the same function)."""
+        extra = self.calibration.answer_tokens - 1
+        if extra <= 0:
+            return
+        self.set_point(coefficients)
+        decoded = []
+        for batch in self._batches("answers"):
+            ids, mask = batch.input_ids.clone(), batch.attention_mask.clone()
+            ends = mask.sum(dim=1)
+            answers = torch.zeros((ids.shape[0], extra), dtype=torch.long)
+            for k in range(extra):
+                if int(ends.max()) >= ids.shape[1]:
+                    ids = torch.nn.functional.pad(ids, (0, 1), value=pad_id)
+                    mask = torch.nn.functional.pad(mask, (0, 1), value=0)
+                logits = self.model(
+                    input_ids=ids.to(self._device), attention_mask=mask.to(self._device), use_cache=False
+                ).logits
+                rows = torch.arange(ids.shape[0])
+                token = logits[rows.to(logits.device), (ends - 1).to(logits.device)].argmax(dim=-1).cpu()
+                answers[:, k] = token
+                ids[rows, ends] = token
+                mask[rows, ends] = 1
+                ends = ends + 1
+                self.forward_rows += int(ids.shape[0])
+            decoded.append(with_answers(batch, answers, pad_id))
+        self.batches = decoded
+
     def _forward(self, batch) -> torch.Tensor:
         batch = batch.to(self._device)
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -101,6 +148,7 @@ class Oracle:
         total = torch.zeros(1, dtype=torch.float64)
         for batch in self._batches("loss"):
             total += float(self._forward(batch))
+            self.forward_rows += int(batch.input_ids.shape[0])
         return float(self.processes.sum_(total))
 
     def _harvest(self) -> torch.Tensor:
@@ -138,6 +186,7 @@ class Oracle:
             for index, batch in enumerate(self._batches("oracle")):
                 loss = self._forward(batch)
                 loss.backward()
+                self.backward_rows += int(batch.input_ids.shape[0])
                 task_losses[batch.task] += float(loss.detach())
                 last_of_task = index + 1 == len(batches) or batches[index + 1].task != batch.task
                 if task_scores is not None and last_of_task:

@@ -45,6 +45,21 @@ def draw_report(folder: Path, target: Path | None = None) -> list[Path]:
     table = json.loads(table_file.read_text())
     trace = json.loads(trace_file.read_text())
     written = []
+    for name, fig in zip(FIGURES, build_figures(table, trace)):
+        fig.savefig(target / name, dpi=110)
+        plt.close(fig)
+        written.append(target / name)
+    return written
+
+
+def build_figures(table: dict, trace: dict) -> list:
+    """The three figures, laid out, with every title and label inside the canvas."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
 
     iterations = trace.get("iterations", [])
     fig, (loss_ax, gap_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -60,7 +75,7 @@ def draw_report(folder: Path, target: Path | None = None) -> list[Path]:
     gap_ax.set(title="Frank-Wolfe gap", xlabel="iteration", ylabel="gap", yscale="log")
     fig.suptitle(f"stopped: {trace.get('stopped')}", fontsize=9)
     fig.tight_layout()
-    written.append(_save(fig, target / FIGURES[0], plt))
+    figures.append(fig)
 
     vertices = table.get("vertices") or [BASE_VERTEX, *table["candidates"]]
     tensors = list(table["weights"])
@@ -72,7 +87,7 @@ def draw_report(folder: Path, target: Path | None = None) -> list[Path]:
     ax.set_title("coefficients (tensor x vertex)")
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
-    written.append(_save(fig, target / FIGURES[1], plt))
+    figures.append(fig)
 
     scores = trace.get("task_scores")
     tasks = table.get("meta", {}).get("tasks") or [f"task {i}" for i in range(len(scores or []))]
@@ -96,11 +111,51 @@ def draw_report(folder: Path, target: Path | None = None) -> list[Path]:
         ax.text(0.5, 0.5, "no per-task LMO scores in this trace", ha="center", va="center")
         ax.set_axis_off()
     fig.tight_layout()
-    written.append(_save(fig, target / FIGURES[2], plt))
-    return written
+    figures.append(fig)
+    for fig in figures:
+        fit_texts(fig)
+    return figures
 
 
-def _save(fig, path: Path, plt) -> Path:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def texts_outside(fig) -> list[str]:
+    """Titles and labels that run past the canvas (a cut-off title, say)."""
+    if not hasattr(fig.canvas, "get_renderer"):  # a closed figure: lay it out on a fresh Agg canvas
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    texts = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+    if getattr(fig, "_suptitle", None) is not None:
+        texts.append(fig._suptitle)
+    outside = []
+    for text in texts:
+        if not text.get_text() or not text.get_visible():
+            continue
+        extent = text.get_window_extent(renderer)
+        if extent.x0 < box.x0 - 0.5 or extent.x1 > box.x1 + 0.5 or extent.y0 < box.y0 - 0.5 or extent.y1 > box.y1 + 0.5:
+            outside.append(text.get_text())
+    return outside
+
+
+def fit_texts(fig) -> None:
+    """Shrink, then wrap, any title or label that does not fit; lay out again."""
+    import textwrap
+
+    for _ in range(12):
+        outside = set(texts_outside(fig))
+        if not outside:
+            return
+        texts = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+        if getattr(fig, "_suptitle", None) is not None:
+            texts.append(fig._suptitle)
+        for text in texts:
+            if text.get_text() not in outside:
+                continue
+            if text.get_fontsize() > 7:
+                text.set_fontsize(text.get_fontsize() - 1)
+            else:
+                width = max(12, int(len(text.get_text().replace("\n", " ")) * 0.6))
+                text.set_text(textwrap.fill(text.get_text().replace("\n", " "), width))
+        fig.tight_layout()

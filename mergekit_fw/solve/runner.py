@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mergekit_fw import __version__
-from mergekit_fw.calibration import build_calibration, read_jsonl
+from mergekit_fw.calibration import build_calibration, pad_token_id, read_jsonl
 from mergekit_fw.config import ConfigError, FrankWolfeParameters
 from mergekit_fw.distributed import Processes, current
 from mergekit_fw.files import file_fingerprint, fingerprint, write_json_atomic
@@ -135,6 +135,14 @@ def solve_cached(
     and ``init: other.yml`` (:data:`mergekit_fw.integration.stock.UPSTREAM`)."""
     calibration = params.resolved_calibration()
     read_jsonl(calibration, labelled=params.objective == "cross_entropy")  # fails before the pool opens
+    if params.objective == "entropy" and params.init == "base":
+        # Measured: from the base, FW lowers the entropy by making the answer confident, not
+        # right (evals/results/exp8_entropy_quick.md); from a merge of the pool it does not.
+        LOG.warning(
+            "objective: entropy starting from the base: the entropy falls as fast for a wrong answer as for "
+            "a right one, and on the testbed this start scored below AdaMerging; start from a merge of the "
+            "pool (init: ta.yml, a task_arithmetic config at weight 0.3)"
+        )
     if params.merge_fn == "ties":
         require(upstream, "parameters.merge_fn: ties")
     init = params.resolved_init()
@@ -213,12 +221,15 @@ def _solve(
         batch_size=params.batch_size,
         max_length=params.max_length,
         objective=params.objective,
+        entropy_positions=params.entropy_positions,
+        answer_tokens=params.answer_tokens,
     )
     resumed = processes.broadcast(load_checkpoint(folder / CHECKPOINT_FILE) if processes.is_main else None)
+    users_pool = pool  # without the initial merge's vertex
     with processes.main_first():
         if resumed is not None and resumed.table.fingerprint == key:
             table, trace = resumed.table, resumed.trace
-            pool = attach_init(pool, table.init, cache_root(params), params.seed, upstream)
+            pool = attach_init(users_pool, table.init, cache_root(params), params.seed, upstream)
             trace.resumed_at.append(len(trace.iterations))
             LOG.info("resuming Frank-Wolfe solve at iteration %d", len(trace.iterations))
         else:
@@ -236,6 +247,16 @@ def _solve(
     )
     oracle = Oracle(model, pool, calib, merge=merge, progress=progress and processes.is_main, processes=processes)
     try:
+        if calib.answer_tokens > 1:
+            # decoded at the start, also when resuming, so a resumed solve has the same objective
+            first = (
+                table
+                if resumed is None
+                else starting_point(params, spec, users_pool, key, cache_root(params), upstream).table
+            )
+            oracle.decode_answers(first.coefficients(), pad_id=pad_token_id(tokenizer))
+            if resumed is None:
+                trace.passes["forward"] += calib.answer_tokens - 1
         table, trace = solve(
             oracle,
             table,

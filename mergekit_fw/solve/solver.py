@@ -100,6 +100,8 @@ class IterationRecord:
     line_search: list[tuple[float, float]] = field(default_factory=list)
     points: int = 1  # LMO points stepped towards (soft FW: top-k, unioned over tasks)
     inner: list[tuple[float, float, bool]] = field(default_factory=list)  # soft: (lr, loss, accepted)
+    # passes over the calibration set this iteration: gradient (forward + backward), forward only
+    passes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,9 +114,13 @@ class Trace:
     resumed_at: list[int] = field(default_factory=list)  # iterations a killed run went on from
     # at the starting point, per calibration task and candidate: <grad_task, delta> summed over tensors
     task_scores: list[list[float]] | None = None
+    # passes over the calibration set, all iterations and runs together (plus the final
+    # loss and any answer decoding): what the solve spent
+    passes: dict[str, int] = field(default_factory=lambda: {"gradient": 0, "forward": 0})
 
     def to_json(self) -> dict:
         return {
+            "passes": self.passes,
             "initial_loss": self.initial_loss,
             "final_loss": self.final_loss,
             "stopped": self.stopped,
@@ -133,6 +139,7 @@ class Trace:
             in_hull=data.get("in_hull", True),
             resumed_at=list(data.get("resumed_at", [])),
             task_scores=data.get("task_scores"),
+            passes=dict(data.get("passes", {"gradient": 0, "forward": 0})),
         )
         fields = IterationRecord.__dataclass_fields__
         trace.iterations = [
@@ -157,6 +164,11 @@ class _Evaluator:
     def __init__(self, oracle: LossOracle, table: CoefficientTable, per_task: bool):
         self.oracle, self.table, self.per_task = oracle, table, per_task
         self._last: tuple[torch.Tensor, Evaluation] | None = None
+        self.gradients = 0  # oracle calls made, each one pass over the calibration set
+        self.forwards = 0
+
+    def spent(self) -> dict[str, int]:
+        return {"gradient": self.gradients, "forward": self.forwards}
 
     def __call__(self, weights: torch.Tensor, *, per_task: bool = False):
         if (
@@ -166,12 +178,14 @@ class _Evaluator:
         ):
             return self._last[1]
         evaluation = self.oracle.evaluate(self.table.coefficients_for(weights), per_task=self.per_task or per_task)
+        self.gradients += 1
         self._last = (weights.clone(), evaluation)
         return evaluation
 
     def loss(self, weights: torch.Tensor) -> float:
         if self._last is not None and torch.equal(self._last[0], weights):
             return self._last[1].loss
+        self.forwards += 1
         return self.oracle.loss(self.table.coefficients_for(weights))
 
 
@@ -218,6 +232,7 @@ def solve(
     bar = tqdm(total=params.iterations, initial=start, desc=f"frank-wolfe ({params.variant})", disable=not progress)
     for t in range(start, params.iterations):
         tick = time.perf_counter()
+        spent_before = evaluate.spent()
         first = trace.initial_loss is None
         evaluation = evaluate(table.weights, per_task=first)  # per task once, for the report
         loss = evaluation.loss
@@ -286,8 +301,11 @@ def solve(
             line_search=searched,
             points=n_points,
             inner=inner_steps,
+            passes={k: v - spent_before[k] for k, v in evaluate.spent().items()},
         )
         trace.iterations.append(record)
+        for kind, n in record.passes.items():
+            trace.passes[kind] = trace.passes.get(kind, 0) + n
         if on_iteration is not None:
             on_iteration(table, record)
         LOG.info("iteration %d: loss %.5f gap %.4g gamma %s -> %s", t, loss, gap, gamma, loss_after)
@@ -301,11 +319,14 @@ def solve(
     bar.close()
     if trace.stopped is None:
         trace.stopped = f"reached iterations = {params.iterations}"
+    spent_before = evaluate.spent()
     last = trace.iterations[-1] if trace.iterations else None
     if last is not None and last.loss_after is not None:
         trace.final_loss = last.loss_after
     else:
         trace.final_loss = evaluate.loss(table.weights)
+    for kind, n in evaluate.spent().items():  # the final loss, when no step measured it
+        trace.passes[kind] = trace.passes.get(kind, 0) + n - spent_before[kind]
     return table, trace
 
 

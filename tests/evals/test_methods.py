@@ -1,6 +1,6 @@
 """The compared methods compute what they claim: mergekit's and PEFT's merges equal
-the task-vector sums they stand for, AdaMerging descends its objective, and the
-normalised score is the paper's."""
+the task-vector sums they stand for, the learned baselines descend the objective
+FW minimises and count what they spend, and the normalised score is the paper's."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evals.adamerging import adamerging, answer_positions, step_batches
+from evals.learned import Objective, layerwise, lorahub
 from evals.methods import (
     Cell,
     Workspace,
@@ -74,38 +74,40 @@ def test_peft_cat_is_the_exact_mean_and_svd_its_truncation(tiny_pool, work, tmp_
         assert (svd[name] - exact[name]).norm() < 0.9 * (exact[name] - base[name]).norm()
 
 
-def test_answer_positions_count_only_the_prediction_of_the_answer(tiny_pool, work):
-    from transformers import AutoTokenizer
-
-    from mergekit_fw.calibration import build_calibration
-
-    cell = lora_cell(tiny_pool)
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_pool.base))
-    full = build_calibration(work.calibration(cell), tokenizer, samples_per_task=8, batch_size=3, max_length=64,
-                             objective="entropy")
-    kept = answer_positions(full)
-    equals = tokenizer.convert_tokens_to_ids("=")
-    for batch in kept.batches:
-        assert batch.positions.sum(dim=1).tolist() == [1] * batch.input_ids.shape[0]
-        rows, cols = batch.positions.nonzero(as_tuple=True)
-        assert batch.input_ids[rows, cols].tolist() == [equals] * len(rows)  # the last prompt token
-    assert kept.counted_positions.tolist() == [8.0, 8.0]
-    picked = [step_batches(kept, s) for s in range(4)]
-    assert all([b.task for b in step] == [0, 1] for step in picked)  # one batch of every task per step
-    assert picked[0][0] is not picked[1][0] and picked[0][0] is picked[3][0]  # 3 batches of task 0, cycled
-
-
 def test_adamerging_starts_at_task_arithmetic_and_descends_the_entropy(tiny_pool, work, tmp_path):
     cell = lora_cell(tiny_pool)
     calibration = work.calibration(cell)
-    info = adamerging(cell, calibration, tmp_path / "start", steps=0)
+    entropy = Objective("entropy")
+    info = layerwise(cell, calibration, tmp_path / "start", objective=entropy, steps=0, lr=1e-3)
     assert_same_model(tmp_path / "start", weighted_sum_model(cell, [0.3] * 4))
-    assert info["entropy_final_all"] == pytest.approx(info["entropy_initial_all"])
+    assert info["loss_final"] == pytest.approx(info["loss_initial"])
+    assert info["spend"]["gradient"] == 0 and info["spend"]["forward"] == pytest.approx(2.0)
 
-    info = adamerging(cell, calibration, tmp_path / "trained", steps=15, lr=0.05)
-    assert info["entropy_final_all"] < info["entropy_initial_all"]
+    info = layerwise(cell, calibration, tmp_path / "trained", objective=entropy, steps=15, lr=0.05)
+    assert info["loss_final"] < info["loss_initial"]
     assert all(0.0 <= c <= 1.0 for c in info["mean_coefficients"].values())
     assert any(abs(c - 0.3) > 1e-3 for c in info["mean_coefficients"].values())
+    # 8 rows a task, one step = one batch of up to 16 rows of each task = the whole set
+    assert info["spend"]["gradient"] == pytest.approx(15.0)
+
+
+def test_supervised_layerwise_lowers_the_cross_entropy_fw_minimises(tiny_pool, work, tmp_path):
+    cell = lora_cell(tiny_pool)
+    info = layerwise(cell, work.calibration(cell), tmp_path / "sup", objective=Objective(), steps=20, lr=0.05)
+    assert info["objective"] == "cross_entropy"
+    assert info["loss_final"] < info["loss_initial"]
+    assert all(0.0 <= c <= 1.0 for c in info["mean_coefficients"].values())
+
+
+def test_lorahub_writes_the_weighted_sum_it_found_and_counts_its_budget(tiny_pool, work, tmp_path):
+    cell = lora_cell(tiny_pool)
+    info = lorahub(cell, work.calibration(cell), tmp_path / "hub", budget=6, optimizer="CMA")
+    weights = list(info["weights"].values())
+    assert len(weights) == len(cell.members) and all(-1.5 <= w <= 1.5 for w in weights)
+    assert info["spend"]["forward"] == pytest.approx(6.0) and info["spend"]["gradient"] == 0
+    assert_same_model(tmp_path / "hub", weighted_sum_model(cell, weights))
+    published = lorahub(cell, work.calibration(cell), tmp_path / "ngopt", budget=4)
+    assert published["optimiser"].startswith("nevergrad NGOpt")
 
 
 def test_normalised_score_is_the_mean_ratio_to_the_individual_adapters():

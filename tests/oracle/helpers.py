@@ -58,10 +58,12 @@ def all_deltas(random_pool, spec: PoolSpec) -> List[Dict[str, torch.Tensor]]:
     return deltas
 
 
-def make_oracle(random_pool, spec: PoolSpec, batch_size: int = 4, objective: str = "cross_entropy", merge_fn: str = "convex", density: float = 0.5):
+def make_oracle(random_pool, spec: PoolSpec, batch_size: int = 4, objective: str = "cross_entropy", merge_fn: str = "convex", density: float = 0.5,
+                **positions):
     tokenizer = AutoTokenizer.from_pretrained(str(random_pool["base"]))
     calibration = build_calibration(
-        random_pool["calibration"], tokenizer, samples_per_task=100, batch_size=batch_size, max_length=64, objective=objective
+        random_pool["calibration"], tokenizer, samples_per_task=100, batch_size=batch_size, max_length=64, objective=objective,
+        **positions,
     )
     pool = open_pool(spec)
     model = LlamaForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64)
@@ -69,9 +71,8 @@ def make_oracle(random_pool, spec: PoolSpec, batch_size: int = 4, objective: str
     return Oracle(model, pool, calibration, merge=merge), pool, calibration
 
 
-def brute_force(random_pool, spec, tensors, coefficients, calibration, *, merge_fn: str = "convex", density: float = 0.5):
-    """Loss, scores <dL/dW_l, delta_i[l]> and per-task scores, with the merge built
-    densely in W (for ties: mergekit's ties over every full tensor, zero weights included)."""
+def merged_dense_model(random_pool, spec, tensors, coefficients, *, merge_fn: str = "convex", density: float = 0.5):
+    """The merge at ``coefficients`` built densely in float64 from PEFT's own deltas."""
     from mergekit.merge_methods.api import merge_tensors
 
     deltas = all_deltas(random_pool, spec)
@@ -89,6 +90,15 @@ def brute_force(random_pool, spec, tensors, coefficients, calibration, *, merge_
                     [base, *(base + deltas[i][tensor] for i in touching)], "ties", base_index=0,
                     parameters={"weight": [float(coefficients[i, l]) for i in touching], "density": density, "normalize": False, "lambda": 1.0},
                 ))
+    return model
+
+
+def brute_force(random_pool, spec, tensors, coefficients, calibration, *, merge_fn: str = "convex", density: float = 0.5):
+    """Loss, scores <dL/dW_l, delta_i[l]> and per-task scores, with the merge built
+    densely in W (for ties: mergekit's ties over every full tensor, zero weights included)."""
+    model = merged_dense_model(random_pool, spec, tensors, coefficients, merge_fn=merge_fn, density=density)
+    deltas = all_deltas(random_pool, spec)
+    params = dict(model.named_parameters())
     weights = position_weights(calibration)
     n_tasks = len(calibration.tasks)
     total = 0.0

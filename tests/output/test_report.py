@@ -67,3 +67,28 @@ def test_model_card_has_mergekits_card_and_the_frank_wolfe_section(finished):
     assert "MERGEKIT_FW_AUTOLOAD=0 mergekit-yaml fw_mergekit.yml" in card
     assert (finished / "mergekit_config.yml").is_file()
     assert len(trace["task_scores"]) == 2 and len(trace["task_scores"][0]) == len(table["candidates"])
+
+
+def test_no_title_or_label_runs_past_the_figure():
+    """The LMO figure of a small pool is narrow; its title used to run past the edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mergekit_fw.output.plots import build_figures, fit_texts, texts_outside
+
+    fig, ax = plt.subplots(figsize=(2.5, 2.0))  # the check sees a cut-off title...
+    ax.set_title("LMO at the start: first-order loss decrease per task")
+    assert texts_outside(fig)
+    fit_texts(fig)  # ...and the fitting removes it
+    assert texts_outside(fig) == []
+    plt.close(fig)
+
+    table = {"candidates": ["base+loras/reverse", "base+loras/sort"], "vertices": ["base", "a", "b"],
+             "weights": {"model.layers.0.self_attn.q_proj.weight": [0.5, 0.25, 0.25]}, "meta": {"tasks": ["reverse"]}}
+    trace = {"iterations": [{"iteration": 0, "loss": 1.0, "gap": 0.5}], "final_loss": 0.9,
+             "stopped": "reached iterations = 1", "task_scores": [[-0.3, -0.1]]}
+    for fig in build_figures(table, trace):
+        assert texts_outside(fig) == []
+        plt.close(fig)

@@ -92,3 +92,50 @@ def test_an_adapter_changed_in_place_is_solved_again(random_pool, tmp_path):
     assert not changed.reused and changed.cache_dir != first.cache_dir
     assert changed.trace.initial_loss == pytest.approx(first.trace.initial_loss)  # same base start
     assert changed.table.weights.tolist() != first.table.weights.tolist()
+
+
+def test_a_resumed_entropy_solve_decodes_the_same_answers_from_the_same_start(random_pool, tmp_path, monkeypatch):
+    """With answer_tokens > 1 the objective depends on answers decoded at the start;
+    a solve interrupted after its second iteration and rerun must decode them from
+    the starting merge again (not from the checkpoint), ending where an
+    uninterrupted solve ends. The start is a stock mergekit merge (an extra vertex)."""
+    from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
+    from mergekit_fw.integration.stock import solve
+    from mergekit_fw.solve import runner, solver
+
+    base = str(random_pool["base"])
+    models = [{"model": f"{base}+{adapter}"} for adapter in random_pool["adapters"]]
+    start = write_config(tmp_path / "ta.yml", {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+                                               "models": [{**m, "parameters": {"weight": 0.3}} for m in models]})
+    config = write_config(tmp_path / "fw.yml", {
+        "merge_method": "frank_wolfe", "base_model": base, "models": models,
+        "parameters": {"calibration": str(random_pool["calibration"]), "iterations": 4, "objective": "entropy",
+                       "answer_tokens": 3, "init": str(start)},
+    })
+
+    def run_in(cache):
+        monkeypatch.setenv("MERGEKIT_FW_CACHE", str(cache))
+        runner._MEMO.clear()
+        spec, params = pool_and_parameters(load_merge_config(config))
+        return solve(spec, params, progress=False)
+
+    saved = solver.save_checkpoint
+    calls = []
+
+    def crash_after_two(path, table, trace):
+        saved(path, table, trace)
+        calls.append(len(trace.iterations))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(solver, "save_checkpoint", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_in(tmp_path / "killed")
+    monkeypatch.setattr(solver, "save_checkpoint", saved)
+    resumed = run_in(tmp_path / "killed")
+    clean = run_in(tmp_path / "clean")
+    assert resumed.trace.resumed_at == [2] and clean.trace.resumed_at == []
+    assert [it.loss for it in resumed.trace.iterations] == [it.loss for it in clean.trace.iterations]
+    assert torch.equal(resumed.table.weights, clean.table.weights)
+    assert resumed.trace.passes == clean.trace.passes  # the answers were decoded once, counted once
+    assert clean.trace.passes["forward"] >= 2  # 2 decoding passes before the first iteration

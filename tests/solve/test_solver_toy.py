@@ -174,3 +174,38 @@ def test_top_k_per_task_takes_the_union_of_each_tasks_top_k():
         _, trace = solve(oracle, oracle.table(), _params(variant="soft", top_k=1, top_k_per=per, iterations=1), progress=False)
         points[per] = trace.iterations[0].points
     assert points == {"all": 1, "task": 2}
+
+
+class _Counting(QuadraticOracle):
+    """The toy oracle, counting the calls the solver makes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = {"gradient": 0, "forward": 0}
+
+    def loss(self, coefficients):
+        self.calls["forward"] += 1
+        return super().loss(coefficients)
+
+    def evaluate(self, coefficients, *, per_task=False):
+        self.calls["gradient"] += 1
+        return super().evaluate(coefficients, per_task=per_task)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(step="schedule"), dict(variant="soft", top_k=3, inner_steps=4)])
+def test_the_trace_counts_the_passes_the_solve_spent(settings):
+    """Passes over the calibration set in the trace are the oracle calls made, per
+    iteration and in total; a resumed solve adds its own to the earlier ones."""
+    oracle = _Counting(5, 3, 4, seed=1)
+    params = _params(iterations=4, **settings)
+    table, trace = solve(oracle, oracle.table(), params, progress=False)
+    assert trace.passes == oracle.calls
+    assert sum(r.passes["gradient"] for r in trace.iterations) == oracle.calls["gradient"]
+    per_iteration_forward = sum(r.passes["forward"] for r in trace.iterations)
+    assert oracle.calls["forward"] - per_iteration_forward in (0, 1)  # the final loss, when no step measured it
+    if settings == {}:
+        assert all(r.passes == {"gradient": 1, "forward": params.line_search_steps} for r in trace.iterations[1:])
+    more = _params(iterations=6, **settings)
+    before = dict(trace.passes)
+    _, trace = solve(oracle, table, more, trace=trace, progress=False)
+    assert trace.passes["gradient"] > before["gradient"] and trace.passes == oracle.calls

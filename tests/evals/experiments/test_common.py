@@ -41,16 +41,32 @@ def test_records_and_caches_of_another_build_of_the_pool_are_forgotten(tiny_pool
     assert not (tmp_path / "records").exists()
 
 
+def _summary(per_seed, figure):
+    figure.write_bytes(b"png")
+    return f"# table over seeds {sorted(per_seed)}: {[d['a'] for _, d in sorted(per_seed.items())]}\n", []
+
+
+def test_each_seed_is_kept_and_the_results_are_drawn_from_all_of_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    for seed, value in ((3, 1), (1, 2)):
+        ctx = Context(None, PLANS["quick"], Workspace(tmp_path / "work", seed), quick=True)  # type: ignore[arg-type]
+        path = common.write_experiment(ctx, "expX", {"a": value}, _summary)
+    assert path == tmp_path / "expX_quick.md" and (tmp_path / "expX_quick.png").is_file()
+    assert path.read_text().startswith("# table over seeds [1, 3]: [2, 1]")
+    assert json.loads((tmp_path / "seeds" / "expX_quick_seed3.json").read_text())["a"] == 1
+    assert json.loads((tmp_path / "expX_quick.json").read_text())["seeds"] == [1, 3]
+    # the same seed again replaces its own record only
+    common.write_experiment(Context(None, PLANS["quick"], Workspace(tmp_path / "w", 3), quick=True), "expX",  # type: ignore[arg-type]
+                            {"a": 7}, _summary)
+    assert path.read_text().startswith("# table over seeds [1, 3]: [2, 7]")
+
+
 def test_the_written_analysis_survives_a_rewrite_of_the_results(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    monkeypatch.setattr(common, "ANALYSIS", tmp_path / "analysis")
     ctx = Context(None, PLANS["quick"], Workspace(tmp_path / "work", 3), quick=True)  # type: ignore[arg-type]
-    drawn = []
-    path = common.write_experiment(ctx, "expX", {"a": 1}, "# table\n", drawn.append)
-    assert path == tmp_path / "expX_quick.md" and drawn == [tmp_path / "expX_quick.png"]
+    path = common.write_experiment(ctx, "expX", {"a": 1}, _summary)
     assert "## Analysis" not in path.read_text()
-    assert json.loads((tmp_path / "expX_quick.json").read_text())["seed"] == 3
     (tmp_path / "analysis").mkdir()
     (tmp_path / "analysis" / "expX_quick.md").write_text("Why it fell.\n")
-    text = common.write_experiment(ctx, "expX", {"a": 2}, "# new table\n", drawn.append).read_text()
-    assert text.startswith("# new table") and text.rstrip().endswith("## Analysis\n\nWhy it fell.")
+    text = common.write_experiment(ctx, "expX", {"a": 2}, _summary).read_text()
+    assert text.startswith("# table over seeds [3]: [2]") and text.rstrip().endswith("## Analysis\n\nWhy it fell.")

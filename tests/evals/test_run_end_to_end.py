@@ -1,6 +1,7 @@
-"""End to end: the quick testbed's smallest experiment (diagnostics: two Frank-Wolfe
-runs through ``mergekit-fw run`` on the 14-member main pool, scored by lm-eval),
-and lm-eval's scores checked against an independent in-process scorer."""
+"""End to end: an experiment (diagnostics: two Frank-Wolfe runs through
+``mergekit-fw run``, scored by lm-eval, written per seed and summarised over the
+seeds recorded) on the miniature evidence pool, and lm-eval's scores checked
+against an independent in-process scorer."""
 
 from __future__ import annotations
 
@@ -12,31 +13,40 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    from evals.experiments.common import open_context
+def quick(tiny_pool, tmp_path_factory):
+    """A context over the miniature pool with a plan of its size (the quick pool's
+    build takes minutes; the code paths are the same)."""
+    from evals.experiments.common import Context, Plan
+    from evals.methods import Workspace
 
-    return open_context("quick", 0, tmp_path_factory.mktemp("evals_quick"))
+    plan = Plan("tiny", ("reverse", "firstlow"), (0, 1), (2, 3), (4, 8), 5)
+    return Context(tiny_pool, plan, Workspace(tmp_path_factory.mktemp("evals_tiny"), 0), quick=True)
 
 
-def test_smallest_quick_experiment_end_to_end(quick, tmp_path, monkeypatch):
+def test_an_experiment_end_to_end_with_its_seeds_summarised(quick, tmp_path, monkeypatch):
     from evals.experiments import common, e7_diagnostics
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     e7_diagnostics.run(quick)
     text = (tmp_path / "exp7_diagnostics_quick.md").read_text()
-    data = json.loads((tmp_path / "exp7_diagnostics_quick.json").read_text())
+    data = json.loads((tmp_path / "seeds" / "exp7_diagnostics_quick_seed0.json").read_text())
     assert (tmp_path / "exp7_diagnostics_quick.png").stat().st_size > 10_000
     members = quick.main_members()
-    assert len(members) == 14 and len(data["task_scores"]) == 4
+    assert len(members) == 5 and len(data["task_scores"]) == 2
     assert all(len(row) == len(members) for row in data["task_scores"])
     for record in data["records"]:
         trace = record["info"]["trace"]
         assert len(trace["iterations"]) == 10
         assert trace["final_loss"] < trace["initial_loss"]
+        assert record["spend"]["gradient"] == trace["passes"]["gradient"] >= 10
         assert all(0.0 <= s <= 1.0 for s in record["scores"].values())
         assert record["normalized"] == pytest.approx(
-            100 * sum(record["scores"][t] / record["individual"][t] for t in quick.plan.asked) / 4)
+            100 * sum(record["scores"][t] / record["individual"][t] for t in quick.plan.asked) / 2)
     assert "## Loss and Frank-Wolfe gap per iteration" in text and "| reverse |" in text
+    assert "seed 0:" in text
+    summary = json.loads((tmp_path / "exp7_diagnostics_quick.json").read_text())
+    assert summary["seeds"] == [0]
+    assert {row["method"] for row in summary["summary"]} == {"fw_hard_layer", "fw_soft_task"}
 
 
 def test_lm_eval_scores_agree_with_an_independent_scorer(quick):
