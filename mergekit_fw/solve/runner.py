@@ -137,7 +137,7 @@ def solve_cached(
     read_jsonl(calibration, labelled=params.objective == "cross_entropy")  # fails before the pool opens
     if params.objective == "entropy" and params.init == "base":
         # Measured: from the base, FW lowers the entropy by making the answer confident, not
-        # right (evals/results/exp8_entropy_quick.md); from a merge of the pool it does not.
+        # right; from task arithmetic at 0.3 it did better (evals/results/exp8_entropy_quick.md).
         LOG.warning(
             "objective: entropy starting from the base: the entropy falls as fast for a wrong answer as for "
             "a right one, and on the testbed this start scored below AdaMerging; start from a merge of the "
