@@ -25,6 +25,9 @@ class ConfigError(ValueError):
     """A user-facing configuration problem, raised before any maths runs."""
 
 
+_ADDED_LATER: dict[str, Any] = {"constraint": "hull", "epsilon_relative": 0.0, "direction": "frank_wolfe"}
+
+
 class FrankWolfeParameters(BaseModel):
     """Everything that decides a Frank-Wolfe solve (and so enters its fingerprint)."""
 
@@ -58,6 +61,20 @@ class FrankWolfeParameters(BaseModel):
         "row; 1 is the prediction of the answer's first token, k > 1 adds the k - 1 tokens that the "
         "starting point decodes greedily (decoded once, so the objective stays one fixed function).",
     )
+    constraint: Literal["hull", "box", "scaled_hull"] = Field(
+        "hull",
+        description="Where the coefficients may go, per tensor (lmo layer) or per model (lmo task): "
+        "'hull' the paper's convex hull of the base and the candidates (their total weight at most "
+        "1); 'box' each candidate in [0, 1] on its own (any subset at up to full strength, as "
+        "stacked adapters); 'scaled_hull' the hull of base + radius x each task vector (total "
+        "weight up to radius).",
+    )
+    radius: float = Field(
+        2.0,
+        gt=0.0,
+        le=1000.0,
+        description="constraint scaled_hull: the largest total coefficient of the candidates on a tensor.",
+    )
     variant: Literal["hard", "soft"] = Field(
         "hard",
         description="Frank-Wolfe variant: 'hard' steps towards the single best vertex; 'soft' "
@@ -75,13 +92,35 @@ class FrankWolfeParameters(BaseModel):
     )
     iterations: int = Field(10, ge=1, description="Maximum number of Frank-Wolfe iterations.")
     epsilon: float = Field(0.0, ge=0.0, description="Stop once the Frank-Wolfe gap is at or below this value.")
-    step: Literal["line_search", "schedule", "fixed"] = Field(
+    epsilon_relative: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Stop once the Frank-Wolfe gap is at or below this fraction of the first "
+        "iteration's (0: off); the gap's scale depends on the loss and the pool, the fraction does "
+        "not, so iterations becomes a cap.",
+    )
+    step: Literal["line_search", "quadratic", "schedule", "fixed"] = Field(
         "line_search",
         description="Hard FW step size: 'line_search' (golden-section search of gamma in [0, 1] on "
-        "the calibration loss; never increases it), 'schedule' (gamma = 2 / (t + 2)) or 'fixed' "
-        "(gamma_t = gamma / (t + 2), the authors' published rule).",
+        "the calibration loss; never increases it), 'quadratic' (a parabola through the known loss "
+        "and slope at gamma = 0 and the loss at gamma = 1, its minimiser tried next, halved until the "
+        "loss falls: usually 2 forward passes; never increases it), 'schedule' (gamma = 2 / (t + 2)) "
+        "or 'fixed' (gamma_t = gamma / (t + 2), the authors' published rule).",
     )
-    line_search_steps: int = Field(8, ge=2, le=64, description="Loss evaluations of the golden-section line search.")
+    direction: Literal["frank_wolfe", "away", "pairwise"] = Field(
+        "frank_wolfe",
+        description="Hard FW: 'frank_wolfe' steps towards the LMO's point (the paper); 'away' may "
+        "instead step away from the worst point in use, taking an early pick back; 'pairwise' moves "
+        "weight straight from that point to the LMO's. Both converge linearly where plain FW "
+        "zig-zags; they need a searched step (line_search or quadratic).",
+    )
+    line_search_steps: int = Field(
+        8,
+        ge=2,
+        le=64,
+        description="Loss evaluations of the golden-section line search; step quadratic: the most it may spend.",
+    )
     gamma: float = Field(
         0.06,
         gt=0.0,
@@ -183,7 +222,6 @@ class FrankWolfeParameters(BaseModel):
         given = self.model_fields_set
         only = {
             "step": ("variant", "hard", "soft FW takes its step from the inner problem"),
-            "line_search_steps": ("step", "line_search", "it only tunes the line search"),
             "gamma": ("step", "fixed", "it is the numerator of the fixed step rule"),
             "top_k": ("variant", "soft", "only soft FW takes several vertices"),
             "top_k_per": ("variant", "soft", "only soft FW takes several vertices"),
@@ -191,12 +229,30 @@ class FrankWolfeParameters(BaseModel):
             "inner_steps": ("variant", "soft", "only soft FW has an inner problem"),
             "inner_lr": ("variant", "soft", "only soft FW has an inner problem"),
             "density": ("merge_fn", "ties", "only ties trims task vectors"),
+            "radius": ("constraint", "scaled_hull", "only the scaled hull has a radius"),
             "entropy_positions": ("objective", "entropy", "only the entropy objective picks positions"),
             "answer_tokens": ("objective", "entropy", "only the entropy objective picks positions"),
         }
+        if self.direction != "frank_wolfe" and (
+            self.variant != "hard" or self.step not in ("line_search", "quadratic")
+        ):
+            raise ValueError(
+                f"direction {self.direction} needs variant: hard and step: line_search or quadratic (its "
+                f"largest step depends on the iterate); variant is {self.variant!r}, step {self.step!r}"
+            )
+        if "line_search_steps" in given and self.step not in ("line_search", "quadratic"):
+            raise ValueError(
+                f"line_search_steps needs step: line_search or quadratic (it only tunes the line search); "
+                f"step is {self.step!r}"
+            )
         for name, (other, needed, why) in only.items():
             if name in given and getattr(self, other) != needed:
                 raise ValueError(f"{name} needs {other}: {needed} ({why}); {other} is {getattr(self, other)!r}")
+        if self.constraint == "scaled_hull" and self.radius < 1.0 and self.init.endswith((".yml", ".yaml")):
+            raise ValueError(
+                f"init needs radius >= 1 under constraint scaled_hull (got {self.radius:g}): with a smaller "
+                "radius the initial merge lies outside the set"
+            )
         if "answer_tokens" in given and self.entropy_positions != "answer":
             raise ValueError("answer_tokens needs entropy_positions: answer (it counts answer positions)")
         return self
@@ -224,8 +280,13 @@ class FrankWolfeParameters(BaseModel):
         """Fields that change the result. The cache location and where or how the
         oracle runs do not, so a run resumed on another device (say, with gradient
         checkpointing after running out of memory) continues the same solve."""
+        unused = {"radius"} if self.constraint != "scaled_hull" else set()
+        # settings added later, at the value that does what runs did before they existed:
+        # left out, so that solves cached by earlier versions stay valid
+        unused |= {name for name, before in _ADDED_LATER.items() if getattr(self, name) == before}
         return self.model_dump(
             exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map", "allow_pickle"}
+            | unused
         )
 
 

@@ -80,6 +80,13 @@ def test_commands_fail_early_naming_the_field(random_pool, tmp_path, parameters,
         ({"merge_fn": "ties", "density": 0.0}, "density"),
         ({"merge_fn": "ties", "density": 1.5}, "density"),
         ({"objective": "mse"}, "objective"),
+        ({"constraint": "ball"}, "constraint"),
+        ({"constraint": "scaled_hull", "radius": 0.0}, "radius"),
+        ({"epsilon_relative": 1.0}, "epsilon_relative"),
+        ({"epsilon_relative": -0.1}, "epsilon_relative"),
+        ({"radius": 3.0}, "radius"),
+        ({"step": "schedule", "line_search_steps": 4}, "line_search_steps"),
+        ({"constraint": "scaled_hull", "radius": 0.5, "init": "ta.yml"}, "init"),
         # settings the chosen variant would silently ignore
         ({"top_k": 3}, "top_k"),
         ({"variant": "soft", "step": "schedule"}, "step"),
@@ -114,3 +121,15 @@ def test_readme_parameter_table_matches_the_config():
     for name, field in FrankWolfeParameters.model_fields.items():
         default = "required" if field.is_required() else ("none" if field.default is None else str(field.default))
         assert f"| `{name}` | {default} | {field.description} |" in readme, name
+
+
+def test_settings_added_later_keep_earlier_fingerprints_at_their_old_behaviour():
+    from mergekit_fw.config import FrankWolfeParameters
+
+    plain = FrankWolfeParameters(calibration="c.jsonl").fingerprint_fields()
+    assert "constraint" not in plain and "radius" not in plain and "epsilon_relative" not in plain
+    box = FrankWolfeParameters(calibration="c.jsonl", constraint="box").fingerprint_fields()
+    assert box["constraint"] == "box" and "radius" not in box
+    scaled = FrankWolfeParameters(calibration="c.jsonl", constraint="scaled_hull", radius=3.0).fingerprint_fields()
+    assert scaled["radius"] == 3.0
+    assert FrankWolfeParameters(calibration="c.jsonl", epsilon_relative=0.1).fingerprint_fields()["epsilon_relative"] == 0.1

@@ -46,28 +46,34 @@ class QuadraticOracle:
     def vertex_norms(self) -> torch.Tensor:
         return self.deltas.norm(dim=2)
 
-    def table(self) -> CoefficientTable:
+    def table(self, constraint: str = "hull", radius: Optional[float] = None) -> CoefficientTable:
         n, n_tensors = self.deltas.shape[:2]
-        return CoefficientTable.at_base([f"c{i}" for i in range(n)], [f"t{l}" for l in range(n_tensors)], "toy", "toy")
+        table = CoefficientTable.at_base([f"c{i}" for i in range(n)], [f"t{l}" for l in range(n_tensors)], "toy", "toy")
+        table.constraint, table.radius = constraint, radius
+        return table
 
-    def optimum(self, tensors: Optional[list] = None) -> float:
-        """The minimum over the product of hulls, by SLSQP on each tensor's simplex."""
+    def optimum(self, constraint: str = "hull", radius: float = 1.0) -> float:
+        """The minimum over the constraint set, per tensor by SLSQP on the coefficients:
+        hull c >= 0, sum c <= 1; scaled_hull sum c <= radius; box 0 <= c <= 1."""
         total = 0.0
+        cap = {"hull": 1.0, "scaled_hull": radius, "box": None}[constraint]
         for l in range(self.base.shape[0]):
-            vertices = torch.cat([self.base[l : l + 1], self.base[l] + self.deltas[:, l]]).numpy()
-            target = self.target[l].numpy()
-            k = len(vertices)
+            deltas = self.deltas[:, l].numpy()
+            offset = (self.base[l] - self.target[l]).numpy()
+            k = len(deltas)
 
-            def f(w):
-                r = w @ vertices - target
+            def f(c):
+                r = offset + c @ deltas
                 return float(r @ r)
 
-            def grad(w):
-                return 2 * vertices @ (w @ vertices - target)
+            def grad(c):
+                return 2 * deltas @ (offset + c @ deltas)
 
+            limits = [] if cap is None else [
+                {"type": "ineq", "fun": lambda c, cap=cap: cap - c.sum(), "jac": lambda c: -np.ones(k)}
+            ]
             result = minimize(
-                f, np.full(k, 1.0 / k), jac=grad, bounds=[(0, None)] * k,
-                constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1, "jac": lambda w: np.ones(k)}],
+                f, np.zeros(k), jac=grad, bounds=[(0, 1 if cap is None else None)] * k, constraints=limits,
                 method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000},
             )
             total += result.fun

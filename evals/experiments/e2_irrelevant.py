@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 from evals.experiments.cli import main
 from evals.experiments.common import Context, records_of, run_cells, write_experiment
 from evals.experiments.seeds import Stats, collect, holds, line_figure, mean_std, series, series_table
-from evals.methods import SCALING, method
+from evals.methods import BEYOND, SCALING, method
 
 STEM = "exp2_irrelevant"
 TARGETED = ("fw_hard_layer", "fw_soft_task")  # the variants the target is about, at mergekit-fw's defaults
@@ -21,7 +21,7 @@ def run(ctx: Context) -> Path:
     own = [ctx.lora(t) for t in ctx.plan.asked]
     irrelevant = ctx.irrelevant()
     jobs = [(ctx.cell(own + irrelevant[:m]), method(name))
-            for m in ctx.plan.irrelevant_added for name in (*SCALING, *PROBES)]
+            for m in ctx.plan.irrelevant_added for name in (*SCALING, *PROBES, *BEYOND)]
     records = run_cells(ctx, jobs, "exp2")
     return write_experiment(ctx, STEM, {"asked": list(ctx.plan.asked),
                                         "irrelevant": irrelevant[:max(ctx.plan.irrelevant_added)],

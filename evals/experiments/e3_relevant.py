@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 from evals.experiments.cli import main
 from evals.experiments.common import Context, records_of, run_cells, write_experiment
 from evals.experiments.seeds import Stats, collect, line_figure, series_table
-from evals.methods import SCALING, method
+from evals.methods import BEYOND, SCALING, method
 
 STEM = "exp3_relevant"
 # Added after every method, FW included, fell as k grew on the full testbed. Frank-Wolfe's hull
@@ -28,7 +28,7 @@ def run(ctx: Context) -> Path:
     for k in ctx.plan.relevant_asked:
         asked = order[:k]
         cell = ctx.cell([ctx.lora(t) for t in asked], asked)
-        jobs += [(cell, method(name)) for name in (*SCALING, *PROBES)]
+        jobs += [(cell, method(name)) for name in (*SCALING, *PROBES, *BEYOND)]
     records = run_cells(ctx, jobs, "exp3")
     return write_experiment(ctx, STEM, {"order": order[:max(ctx.plan.relevant_asked)], "records": records}, summarize)
 

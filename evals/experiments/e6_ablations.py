@@ -9,7 +9,7 @@ from typing import Dict, List, Tuple
 from evals.experiments.cli import main
 from evals.experiments.common import Context, records_of, run_cells, write_experiment
 from evals.experiments.seeds import Stats, bar_figure, bar_table, collect, mean_std
-from evals.methods import ABLATIONS, method
+from evals.methods import ABLATIONS, BEYOND, method
 
 STEM = "exp6_ablations"
 VARIANTS = ("fw_hard_layer", "fw_hard_task", "fw_soft_layer", "fw_soft_task")
@@ -17,7 +17,7 @@ VARIANTS = ("fw_hard_layer", "fw_hard_task", "fw_soft_layer", "fw_soft_task")
 
 def run(ctx: Context) -> Path:
     cell = ctx.cell(ctx.main_members())
-    records = run_cells(ctx, [(cell, method(n)) for n in (*VARIANTS, *ABLATIONS)], "exp6")
+    records = run_cells(ctx, [(cell, method(n)) for n in (*VARIANTS, *ABLATIONS, *BEYOND)], "exp6")
     return write_experiment(ctx, STEM, {"members": list(cell.members), "asked": list(cell.asked), "records": records},
                             summarize)
 

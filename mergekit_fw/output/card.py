@@ -20,12 +20,16 @@ from mergekit_fw.solve.table import CoefficientTable
 LOG = logging.getLogger(__name__)
 SECTION_TITLE = "## Frank-Wolfe merge (mergekit-fw)"
 _SETTINGS = (
+    "constraint",
+    "radius",
     "variant",
     "lmo",
     "lmo_score",
+    "direction",
     "step",
     "iterations",
     "epsilon",
+    "epsilon_relative",
     "objective",
     "samples_per_task",
     "merge_fn",
@@ -64,7 +68,12 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
             or "not recorded"
         ),
         "",
-        "**Settings:** " + ", ".join(f"`{key}: {parameters[key]}`" for key in _SETTINGS if key in parameters),
+        "**Settings:** "
+        + ", ".join(
+            f"`{key}: {parameters[key]}`"
+            for key in _SETTINGS
+            if key in parameters and (key != "radius" or parameters.get("constraint") == "scaled_hull")
+        ),
         "",
         f"**Run:** {len(trace.get('iterations', []))} iterations; stopped because {trace.get('stopped')}; "
         f"calibration loss {_fmt(trace.get('initial_loss'))} -> {_fmt(trace.get('final_loss'))}.",

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mergekit_fw.solve.table import BASE_VERTEX
-
 FIGURES = ("fw_loss_gap.png", "fw_coefficients.png", "fw_lmo_scores.png")
 
 
@@ -77,14 +75,17 @@ def build_figures(table: dict, trace: dict) -> list:
     fig.tight_layout()
     figures.append(fig)
 
-    vertices = table.get("vertices") or [BASE_VERTEX, *table["candidates"]]
-    tensors = list(table["weights"])
-    matrix = [table["weights"][name] for name in tensors]  # rows: tensors, columns: vertices (base first)
-    fig, ax = plt.subplots(figsize=(max(5.0, 3.0 + 0.6 * len(vertices)), 1.5 + 0.12 * len(tensors)))
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xticks(range(len(vertices)), [_short(v) for v in vertices], rotation=45, ha="right", fontsize=7)
+    # the task vectors' coefficients: in the box and the scaled hull they are not the vertex
+    # weights (a box's base row may be negative, a scaled hull's coefficients reach its radius)
+    candidates = list(table["candidates"])
+    tensors = list(table["coefficients"])
+    matrix = [table["coefficients"][name] for name in tensors]  # rows: tensors, columns: candidates
+    top = max([1.0, *(value for row in matrix for value in row)])
+    fig, ax = plt.subplots(figsize=(max(5.0, 3.0 + 0.6 * len(candidates)), 1.5 + 0.12 * len(tensors)))
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest")
+    ax.set_xticks(range(len(candidates)), [_short(v) for v in candidates], rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(tensors)), tensors, fontsize=max(3, min(7, 400 // max(len(tensors), 1))))
-    ax.set_title("coefficients (tensor x vertex)")
+    ax.set_title(f"coefficients (tensor x candidate), constraint {table.get('constraint') or 'hull'}")
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
     figures.append(fig)

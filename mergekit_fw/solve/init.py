@@ -28,6 +28,7 @@ from mergekit_fw.files import file_fingerprint, fingerprint
 from mergekit_fw.pool.candidates import load_dense
 from mergekit_fw.pool.pool import Pool
 from mergekit_fw.pool.references import PoolError, PoolSpec
+from mergekit_fw.solve.constraints import constraint_set
 from mergekit_fw.solve.table import INIT_VERTEX, CoefficientTable, TableError
 from mergekit_fw.solve.upstream import Upstream, require
 
@@ -119,6 +120,7 @@ def starting_point(
 ) -> Start:
     init_path = params.resolved_init()
     pool_files = pool_files_fingerprint(pool)  # the user's pool, without the init vertex
+    radius = params.radius if params.constraint == "scaled_hull" else None
     if init_path is None:
         table = CoefficientTable.at_base(pool.names, pool.tensor_names(), key, str(spec.base))
     elif init_path.suffix == ".json":
@@ -131,8 +133,11 @@ def starting_point(
         tensors = pool.tensor_names()
         table = CoefficientTable.at_base(pool.names, tensors, key, str(spec.base))
         table.init = init
-        table.weights[0] = 0.0
-        table.weights[-1] = 1.0  # all weight on the initial merge
+        try:  # the whole weight on the initial merge: it is the first iterate, exactly
+            table.weights = constraint_set(params.constraint, radius).start_at_init(*table.weights.shape)
+        except ValueError as error:
+            raise ConfigError(f"parameters.init: {error}") from None
+    table.constraint, table.radius = params.constraint, radius
     table.merge_fn = params.merge_fn
     table.density = params.density if params.merge_fn == "ties" else None
     table.meta["pool_files"] = pool_files
@@ -160,6 +165,14 @@ def _continue(
         raise ConfigError(
             f"{path}: init: table's candidates {previous.pool_candidates} differ from the pool's {pool.names}"
         )
+    radius = params.radius if params.constraint == "scaled_hull" else None
+    if (previous.constraint, previous.radius) != (params.constraint, radius):
+        raise ConfigError(
+            f"{path}: init: table was solved in constraint {previous.constraint!r}"
+            + (f" (radius {previous.radius:g})" if previous.radius is not None else "")
+            + f", this run uses {params.constraint!r}"
+            + (f" (radius {radius:g})" if radius is not None else "")
+        )
     if previous.merge_fn != params.merge_fn:
         raise ConfigError(
             f"{path}: init: table was solved with merge_fn {previous.merge_fn!r}, this run uses {params.merge_fn!r}"
@@ -184,5 +197,7 @@ def _continue(
         merge_fn=previous.merge_fn,
         density=params.density if params.merge_fn == "ties" else None,
         meta={"pool_files": pool_files, "continued_from": str(path)},
+        constraint=previous.constraint,
+        radius=previous.radius,
     )
     return Start(pool, table)

@@ -1,14 +1,15 @@
-"""Pure maths of the linear minimisation oracle and the Frank-Wolfe gap.
+"""Pure maths of the linear minimisation oracle's ranking.
 
-Vertices per tensor are the base (delta 0, score 0) and each candidate (its
-score; the initial merge, when there is one, is the last candidate). The state is
-a (n_vertices, n_tensors) table of convex weights, one simplex per tensor.
+Rows per tensor are the base (delta 0, score 0) and each candidate (its score;
+the initial merge, when there is one, is the last candidate). The state is a
+(n_vertices, n_tensors) table of vertex weights.
 
-A *point* of the LMO is a choice of one vertex per tensor, a (n_tensors,) index
-vector: the layer-wise LMO picks per column, the task-wise LMO the same row for
-every column. Ranking can use the raw inner product (the paper) or the cosine
-(the authors' code); the FW gap always uses the inner product, because only it
-certifies optimality.
+The layer-wise LMO ranks per column, the task-wise LMO ranks rows by their score
+summed over the model. Ranking can use the raw inner product (the paper) or the
+cosine (the authors' code); the FW gap always uses the inner product, because only
+it certifies optimality. Which points exist, and so the LMO's answer and the gap,
+depends on the constraint set (:mod:`mergekit_fw.solve.constraints`); in the hull
+a point is one vertex per tensor, a (n_tensors,) index vector here.
 """
 
 from __future__ import annotations
@@ -60,29 +61,13 @@ def ranked_points(rank: torch.Tensor, n_tensors: int, k: int) -> list[torch.Tens
     return [order[j] for j in range(k)]
 
 
-def lmo_point(rank: torch.Tensor, n_tensors: int) -> torch.Tensor:
-    return ranked_points(rank, n_tensors, 1)[0]
-
-
 def one_hot(choice: torch.Tensor, n_vertices: int) -> torch.Tensor:
     out = torch.zeros(n_vertices, choice.shape[0], dtype=torch.float64)
     out[choice, torch.arange(choice.shape[0])] = 1.0
     return out
 
 
-def direction_gain(weights: torch.Tensor, vscores: torch.Tensor, choice: torch.Tensor) -> float:
-    """<-g, s - theta> for the point ``choice``: the first-order decrease it promises."""
-    current = (weights * vscores).sum(dim=0)
-    chosen = vscores.gather(0, choice.unsqueeze(0)).squeeze(0)
-    return float((current - chosen).sum())
-
-
-def fw_gap(weights: torch.Tensor, vscores: torch.Tensor) -> float:
-    """The Frank-Wolfe gap max_s <-g, theta - s> over the table's constraint set
-    (one simplex per tensor): >= 0, and 0 exactly at a stationary point."""
-    return direction_gain(weights, vscores, torch.argmin(vscores, dim=0))
-
-
-def candidate_coefficients(weights: torch.Tensor) -> torch.Tensor:
-    """The coefficient of each task vector implied by the vertex weights (row 0 is the base)."""
-    return weights[1:].clone()
+def candidate_coefficients(weights: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The coefficient of each task vector implied by the vertex weights (row 0 is the
+    base); ``scale``: what one unit of weight is worth in the set (a scaled hull's radius)."""
+    return weights[1:] * scale if scale != 1.0 else weights[1:].clone()

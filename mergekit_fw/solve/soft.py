@@ -1,7 +1,7 @@
 """Soft Frank-Wolfe's inner problem, as pure maths over the coefficient table.
 
 Given the current vertex weights ``W`` (the anchor, theta_t) and K LMO points
-s_1..s_K (one vertex per tensor each), find
+s_1..s_K (vertex weights of points of the constraint set), find
 
     min_lambda  loss(lambda_0 * theta_t + sum_j lambda_j * s_j),   lambda on the simplex,
 
@@ -12,6 +12,8 @@ iteration unable to raise the loss: lambda = e_0 is feasible and is the start.
 lambda is one simplex per tensor (layer-wise inner weights) or one for the model
 (task-wise). Projected gradient descent: a step, then the exact sort-based
 projection; a step that would raise the loss is refused and the rate halved.
+Whatever the constraint set, a convex mix of its points lies in it, so projecting
+lambda onto its simplex is the exact projection this problem needs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergekit_fw.solve.lmo import one_hot
 from mergekit_fw.solve.simplex import project_to_simplex
 
 # weights -> (loss, vertex scores (n_vertices, n_tensors)) at that point
@@ -39,11 +40,11 @@ def unique_points(points: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def mix(anchor: torch.Tensor, points: Sequence[torch.Tensor], lam: torch.Tensor) -> torch.Tensor:
     """Vertex weights of lambda_0 * anchor + sum_j lambda_j * s_j; lam is (1+K, L) or (1+K,)."""
-    n_vertices, n_tensors = anchor.shape
+    n_tensors = anchor.shape[1]
     lam = lam if lam.dim() == 2 else lam.unsqueeze(1).expand(-1, n_tensors)
     weights = lam[0] * anchor
     for j, point in enumerate(points, start=1):
-        weights = weights + lam[j] * one_hot(point, n_vertices)
+        weights = weights + lam[j] * point
     return weights
 
 
@@ -56,7 +57,7 @@ def lambda_gradient(
     by every coordinate of a simplex, so the projection ignores it).
     """
     rows = [(anchor * vscores).sum(dim=0)]
-    rows.extend(vscores.gather(0, point.unsqueeze(0)).squeeze(0) for point in points)
+    rows.extend((point * vscores).sum(dim=0) for point in points)
     grad = torch.stack(rows)
     return grad if layerwise else grad.sum(dim=1)
 

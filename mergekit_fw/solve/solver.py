@@ -1,12 +1,14 @@
 """The Frank-Wolfe loop (Algorithm 1 of the paper, hard and soft variants).
 
 Each iteration: oracle (loss and scores at the current table), LMO (layer- or
-task-wise ranking of the vertices by inner product or cosine), FW gap, then a
-step: hard FW moves towards the best point by line search, the 2/(t+2) schedule
-or the authors' fixed gamma/(t+2); soft FW solves the small problem over the
-current iterate and the top-k points (:mod:`mergekit_fw.solve.soft`). Every iterate is
-checked to be feasible. After each iteration the table and trace are
-checkpointed, so an interrupted solve resumes where it was.
+task-wise ranking by inner product or cosine; the constraint set gives its best
+point, :mod:`mergekit_fw.solve.constraints`), FW gap, then a step: hard FW moves
+towards that point, or away from the worst point in use, or pairwise between them
+(:mod:`mergekit_fw.solve.directions`), by a searched step or an open-loop rule
+(:mod:`mergekit_fw.solve.steps`); soft FW solves the small problem over the current
+iterate and the top-k points (:mod:`mergekit_fw.solve.soft`). The loop never branches
+on the set. Every iterate is checked to be feasible. After each iteration the table
+and trace are checkpointed, so an interrupted solve resumes where it was.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,25 +27,17 @@ from tqdm.auto import tqdm
 
 from mergekit_fw.config import FrankWolfeParameters
 from mergekit_fw.files import write_json_atomic
-from mergekit_fw.solve.lmo import (
-    direction_gain,
-    fw_gap,
-    lmo_point,
-    one_hot,
-    ranked_points,
-    ranking,
-    vertex_norms,
-    vertex_scores,
-)
-from mergekit_fw.solve.simplex import check_feasible
+from mergekit_fw.solve.constraints import ConstraintSet, describe, fw_gap, gain
+from mergekit_fw.solve.directions import Direction, choose
+from mergekit_fw.solve.lmo import ranking, vertex_norms, vertex_scores
 from mergekit_fw.solve.soft import solve_inner, unique_points
+from mergekit_fw.solve.steps import fixed, golden_section, quadratic, schedule
 from mergekit_fw.solve.table import CoefficientTable
 
 if TYPE_CHECKING:  # the oracle's result type; the solver itself only calls a LossOracle
     from mergekit_fw.oracle import Evaluation
 
 LOG = logging.getLogger(__name__)
-_GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 class LossOracle(Protocol):
@@ -57,35 +50,6 @@ class LossOracle(Protocol):
     def vertex_norms(self) -> torch.Tensor: ...
 
 
-def golden_section(
-    phi: Callable[[float], float], f0: float, evaluations: int
-) -> tuple[float, float, list[tuple[float, float]]]:
-    """Minimise ``phi`` on [0, 1] with a fixed number of evaluations.
-
-    Returns the best point seen, including gamma = 0 (value ``f0``, already
-    known), so the loss can never increase; plus every (gamma, loss) evaluated.
-    """
-    seen: dict[float, float] = {0.0: f0}
-
-    def f(x: float) -> float:
-        if x not in seen:
-            seen[x] = phi(x)
-        return seen[x]
-
-    f(1.0)
-    a, b = 0.0, 1.0
-    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
-    while len(seen) - 1 < evaluations:
-        if f(c) <= f(d):
-            b, d = d, c
-            c = b - _GOLDEN * (b - a)
-        else:
-            a, c = c, d
-            d = a + _GOLDEN * (b - a)
-    best = min(seen, key=lambda x: (seen[x], x))
-    return best, seen[best], sorted(seen.items())
-
-
 @dataclass
 class IterationRecord:
     iteration: int
@@ -94,14 +58,15 @@ class IterationRecord:
     gain: float  # <-g, s - theta> of the best LMO point under the chosen ranking
     gamma: float | None  # hard FW's step; soft FW: 1 - mean weight theta_t kept
     loss_after: float | None
-    chosen: dict[str, int]  # vertex -> number of tensors choosing it (best point)
-    choice: list[str]  # best point's vertex per tensor, table order
+    chosen: dict[str, int]  # vertex -> number of tensors where the best point puts it at full weight
+    choice: list[str]  # per tensor, the best point's vertex ('+'-joined candidates in the box)
     seconds: dict[str, float]
     line_search: list[tuple[float, float]] = field(default_factory=list)
     points: int = 1  # LMO points stepped towards (soft FW: top-k, unioned over tasks)
     inner: list[tuple[float, float, bool]] = field(default_factory=list)  # soft: (lr, loss, accepted)
     # passes over the calibration set this iteration: gradient (forward + backward), forward only
     passes: dict[str, int] = field(default_factory=dict)
+    direction: str = "frank_wolfe"  # hard FW: the step taken (frank_wolfe, away or pairwise); soft FW: soft
 
 
 @dataclass
@@ -151,9 +116,9 @@ class Trace:
 def step_size(params: FrankWolfeParameters, t: int) -> float:
     """The open-loop step rules (t counts from 0)."""
     if params.step == "schedule":
-        return 2.0 / (t + 2.0)
+        return schedule(t)
     if params.step == "fixed":
-        return params.gamma / (t + 2.0)
+        return fixed(params.gamma, t)
     raise ValueError(f"step {params.step!r} has no closed form")
 
 
@@ -189,13 +154,30 @@ class _Evaluator:
         return self.oracle.loss(self.table.coefficients_for(weights))
 
 
-def _soft_points(evaluation, rank_of, n_tensors: int, params: FrankWolfeParameters) -> list[torch.Tensor]:
+def _search(
+    evaluate: _Evaluator, anchor: torch.Tensor, move: Direction, loss: float, params: FrankWolfeParameters
+) -> tuple[float, float, list[tuple[float, float]]]:
+    """The searched step rules along ``move`` on [0, its largest feasible step]."""
+
+    def phi(g: float) -> float:
+        return evaluate.loss(anchor + g * move.vector)
+
+    if params.step == "line_search":
+        return golden_section(phi, loss, params.line_search_steps, top=move.top)
+    # the slope at gamma = 0 is <g, d>: known from the scores, without a pass
+    return quadratic(phi, loss, move.slope, params.line_search_steps, top=move.top)
+
+
+def _soft_points(
+    evaluation, rank_of, n_tensors: int, params: FrankWolfeParameters, constraint: ConstraintSet
+) -> list[torch.Tensor]:
+    scale = constraint.scale
     if params.top_k_per == "task" and evaluation.task_scores is not None and evaluation.task_scores.shape[0] > 1:
         points: list[torch.Tensor] = []
         for task_scores in evaluation.task_scores:
-            points.extend(ranked_points(rank_of(vertex_scores(task_scores)), n_tensors, params.top_k))
+            points.extend(constraint.ranked(rank_of(vertex_scores(scale * task_scores)), n_tensors, params.top_k))
         return unique_points(points)
-    return ranked_points(rank_of(vertex_scores(evaluation.scores)), n_tensors, params.top_k)
+    return constraint.ranked(rank_of(vertex_scores(scale * evaluation.scores)), n_tensors, params.top_k)
 
 
 def solve(
@@ -220,8 +202,9 @@ def solve(
     torch.manual_seed(params.seed)
     if rng_state is not None:
         torch.set_rng_state(rng_state)
-    n_vertices, n_tensors = table.weights.shape
-    check_feasible(table.weights)
+    n_tensors = table.weights.shape[1]
+    constraint = table.constraint_set
+    constraint.check(table.weights)
     evaluate = _Evaluator(oracle, table, per_task=params.variant == "soft" and params.top_k_per == "task")
     norms = vertex_norms(oracle.vertex_norms()) if params.lmo_score == "cosine" else None
 
@@ -241,20 +224,26 @@ def solve(
             if evaluation.task_scores is not None:
                 trace.task_scores = [[float(x) for x in row] for row in evaluation.task_scores.sum(dim=2)]
         t_oracle = time.perf_counter()
-        vscores = vertex_scores(evaluation.scores)
-        gap = fw_gap(table.weights, vscores)
-        best = lmo_point(rank_of(vscores), n_tensors)
-        gain = direction_gain(table.weights, vscores, best)
+        # d loss / d weight: a unit of weight is worth ``scale`` of the candidate's coefficient
+        vscores = vertex_scores(constraint.scale * evaluation.scores)
+        gap = fw_gap(constraint, table.weights, vscores)
+        best = constraint.vertex(rank_of(vscores), n_tensors)
+        promised = gain(table.weights, vscores, best)
         t_lmo = time.perf_counter()
         searched: list[tuple[float, float]] = []
         inner_steps: list[tuple[float, float, bool]] = []
         n_points = 1
+        taken = "frank_wolfe" if params.variant == "hard" else "soft"
         gamma: float | None
         stop: str | None
+        first_gap = trace.iterations[0].gap if trace.iterations else gap
         if gap <= params.epsilon:
             gamma, loss_after, stop = 0.0, loss, f"gap {gap:.3g} <= epsilon {params.epsilon:g}"
+        elif trace.iterations and gap <= params.epsilon_relative * first_gap:
+            gamma, loss_after = 0.0, loss
+            stop = f"gap {gap:.3g} <= epsilon_relative {params.epsilon_relative:g} x the first gap {first_gap:.3g}"
         elif params.variant == "soft":
-            points = _soft_points(evaluation, rank_of, n_tensors, params)
+            points = _soft_points(evaluation, rank_of, n_tensors, params, constraint)
             n_points = len(points)
             inner = solve_inner(
                 lambda w: (lambda e: (e.loss, vertex_scores(e.scores)))(evaluate(w)),
@@ -271,37 +260,37 @@ def solve(
             stop = "soft step found no decrease" if inner.loss >= loss else None
             table.weights = inner.weights  # a mix of feasible points: feasible as it is
         else:
-            direction = one_hot(best, n_vertices) - table.weights
-            if params.step == "line_search":
-                anchor = table.weights
-
-                def phi(g: float) -> float:
-                    return evaluate.loss(anchor + g * direction)
-
-                gamma, loss_after, searched = golden_section(phi, loss, params.line_search_steps)
+            move = choose(params.direction, constraint, table.weights, vscores, rank_of(vscores), best)
+            if params.step in ("line_search", "quadratic"):
+                gamma, loss_after, searched = _search(evaluate, table.weights, move, loss, params)
+                if gamma == 0.0 and move.kind != "frank_wolfe":  # the away point gave nothing: plain FW decides
+                    move = choose("frank_wolfe", constraint, table.weights, vscores, rank_of(vscores), best)
+                    gamma, loss_after, more = _search(evaluate, table.weights, move, loss, params)
+                    searched += more
                 stop = "line search found no decrease" if gamma == 0.0 else None
             else:
                 gamma, loss_after, stop = min(step_size(params, t), 1.0), None, None
+            taken = move.kind
             if gamma > 0:
-                table.weights = (table.weights + gamma * direction).clamp(min=0.0)
-                table.weights /= table.weights.sum(dim=0, keepdim=True)
-        check_feasible(table.weights)
+                table.weights = constraint.snap(table.weights + gamma * move.vector)
+        constraint.check(table.weights)
         t_step = time.perf_counter()
-        names = table.vertices
+        chosen, choice = describe(best, table.vertices)
         record = IterationRecord(
             iteration=t,
             loss=loss,
             gap=gap,
-            gain=gain,
+            gain=promised,
             gamma=gamma,
             loss_after=loss_after,
-            chosen={names[v]: int(n) for v, n in zip(*torch.unique(best, return_counts=True))},
-            choice=[names[v] for v in best.tolist()],
+            chosen=chosen,
+            choice=choice,
             seconds={"oracle": t_oracle - tick, "lmo": t_lmo - t_oracle, "step": t_step - t_lmo},
             line_search=searched,
             points=n_points,
             inner=inner_steps,
             passes={k: v - spent_before[k] for k, v in evaluate.spent().items()},
+            direction=taken,
         )
         trace.iterations.append(record)
         for kind, n in record.passes.items():

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from mergekit_fw.files import write_json_atomic
+from mergekit_fw.solve.constraints import ConstraintSet, constraint_set
 from mergekit_fw.solve.lmo import candidate_coefficients
 
 TABLE_FORMAT = "mergekit-fw/coefficient-table"
-TABLE_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+TABLE_VERSION = 3  # 3: the constraint set (hull, box, scaled_hull with its radius)
+READABLE_VERSIONS = (1, 2, 3)
 BASE_VERTEX = "base"
 INIT_VERTEX = "init"
 
@@ -35,13 +36,19 @@ class TableError(ValueError):
 class CoefficientTable:
     candidates: list[str]  # mergekit reference strings, pool order (then INIT_VERTEX)
     tensors: list[str]
-    weights: torch.Tensor  # (n_vertices, n_tensors) float64, columns on the simplex
+    weights: torch.Tensor  # (n_vertices, n_tensors) float64, in the constraint set (columns sum to 1)
     fingerprint: str
     base_model: str
     init: dict[str, Any] | None = None  # the initial merge's config and folder
     merge_fn: str = "convex"
     density: float | None = None  # merge_fn ties only
     meta: dict[str, Any] = field(default_factory=dict)  # JSON: tasks, parameters, pool files, ...
+    constraint: str = "hull"  # the set the weights live in (tables before version 3: the hull)
+    radius: float | None = None  # constraint scaled_hull only
+
+    @property
+    def constraint_set(self) -> ConstraintSet:
+        return constraint_set(self.constraint, self.radius)
 
     @classmethod
     def at_base(cls, candidates: list[str], tensors: list[str], fingerprint: str, base_model: str) -> CoefficientTable:
@@ -60,7 +67,8 @@ class CoefficientTable:
 
     @property
     def in_hull(self) -> bool:
-        """Whether the model is the convex combination the weights describe."""
+        """Whether the model is exactly base + sum of coefficient x task vector, and so lies
+        in the constraint set the weights live in ('ties' trims and may leave it)."""
         return self.merge_fn == "convex"
 
     def coefficients(self) -> torch.Tensor:
@@ -69,7 +77,7 @@ class CoefficientTable:
 
     def coefficients_for(self, weights: torch.Tensor) -> torch.Tensor:
         """Task-vector coefficients implied by other vertex weights of this table."""
-        return candidate_coefficients(weights)
+        return candidate_coefficients(weights, self.constraint_set.scale)
 
     def coefficient_map(self) -> dict[str, dict[str, float]]:
         """tensor -> candidate -> coefficient, for the merge kernels."""
@@ -87,6 +95,8 @@ class CoefficientTable:
             "base_model": self.base_model,
             "merge_fn": self.merge_fn,
             "density": self.density,
+            "constraint": self.constraint,
+            "radius": self.radius,
             "init": self.init,
             "vertices": self.vertices,
             "candidates": self.candidates,
@@ -114,7 +124,13 @@ class CoefficientTable:
             merge_fn=data.get("merge_fn", "convex"),
             density=data.get("density"),
             meta=dict(data.get("meta", {})),
+            constraint=data.get("constraint", "hull"),
+            radius=data.get("radius"),
         )
+        try:
+            table.constraint_set.check(table.weights, atol=1e-6)
+        except (ValueError, AssertionError) as error:
+            raise TableError(f"{source}: weights outside the {table.constraint} set ({error})") from None
         if table.vertices != data["vertices"]:
             raise TableError(f"{source}: vertices {data['vertices']} do not match the candidates")
         return table

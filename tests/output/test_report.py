@@ -86,7 +86,8 @@ def test_no_title_or_label_runs_past_the_figure():
     plt.close(fig)
 
     table = {"candidates": ["base+loras/reverse", "base+loras/sort"], "vertices": ["base", "a", "b"],
-             "weights": {"model.layers.0.self_attn.q_proj.weight": [0.5, 0.25, 0.25]}, "meta": {"tasks": ["reverse"]}}
+             "weights": {"model.layers.0.self_attn.q_proj.weight": [0.5, 0.25, 0.25]},
+             "coefficients": {"model.layers.0.self_attn.q_proj.weight": [0.25, 0.25]}, "meta": {"tasks": ["reverse"]}}
     trace = {"iterations": [{"iteration": 0, "loss": 1.0, "gap": 0.5}], "final_loss": 0.9,
              "stopped": "reached iterations = 1", "task_scores": [[-0.3, -0.1]]}
     for fig in build_figures(table, trace):

@@ -38,9 +38,10 @@ def _fw(random_pool, tmp_path, name="fw.yml", **parameters):
 
 
 @pytest.mark.slow
-def test_ta_init_is_exactly_mergekits_merge_at_iteration_zero(random_pool, tmp_path):
+@pytest.mark.parametrize("constraint", [{}, {"constraint": "scaled_hull", "radius": 2.0}], ids=["hull", "scaled_hull"])
+def test_ta_init_is_exactly_mergekits_merge_at_iteration_zero(random_pool, tmp_path, constraint):
     ta = _ta(random_pool, tmp_path)
-    fw = _fw(random_pool, tmp_path, init=str(ta), epsilon=1e9, iterations=1)  # stops before any step
+    fw = _fw(random_pool, tmp_path, init=str(ta), epsilon=1e9, iterations=1, **constraint)  # stops before any step
     mergekit_yaml(ta, tmp_path / "ta_out", tmp_path / "lora_cache")
     mergekit_fw_run(fw, tmp_path / "fast")
     mergekit_yaml(fw, tmp_path / "yaml", tmp_path / "lora_cache")
@@ -57,9 +58,11 @@ def test_ta_init_is_exactly_mergekits_merge_at_iteration_zero(random_pool, tmp_p
 
 
 @pytest.mark.slow
-def test_ta_init_run_agrees_in_all_three_paths(random_pool, tmp_path):
+@pytest.mark.parametrize("constraint", [{}, {"constraint": "box"}, {"constraint": "scaled_hull", "radius": 2.0}],
+                         ids=["hull", "box", "scaled_hull"])
+def test_ta_init_run_agrees_in_all_three_paths(random_pool, tmp_path, constraint):
     ta = _ta(random_pool, tmp_path)
-    fw = _fw(random_pool, tmp_path, init=str(ta), iterations=3)
+    fw = _fw(random_pool, tmp_path, init=str(ta), iterations=3, **constraint)
     mergekit_fw_run(fw, tmp_path / "fast")
     mergekit_yaml(fw, tmp_path / "yaml", tmp_path / "lora_cache")
     replay(tmp_path / "fast", tmp_path / "replay", tmp_path / "lora_cache")
@@ -69,8 +72,14 @@ def test_ta_init_run_agrees_in_all_three_paths(random_pool, tmp_path):
     fast = tensors(tmp_path / "fast")
     assert_same_tensors(fast, tensors(tmp_path / "yaml"), tensors(tmp_path / "replay"))
     table = json.loads((tmp_path / "fast" / "fw_table.json").read_text())
-    init_weight = [w[-1] for w in table["weights"].values()]
-    assert min(init_weight) < 1.0  # the solve moved away from the initial merge
+    assert table["constraint"] == constraint.get("constraint", "hull") and table["radius"] == constraint.get("radius")
+    coefficients = torch.tensor(list(table["coefficients"].values()), dtype=torch.float64)  # tensors x candidates
+    assert float(coefficients[:, -1].min()) < 1.0  # the solve moved away from the initial merge
+    assert float(coefficients.min()) >= 0.0
+    if table["constraint"] == "box":
+        assert float(coefficients.max()) <= 1.0
+    else:
+        assert float(coefficients.sum(dim=1).max()) <= constraint.get("radius", 1.0) + 1e-9
 
 
 def test_continue_from_a_previous_table(random_pool, tmp_path):
@@ -124,4 +133,8 @@ def test_missing_init_file_and_mismatched_table_are_named(random_pool, tmp_path)
     spec, params = pool_and_parameters(load_merge_config(
         _fw(random_pool, tmp_path, "ties.yml", merge_fn="ties", init=str(tmp_path / "convex_table.json"))))
     with pytest.raises(ConfigError, match="merge_fn 'convex', this run uses 'ties'"):
+        solve(spec, params, progress=False)
+    spec, params = pool_and_parameters(load_merge_config(
+        _fw(random_pool, tmp_path, "box.yml", constraint="box", init=str(tmp_path / "convex_table.json"))))
+    with pytest.raises(ConfigError, match="constraint 'hull', this run uses 'box'"):
         solve(spec, params, progress=False)

@@ -1,15 +1,13 @@
 import torch
 
-from mergekit_fw.solve.lmo import (
-    direction_gain,
-    fw_gap,
-    lmo_point,
-    one_hot,
-    ranked_points,
-    ranking,
-    vertex_norms,
-    vertex_scores,
-)
+from mergekit_fw.solve.constraints import Hull, fw_gap, gain
+from mergekit_fw.solve.lmo import one_hot, ranked_points, ranking, vertex_norms, vertex_scores
+
+HULL = Hull()
+
+
+def lmo_point(rank: torch.Tensor, n_tensors: int) -> torch.Tensor:
+    return ranked_points(rank, n_tensors, 1)[0]
 
 
 def test_layerwise_choice_and_gap():
@@ -21,8 +19,8 @@ def test_layerwise_choice_and_gap():
     weights = torch.tensor([[0.5, 1.0, 1.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     # gap = sum_l <w_l, vs_l> - min_v vs[v, l]
     expected = (0.5 * -1.0 - (-1.0)) + (0.0 - (-3.0)) + 0.0
-    assert abs(fw_gap(weights, vs) - expected) < 1e-12
-    assert abs(direction_gain(weights, vs, choice) - expected) < 1e-12
+    assert abs(fw_gap(HULL, weights, vs) - expected) < 1e-12
+    assert abs(gain(weights, vs, one_hot(choice, 3)) - expected) < 1e-12
 
 
 def test_taskwise_choice_sums_over_tensors():
@@ -58,8 +56,8 @@ def test_gap_is_nonnegative_and_zero_at_the_chosen_vertex():
         weights = torch.rand(5, 7, dtype=torch.float64)
         weights /= weights.sum(0)
         choice = lmo_point(ranking(vs, "layer", "inner_product"), 7)
-        assert fw_gap(weights, vs) >= 0
-        assert abs(fw_gap(one_hot(choice, 5), vs)) < 1e-12
+        assert fw_gap(HULL, weights, vs) >= 0
+        assert abs(fw_gap(HULL, one_hot(choice, 5), vs)) < 1e-12
         # the task-wise point never promises more than the layer-wise certificate
         task = lmo_point(ranking(vs, "task", "inner_product"), 7)
-        assert direction_gain(weights, vs, task) <= fw_gap(weights, vs) + 1e-12
+        assert gain(weights, vs, one_hot(task, 5)) <= fw_gap(HULL, weights, vs) + 1e-12

@@ -2,7 +2,8 @@ import torch
 
 from mergekit_fw.config import FrankWolfeParameters
 from mergekit_fw.solve.simplex import check_feasible
-from mergekit_fw.solve.solver import golden_section, solve
+from mergekit_fw.solve.solver import solve
+from mergekit_fw.solve.steps import golden_section
 from mergekit_fw.solve.table import CoefficientTable
 from tests.oracle.helpers import make_oracle, pool_spec
 

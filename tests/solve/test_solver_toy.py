@@ -6,7 +6,6 @@ import torch
 
 from mergekit_fw.config import FrankWolfeParameters
 from mergekit_fw.oracle import Evaluation
-from mergekit_fw.solve.simplex import check_feasible
 from mergekit_fw.solve.solver import solve
 from mergekit_fw.solve.table import CoefficientTable
 from tests.toy import QuadraticOracle
@@ -55,6 +54,10 @@ def test_soft_fw_matches_the_qp_optimum_on_a_face():
     [
         dict(),
         dict(step="schedule"),
+        dict(step="quadratic"),
+        dict(direction="away"),
+        dict(direction="pairwise", step="quadratic"),
+        dict(direction="pairwise", lmo="task"),
         dict(step="fixed", gamma=0.5),
         dict(lmo="task"),
         dict(lmo_score="cosine"),
@@ -63,18 +66,20 @@ def test_soft_fw_matches_the_qp_optimum_on_a_face():
         dict(variant="soft", top_k=2, lmo_score="cosine"),
     ],
 )
-def test_every_iterate_is_feasible_and_monotone_steps_never_raise_the_loss(settings):
+@pytest.mark.parametrize("constraint", [("hull", None), ("box", None), ("scaled_hull", 2.5)], ids=lambda c: c[0])
+def test_every_iterate_is_feasible_and_monotone_steps_never_raise_the_loss(settings, constraint):
     oracle = QuadraticOracle(5, 4, 3, seed=7)
     seen = []
-    solve(oracle, oracle.table(), _params(iterations=8, **settings), progress=False,
+    table = oracle.table(*constraint)
+    solve(oracle, table, _params(iterations=8, **settings), progress=False,
           on_iteration=lambda table, record: seen.append((table.weights.clone(), record)))
     assert seen
     for weights, record in seen:
-        check_feasible(weights)
+        table.constraint_set.check(weights)
         assert record.gap >= -1e-12
         if record.loss_after is not None:  # line search and soft steps know their loss
             assert record.loss_after <= record.loss + 1e-12
-            assert abs(record.loss_after - oracle.loss(weights[1:])) < 1e-9
+            assert abs(record.loss_after - oracle.loss(table.coefficients_for(weights))) < 1e-9
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(variant="soft", top_k=3)])
@@ -87,6 +92,32 @@ def test_taskwise_and_layerwise_agree_with_one_tensor(variant):
         runs.append((table.weights, [r.loss for r in trace.iterations]))
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=1e-12)
     assert runs[0][1] == pytest.approx(runs[1][1], abs=1e-12)
+
+
+@pytest.mark.parametrize("constraint", [("box", None), ("scaled_hull", 3.0)], ids=lambda c: c[0])
+def test_hard_and_soft_fw_reach_the_qp_optimum_of_the_larger_sets(constraint):
+    """A target beyond the hull: the box and the scaled hull reach further, and FW finds
+    their optimum (scipy's QP on the same set), never below it."""
+    kind, radius = constraint
+    oracle = QuadraticOracle(5, 2, 6, seed=3)
+    optimum = oracle.optimum(kind, radius or 1.0)
+    assert optimum < oracle.optimum("hull") - 1e-3  # the larger set matters here
+    for settings in (dict(iterations=300, line_search_steps=40),
+                     dict(variant="soft", top_k=3, inner_steps=100, inner_lr=0.05, iterations=40)):
+        _, trace = solve(oracle, oracle.table(kind, radius), _params(**settings), progress=False)
+        assert trace.final_loss >= optimum - 1e-9
+        assert trace.final_loss - optimum < 2e-3 * max(1.0, optimum), settings
+
+
+def test_the_recorded_gap_is_in_coefficient_units_of_the_set():
+    """From the base, the scaled hull's gap is -R sum_l min(0, min_i s_il) and the box's
+    -sum min(s, 0), with s = d loss / d c (ALGORITHM.md)."""
+    oracle = QuadraticOracle(4, 3, 5, seed=9)
+    s = oracle.evaluate(torch.zeros(4, 3, dtype=torch.float64)).scores
+    for kind, radius, expected in (("scaled_hull", 3.0, -3.0 * s.min(dim=0).values.clamp(max=0).sum()),
+                                   ("box", None, -s.clamp(max=0).sum())):
+        _, trace = solve(oracle, oracle.table(kind, radius), _params(iterations=1), progress=False)
+        assert trace.iterations[0].gap == pytest.approx(float(expected), rel=1e-12)
 
 
 def test_epsilon_stops_and_the_trace_says_why():
@@ -209,3 +240,55 @@ def test_the_trace_counts_the_passes_the_solve_spent(settings):
     before = dict(trace.passes)
     _, trace = solve(oracle, table, more, trace=trace, progress=False)
     assert trace.passes["gradient"] > before["gradient"] and trace.passes == oracle.calls
+
+
+def test_epsilon_relative_stops_at_a_fraction_of_the_first_gap():
+    oracle = QuadraticOracle(6, 3, 4, seed=0, inside=True)
+    _, full = solve(oracle, oracle.table(), _params(iterations=200, line_search_steps=20), progress=False)
+    first = full.iterations[0].gap
+    crossing = next(r.iteration for r in full.iterations if r.gap <= 0.1 * first)
+    _, trace = solve(oracle, oracle.table(), _params(iterations=200, line_search_steps=20, epsilon_relative=0.1),
+                     progress=False)
+    assert len(trace.iterations) == crossing + 1 and "epsilon_relative" in trace.stopped
+    assert all(r.gap > 0.1 * first for r in trace.iterations[:-1])
+    assert trace.iterations[-1].gamma == 0.0 and trace.final_loss == trace.iterations[-1].loss
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_quadratic_step_reaches_the_optimum_on_a_fraction_of_the_forward_passes(seed):
+    """On a quadratic loss the parabola is exact: one forward pass at gamma = 1, one at its
+    minimiser, against the golden-section search's many."""
+    runs = {}
+    for step in ("line_search", "quadratic"):
+        oracle = QuadraticOracle(6, 3, 4, seed, inside=True)
+        _, trace = solve(oracle, oracle.table(), _params(iterations=60, step=step, line_search_steps=20),
+                         progress=False)
+        runs[step] = trace
+    assert runs["quadratic"].final_loss <= runs["line_search"].final_loss * 1.05 + 1e-9
+    forwards = [r.passes["forward"] for r in runs["quadratic"].iterations]
+    assert max(forwards) <= 2
+    assert runs["quadratic"].passes["forward"] < runs["line_search"].passes["forward"] / 5
+
+
+@pytest.mark.parametrize("constraint", [("hull", None), ("box", None), ("scaled_hull", 2.0)], ids=lambda c: c[0])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_away_and_pairwise_steps_close_the_gap_where_plain_fw_zig_zags(constraint, seed):
+    """The optimum lies on a face (the target is outside the set): plain FW's iterates
+    zig-zag towards it and its gap is still above a millionth of the first after 300
+    iterations; away and pairwise steps, on the same exact (quadratic) step rule, take
+    the wrongly picked vertices back and reach the QP's optimum."""
+    kind, radius = constraint
+    optimum = QuadraticOracle(5, 2, 6, seed=seed).optimum(kind, radius or 1.0)
+    reached = {}
+    for direction in ("frank_wolfe", "away", "pairwise"):
+        oracle = QuadraticOracle(5, 2, 6, seed=seed)
+        _, trace = solve(oracle, oracle.table(kind, radius),
+                         _params(iterations=300, step="quadratic", direction=direction), progress=False)
+        first = trace.iterations[0].gap
+        reached[direction] = next((r.iteration for r in trace.iterations if r.gap <= 1e-6 * first), None)
+        if direction != "frank_wolfe":
+            assert abs(trace.final_loss - optimum) < 1e-8
+            assert any(r.direction == direction for r in trace.iterations)
+    assert reached["frank_wolfe"] is None
+    assert reached["away"] is not None and reached["pairwise"] is not None
+    assert max(reached["away"], reached["pairwise"]) < 250

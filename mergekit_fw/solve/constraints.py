@@ -1,0 +1,225 @@
+"""The sets Frank-Wolfe may move in, one small type each (as FrankWolfe.jl has one LMO
+type per set): its extreme point for a ranking, its k best points for soft FW, the
+worst active point and the longest feasible step for away and pairwise steps, its
+feasibility check and the snap that takes rounding drift back into it.
+
+The state is the table's vertex weights ``W`` (1 + n, L): row 0 the base, then one
+row per candidate, one column per tensor; candidate ``i`` contributes
+``scale * W[1 + i, l]`` times its task vector to tensor ``l``. Every set keeps the
+columns summing to 1, so row 0 is always ``1 - sum`` of the others: in the hulls it
+is the base's convex weight, in the box (where the sum may pass 1) it is bookkeeping
+and may be negative. The solver only ever moves along ``point - W`` and mixes points
+with convex weights, so it stays feasible in every set without knowing which it has.
+
+Rankings follow :func:`mergekit_fw.solve.lmo.ranking`: (1 + n, L) for the
+layer-wise LMO (one choice per tensor), (1 + n,) for the task-wise LMO (one choice
+shared by every tensor). Row 0 (the base) ranks 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mergekit_fw.solve.lmo import one_hot, ranked_points
+from mergekit_fw.solve.simplex import InfeasibleError, check_feasible
+
+CONSTRAINTS = ("hull", "box", "scaled_hull")
+_ACTIVE = 1e-12  # a weight above this keeps its vertex in the active set (away steps)
+
+
+def _columns(rank: torch.Tensor, n_tensors: int) -> torch.Tensor:
+    """A task-wise ranking repeated for every tensor (a layer-wise one as it is)."""
+    return rank.unsqueeze(1).expand(-1, n_tensors) if rank.dim() == 1 else rank
+
+
+@dataclass(frozen=True)
+class Hull:
+    """The paper's set: the convex hull of the base and the candidates, per tensor.
+    A point is one vertex per tensor; the candidates' total weight is at most 1."""
+
+    scale: float = 1.0
+    name: str = "hull"
+
+    def vertex(self, rank: torch.Tensor, n_tensors: int) -> torch.Tensor:
+        return self.ranked(rank, n_tensors, 1)[0]
+
+    def ranked(self, rank: torch.Tensor, n_tensors: int, k: int) -> list[torch.Tensor]:
+        """The k best vertices per tensor (ties to the lower row, so a column of zeros keeps the base)."""
+        return [one_hot(choice, rank.shape[0]) for choice in ranked_points(rank, n_tensors, k)]
+
+    def away(self, weights: torch.Tensor, rank: torch.Tensor) -> torch.Tensor | None:
+        """The active vertex (weight > 0) that ranks worst, per tensor; task-wise, the worst
+        row active in every tensor (None when no row is), so the point is a vertex of the
+        task-wise set."""
+        active = weights > _ACTIVE
+        if rank.dim() == 1:
+            shared = active.all(dim=1)
+            if not bool(shared.any()):
+                return None
+            row = int(torch.where(shared, rank, torch.full_like(rank, -torch.inf)).argmax())
+            return one_hot(torch.full((weights.shape[1],), row, dtype=torch.long), weights.shape[0])
+        masked = torch.where(active, rank, torch.full_like(rank, -torch.inf))
+        return one_hot(masked.argmax(dim=0), weights.shape[0])
+
+    def max_step(self, weights: torch.Tensor, direction: torch.Tensor) -> float:
+        """The largest gamma with weights + gamma * direction in the set (the columns' sums
+        do not move along a difference of points): no weight may go below 0."""
+        falling = direction < 0
+        if not bool(falling.any()):
+            return math.inf
+        return float((weights[falling] / -direction[falling]).min().clamp(min=0.0))
+
+    def check(self, weights: torch.Tensor, atol: float = 1e-9) -> None:
+        check_feasible(weights, atol)
+
+    def snap(self, weights: torch.Tensor) -> torch.Tensor:
+        weights = weights.clamp(min=0.0)
+        return weights / weights.sum(dim=0, keepdim=True)
+
+    def start_at_init(self, n_vertices: int, n_tensors: int) -> torch.Tensor:
+        """All weight on the initial merge (the last row), which then is reproduced exactly."""
+        weights = torch.zeros(n_vertices, n_tensors, dtype=torch.float64)
+        weights[-1] = 1.0 / self.scale
+        weights[0] = 1.0 - weights[-1]
+        return weights
+
+
+@dataclass(frozen=True)
+class ScaledHull(Hull):
+    """The hull of the base and base + R * delta_i: the candidates' total coefficient on
+    a tensor reaches R instead of 1, so k asked tasks can each keep about R / k. The
+    vertex weights are those of the hull; only what a unit of weight means changes."""
+
+    name: str = "scaled_hull"
+
+    def __post_init__(self) -> None:
+        if not self.scale > 0:
+            raise ValueError(f"scaled_hull needs a radius > 0, got {self.scale}")
+
+    def start_at_init(self, n_vertices: int, n_tensors: int) -> torch.Tensor:
+        if self.scale < 1.0:
+            raise ValueError(
+                f"a run that starts from another merge needs radius >= 1 under scaled_hull (got {self.scale:g}): "
+                "with a smaller radius the initial merge itself lies outside the set"
+            )
+        return super().start_at_init(n_vertices, n_tensors)
+
+
+@dataclass(frozen=True)
+class Box:
+    """Every candidate's coefficient in [0, 1] on its own: any subset of the pool at up
+    to full strength, as PEFT users stack adapters. A point puts a candidate at 1 where
+    its ranking is negative (it lowers the loss to first order), at 0 elsewhere."""
+
+    scale: float = 1.0
+    name: str = "box"
+
+    def vertex(self, rank: torch.Tensor, n_tensors: int) -> torch.Tensor:
+        return self._point((_columns(rank, n_tensors)[1:] < 0).to(torch.float64))
+
+    def ranked(self, rank: torch.Tensor, n_tensors: int, k: int) -> list[torch.Tensor]:
+        """The best point, then the points that flip the j-th least certain choice of each
+        tensor (smallest |rank|), j = 1 .. k - 1. For k <= 3 these are exactly the k best
+        points per tensor; beyond, the best point's nearest neighbours."""
+        ranks = _columns(rank, n_tensors)[1:]
+        best = (ranks < 0).to(torch.float64)
+        points = [self._point(best)]
+        order = torch.sort(ranks.abs(), dim=0, stable=True).indices
+        for j in range(min(k - 1, ranks.shape[0])):
+            flipped = best.clone()
+            rows, columns = order[j], torch.arange(ranks.shape[1])
+            flipped[rows, columns] = 1.0 - flipped[rows, columns]
+            points.append(self._point(flipped))
+        return points
+
+    def away(self, weights: torch.Tensor, rank: torch.Tensor) -> torch.Tensor | None:
+        """Per coefficient, the active end of [0, 1] that ranks worst: 1 (rank r) is active
+        when c > 0, 0 (rank 0) when c < 1. Task-wise, a candidate's ends must be active in
+        every tensor."""
+        c = weights[1:]
+        ranks = _columns(rank, weights.shape[1])[1:]
+        at_one, at_zero = c > _ACTIVE, c < 1 - _ACTIVE
+        if rank.dim() == 1:
+            at_one = at_one.all(dim=1, keepdim=True).expand_as(c)
+            at_zero = at_zero.all(dim=1, keepdim=True).expand_as(c)
+        if not bool((at_one | at_zero).all()):
+            return None
+        # one active end: that one; both: the one with the larger rank (1 when r > 0)
+        ends = torch.where(at_one & at_zero, ranks > 0, at_one)
+        return self._point(ends.to(torch.float64))
+
+    def max_step(self, weights: torch.Tensor, direction: torch.Tensor) -> float:
+        """The largest gamma keeping every coefficient in [0, 1]."""
+        c, d = weights[1:], direction[1:]
+        limits = [c[d < 0] / -d[d < 0], (1 - c[d > 0]) / d[d > 0]]
+        values = torch.cat([x.flatten() for x in limits])
+        return math.inf if values.numel() == 0 else float(values.min().clamp(min=0.0))
+
+    @staticmethod
+    def _point(coefficients: torch.Tensor) -> torch.Tensor:
+        return torch.cat([1.0 - coefficients.sum(dim=0, keepdim=True), coefficients], dim=0)
+
+    def check(self, weights: torch.Tensor, atol: float = 1e-9) -> None:
+        if weights.numel() == 0:
+            return
+        inside = weights[1:]
+        if inside.numel() and (float(inside.min()) < -atol or float(inside.max()) > 1 + atol):
+            raise InfeasibleError(f"box coefficient outside [0, 1]: {float(inside.min())} .. {float(inside.max())}")
+        worst = float((weights.sum(dim=0) - 1).abs().max())
+        if worst > atol:
+            raise InfeasibleError(f"base row is not 1 - sum of the others (off by {worst})")
+
+    def snap(self, weights: torch.Tensor) -> torch.Tensor:
+        return self._point(weights[1:].clamp(0.0, 1.0))
+
+    def start_at_init(self, n_vertices: int, n_tensors: int) -> torch.Tensor:
+        coefficients = torch.zeros(n_vertices - 1, n_tensors, dtype=torch.float64)
+        coefficients[-1] = 1.0
+        return self._point(coefficients)
+
+
+ConstraintSet = Hull | Box
+
+
+def constraint_set(kind: str = "hull", radius: float | None = None) -> ConstraintSet:
+    """The set named by the ``constraint`` parameter (``radius`` for scaled_hull)."""
+    if kind == "hull":
+        return Hull()
+    if kind == "box":
+        return Box()
+    if kind == "scaled_hull":
+        if radius is None:
+            raise ValueError("scaled_hull needs a radius")
+        return ScaledHull(scale=float(radius))
+    raise ValueError(f"unknown constraint {kind!r} (known: {', '.join(CONSTRAINTS)})")
+
+
+def fw_gap(constraint: ConstraintSet, weights: torch.Tensor, vscores: torch.Tensor) -> float:
+    """max over the set of <-g, W - S>: >= 0, and 0 exactly at a stationary point. Over the
+    layer-wise set by the inner product whatever the LMO ranks by, because only that
+    certifies optimality (and the task-wise set lies inside it)."""
+    point = constraint.vertex(vscores, vscores.shape[1])
+    return float(((weights - point) * vscores).sum())
+
+
+def gain(weights: torch.Tensor, vscores: torch.Tensor, point: torch.Tensor) -> float:
+    """<-g, S - W>: the first-order decrease that moving to ``point`` promises."""
+    return float(((weights - point) * vscores).sum())
+
+
+def describe(point: torch.Tensor, names: list[str]) -> tuple[dict[str, int], list[str]]:
+    """For the trace: per vertex, the tensors where the point puts it at full weight; per
+    tensor, the candidates it takes ('+'-joined; the base when it takes none)."""
+    full = point[1:] > 0.5
+    chosen = {names[1 + i]: int(n) for i, n in enumerate(full.sum(dim=1).tolist()) if n}
+    none = int((~full.any(dim=0)).sum())
+    if none:
+        chosen = {names[0]: none, **chosen}
+    choice = [
+        "+".join(names[1 + i] for i in full[:, l].nonzero().flatten().tolist()) or names[0]
+        for l in range(point.shape[1])
+    ]
+    return chosen, choice

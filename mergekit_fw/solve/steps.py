@@ -1,0 +1,79 @@
+"""Step rules of hard Frank-Wolfe, as pure functions of the loss along the direction.
+
+``phi(gamma)`` is the calibration loss at ``W + gamma * d``; each call is one forward
+pass over the calibration set, the cost that matters. ``phi(0)`` is known (the
+iteration's own loss) and so is its slope ``phi'(0) = <g, d>`` (minus the LMO's
+gain): the quadratic rule uses both and usually needs two passes where the
+golden-section search needs eight. Every searched rule returns the best point it saw
+with gamma = 0 among them, so a step never raises the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+Phi = Callable[[float], float]
+Searched = tuple[float, float, list[tuple[float, float]]]  # (gamma, loss there, every (gamma, loss) seen)
+
+
+def schedule(t: int) -> float:
+    """The classic open-loop rule 2 / (t + 2) (t counts from 0)."""
+    return 2.0 / (t + 2.0)
+
+
+def fixed(gamma: float, t: int) -> float:
+    """The authors' published rule gamma / (t + 2)."""
+    return gamma / (t + 2.0)
+
+
+class _Memo:
+    """phi with every value kept, gamma = 0 included."""
+
+    def __init__(self, phi: Phi, f0: float):
+        self.phi, self.seen = phi, {0.0: f0}
+
+    def __call__(self, x: float) -> float:
+        if x not in self.seen:
+            self.seen[x] = self.phi(x)
+        return self.seen[x]
+
+    def best(self) -> Searched:
+        gamma = min(self.seen, key=lambda x: (self.seen[x], x))
+        return gamma, self.seen[gamma], sorted(self.seen.items())
+
+
+def golden_section(phi: Phi, f0: float, evaluations: int, top: float = 1.0) -> Searched:
+    """Minimise ``phi`` on [0, top] with a fixed number of evaluations."""
+    f = _Memo(phi, f0)
+    f(top)
+    a, b = 0.0, top
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    while len(f.seen) - 1 < evaluations:
+        if f(c) <= f(d):
+            b, d = d, c
+            c = b - _GOLDEN * (b - a)
+        else:
+            a, c = c, d
+            d = a + _GOLDEN * (b - a)
+    return f.best()
+
+
+def quadratic(phi: Phi, f0: float, slope: float, evaluations: int, top: float = 1.0) -> Searched:
+    """One evaluation at ``top`` fits the parabola through (0, f0) with slope ``slope``;
+    its minimiser (clipped to (0, top]) is evaluated next. Then, while no evaluated point
+    is below f0 and evaluations remain, the step is halved (backtracking). A
+    non-negative slope (no promised decrease) evaluates nothing."""
+    f = _Memo(phi, f0)
+    if slope >= 0 or evaluations < 1:
+        return f.best()
+    f_top = f(top)
+    curvature = (f_top - f0 - slope * top) / (top * top)
+    gamma = min(top, -slope / (2 * curvature)) if curvature > 0 else top
+    while len(f.seen) - 1 < evaluations and gamma > 0:
+        if f(gamma) < f0:
+            break
+        gamma /= 2.0
+    return f.best()
