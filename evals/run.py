@@ -1,6 +1,7 @@
 """Every experiment of the evidence study, in order, on one testbed size, for each seed.
 
     python -m evals.run [--quick] [--seeds 0 1 2] [--only exp1_main,exp8_entropy] [--work DIR] [--summarize]
+                        [--tasks-only]
 
 Each seed rebuilds the testbed (base, adapters, data) in its own workspace. Cells shared
 by several experiments are merged and scored once (records on disk), and a killed run
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from evals.common import RESULTS, machine
 from evals.experiments import EXPERIMENTS
-from evals.experiments.common import open_context, write_summary
+from evals.experiments.common import TASK_ADAPTERS_ONLY, open_context, write_summary
 
 
 def arguments() -> argparse.Namespace:
@@ -27,6 +28,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--only", default="", help="comma-separated experiment stems (default: all)")
     parser.add_argument("--summarize", action="store_true",
                         help="only redraw the results from the per-seed records in evals/results/seeds/")
+    parser.add_argument("--tasks-only", action="store_true",
+                        help="build only the tasks' own adapters (the same ones, from the same seeds): enough for "
+                             "experiments 3 and 9, and on the full testbed about half the build")
     parser.add_argument("--work", type=Path, default=None,
                         help="parent of the per-seed workspaces (default: a temp folder per size and seed)")
     args = parser.parse_args()
@@ -39,6 +43,9 @@ def main() -> None:
     only = {s for s in args.only.split(",") if s}
     chosen = [e for e in EXPERIMENTS if not only or e.STEM in only]
     size = "quick" if args.quick else "full"
+    if args.tasks_only and any(e.STEM not in TASK_ADAPTERS_ONLY for e in chosen):
+        raise SystemExit(f"--tasks-only: only {', '.join(TASK_ADAPTERS_ONLY)} run on the tasks' adapters alone; "
+                         "pick them with --only")
     if args.summarize:
         for experiment in chosen:
             written = write_summary(experiment.STEM + ("_quick" if args.quick else ""), size, experiment.summarize)
@@ -49,7 +56,7 @@ def main() -> None:
              "or by an earlier experiment sharing the cell.", ""]
     for seed in args.seeds:
         started = time.perf_counter()
-        ctx = open_context(size, seed, args.work / f"{size}_{seed}" if args.work else None)
+        ctx = open_context(size, seed, args.work / f"{size}_{seed}" if args.work else None, tasks_only=args.tasks_only)
         built = time.perf_counter() - started
         timings = []
         for experiment in chosen:

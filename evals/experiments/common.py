@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -88,12 +88,24 @@ class Context:
         return individual_scores(self.pool, tasks, self.work.folder("individual"))
 
 
-def open_context(size: str, seed: int, work: Optional[Path] = None, quick: Optional[bool] = None) -> Context:
+# Experiments whose cells hold only the tasks' own adapters: they can run on a pool built
+# without the duplicates, the noisy members (and their second base) and the full fine-tunes.
+TASK_ADAPTERS_ONLY = ("exp3_relevant", "exp9_relevant_all")
+
+
+def open_context(size: str, seed: int, work: Optional[Path] = None, quick: Optional[bool] = None,
+                 tasks_only: bool = False) -> Context:
+    """``tasks_only``: build only the base, the data and the tasks' own adapters. They are
+    trained first, from the same seeds, so they are the full pool's own, bit for bit; the
+    full testbed's second base alone takes as long again to pretrain."""
     torch.set_num_threads(THREADS)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = Path(work or Path(tempfile.gettempdir()) / f"mergekit_fw_evals_{size}_{seed}").resolve()
-    pool = build_pool(root / "pool", SIZES[size], seed)
+    plan = SIZES[size]
+    if tasks_only:
+        plan = replace(plan, duplicates=(), noisy=(), dense=())
+    pool = build_pool(root / "pool", plan, seed)
     forget_other_pools(root, pool)
     return Context(pool, PLANS[size], Workspace(root, seed), size == "quick" if quick is None else quick)
 

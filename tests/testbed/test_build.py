@@ -105,3 +105,22 @@ def test_a_base_trained_by_the_same_recipe_is_reused(tiny_pool, monkeypatch):
     finally:
         (tiny_pool.base / build.BASE_KEY_FILE).write_text(key)
     assert trained == [tiny_pool.base, tiny_pool.base]
+
+
+def test_a_pool_of_the_tasks_adapters_only_has_the_full_pools_own(tiny_pool, tmp_path):
+    """``evals.run --tasks-only`` builds the base, the data and the tasks' adapters alone:
+    they must be the full pool's, bit for bit, or experiment 9's numbers would not be
+    the full testbed's."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    alone = build_pool(tmp_path / "pool", replace(tiny_pool.size, duplicates=(), noisy=(), dense=()), seed=0)
+    assert sorted(c["role"] for c in alone.candidates) == ["task"] * len(tiny_pool.size.tasks)
+    for candidate in alone.candidates:
+        theirs = next(c for c in tiny_pool.candidates if c["name"] == candidate["name"])
+        mine = load_file(str(alone.root / candidate["path"] / "adapter_model.safetensors"))
+        full = load_file(str(tiny_pool.root / theirs["path"] / "adapter_model.safetensors"))
+        assert mine.keys() == full.keys() and all(torch.equal(mine[k], full[k]) for k in mine)
+    for task in tiny_pool.size.tasks:
+        assert alone.files[task].test.read_bytes() == tiny_pool.files[task].test.read_bytes()
