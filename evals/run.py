@@ -6,7 +6,8 @@
 Each seed rebuilds the testbed (base, adapters, data) in its own workspace. Cells shared
 by several experiments are merged and scored once (records on disk), and a killed run
 resumes where it stopped. Writes ``evals/results/exp*_<...>.md``, ``.json`` and ``.png``
-from every seed recorded so far, plus ``evals/results/run[_quick].md`` with the timings.
+from every seed recorded so far, plus ``evals/results/run[_quick].md`` with the timings
+(``run[_quick]_exp3_exp9.md`` and the like when ``--only`` picks some experiments).
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def main() -> None:
                   "| experiment | seconds | records made | read back | results |", "| --- | ---: | ---: | ---: | --- |"]
         lines += [f"| {stem} | {seconds:.0f} | {made} | {back} | `{name}` |" for stem, seconds, made, back, name in timings]
         lines.append("")
-        (RESULTS / f"run{ctx.suffix}.md").write_text("\n".join(lines) + "\n")
+        # a run of some experiments keeps its own timings file: the whole run's is not overwritten
+        part = "" if len(chosen) == len(EXPERIMENTS) else "_" + "_".join(e.STEM.split("_")[0] for e in chosen)
+        (RESULTS / f"run{ctx.suffix}{part}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
