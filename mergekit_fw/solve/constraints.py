@@ -80,7 +80,9 @@ class Hull:
         return weights / weights.sum(dim=0, keepdim=True)
 
     def start_at_init(self, n_vertices: int, n_tensors: int) -> torch.Tensor:
-        """All weight on the initial merge (the last row), which then is reproduced exactly."""
+        """All of the initial merge (the last row) at coefficient scale x weight = 1: exactly 1,
+        and so the merge bit for bit, in the hull and for a radius that is a power of two; to
+        the last bit of rounding otherwise."""
         weights = torch.zeros(n_vertices, n_tensors, dtype=torch.float64)
         weights[-1] = 1.0 / self.scale
         weights[0] = 1.0 - weights[-1]
