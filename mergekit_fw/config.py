@@ -25,7 +25,32 @@ class ConfigError(ValueError):
     """A user-facing configuration problem, raised before any maths runs."""
 
 
-_ADDED_LATER: dict[str, Any] = {"constraint": "hull", "epsilon_relative": 0.0, "direction": "frank_wolfe"}
+_ADDED_LATER: dict[str, Any] = {
+    "constraint": "hull",
+    "epsilon_relative": 0.0,
+    "direction": "frank_wolfe",
+    "solver": "frank_wolfe",
+    "gradient_steps": 200,
+    "learning_rate": 0.01,
+}
+# settings only Frank-Wolfe reads, and only the projected-gradient solver reads
+FRANK_WOLFE_ONLY = (
+    "variant",
+    "lmo_score",
+    "iterations",
+    "epsilon",
+    "epsilon_relative",
+    "step",
+    "direction",
+    "line_search_steps",
+    "gamma",
+    "top_k",
+    "top_k_per",
+    "inner_weights",
+    "inner_steps",
+    "inner_lr",
+)
+PROJECTED_GRADIENT_ONLY = ("gradient_steps", "learning_rate")
 
 
 class FrankWolfeParameters(BaseModel):
@@ -61,6 +86,27 @@ class FrankWolfeParameters(BaseModel):
         "row; 1 is the prediction of the answer's first token, k > 1 adds the k - 1 tokens that the "
         "starting point decodes greedily (decoded once, so the objective stays one fixed function).",
     )
+    solver: Literal["frank_wolfe", "projected_gradient"] = Field(
+        "frank_wolfe",
+        description="How the coefficients are found in the constraint set: 'frank_wolfe' (the paper: "
+        "LMO steps on full passes over the calibration set, sparse and certified by the FW gap) or "
+        "'projected_gradient' (Adam on one batch per task per step, projected back onto the set "
+        "after each step; with objective entropy and constraint box, AdaMerging's layer-wise form).",
+    )
+    gradient_steps: int = Field(
+        200,
+        ge=1,
+        le=100_000,
+        description="solver projected_gradient: Adam steps, each on one batch (batch_size rows) of every "
+        "calibration task, cycling through each task's rows.",
+    )
+    learning_rate: float = Field(
+        0.01,
+        gt=0.0,
+        le=10.0,
+        description="solver projected_gradient: Adam's learning rate, in units of a candidate's "
+        "coefficient (of its vertex weight under scaled_hull).",
+    )
     constraint: Literal["hull", "box", "scaled_hull"] = Field(
         "hull",
         description="Where the coefficients may go, per tensor (lmo layer) or per model (lmo task): "
@@ -83,7 +129,8 @@ class FrankWolfeParameters(BaseModel):
     lmo: Literal["layer", "task"] = Field(
         "layer",
         description="Linear minimisation oracle: 'layer' picks the best vertex per tensor; 'task' "
-        "one vertex for the whole model from scores summed over tensors.",
+        "one vertex for the whole model from scores summed over tensors. solver projected_gradient: "
+        "one coefficient per candidate and tensor ('layer') or per candidate ('task').",
     )
     lmo_score: Literal["inner_product", "cosine"] = Field(
         "inner_product",
@@ -233,6 +280,14 @@ class FrankWolfeParameters(BaseModel):
             "entropy_positions": ("objective", "entropy", "only the entropy objective picks positions"),
             "answer_tokens": ("objective", "entropy", "only the entropy objective picks positions"),
         }
+        wrong = [
+            n
+            for n in (FRANK_WOLFE_ONLY if self.solver == "projected_gradient" else PROJECTED_GRADIENT_ONLY)
+            if n in given
+        ]
+        if wrong:
+            reader = "solver: frank_wolfe" if self.solver == "projected_gradient" else "solver: projected_gradient"
+            raise ValueError(f"{', '.join(wrong)} only applies to {reader}; solver is {self.solver!r}")
         if self.direction != "frank_wolfe" and (
             self.variant != "hard" or self.step not in ("line_search", "quadratic")
         ):

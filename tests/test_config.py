@@ -97,6 +97,15 @@ def test_commands_fail_early_naming_the_field(random_pool, tmp_path, parameters,
         ({"answer_tokens": 3}, "answer_tokens"),
         ({"objective": "entropy", "answer_tokens": 0}, "answer_tokens"),
         ({"objective": "entropy", "entropy_positions": "prompt", "answer_tokens": 2}, "answer_tokens"),
+        ({"solver": "adam"}, "solver"),
+        ({"solver": "projected_gradient", "gradient_steps": 0}, "gradient_steps"),
+        ({"solver": "projected_gradient", "learning_rate": 0.0}, "learning_rate"),
+        # one solver's settings given to the other
+        ({"gradient_steps": 100}, "gradient_steps"),
+        ({"learning_rate": 0.1}, "learning_rate"),
+        ({"solver": "projected_gradient", "iterations": 30}, "iterations"),
+        ({"solver": "projected_gradient", "step": "quadratic"}, "step"),
+        ({"solver": "projected_gradient", "variant": "soft"}, "variant"),
     ],
 )
 def test_every_parameter_rejects_bad_values_by_name(raw, field):
@@ -133,3 +142,7 @@ def test_settings_added_later_keep_earlier_fingerprints_at_their_old_behaviour()
     scaled = FrankWolfeParameters(calibration="c.jsonl", constraint="scaled_hull", radius=3.0).fingerprint_fields()
     assert scaled["radius"] == 3.0
     assert FrankWolfeParameters(calibration="c.jsonl", epsilon_relative=0.1).fingerprint_fields()["epsilon_relative"] == 0.1
+    assert not {"solver", "gradient_steps", "learning_rate"} & set(plain)
+    projected = FrankWolfeParameters(calibration="c.jsonl", solver="projected_gradient", learning_rate=0.02)
+    assert projected.fingerprint_fields()["solver"] == "projected_gradient"
+    assert projected.fingerprint_fields()["learning_rate"] == 0.02

@@ -78,3 +78,62 @@ class QuadraticOracle:
             )
             total += result.fun
         return total
+
+
+class _Batch:
+    """What the projected-gradient solver reads of a calibration batch: its task and rows."""
+
+    def __init__(self, task: int, index: int, rows: int):
+        self.task, self.index = task, index
+        self.input_ids = torch.zeros(rows, 1, dtype=torch.long)
+
+
+class BatchedQuadratic(QuadraticOracle):
+    """The toy as a sum over tasks of the mean over each task's batches of
+    ||point - target_tb||^2: a batch's share is (1 / B_t) of its own quadratic, so a
+    step on one batch per task is a stochastic gradient of the whole loss, which is
+    still a quadratic with the mean target (QuadraticOracle.optimum applies)."""
+
+    def __init__(self, n_candidates: int, n_tensors: int, dim: int, seed: int, batches_per_task=(1,), rows: int = 4):
+        super().__init__(n_candidates, n_tensors, dim, seed)
+        g = torch.Generator().manual_seed(seed + 1000)
+        self.batches = [_Batch(t, b, rows) for t, count in enumerate(batches_per_task) for b in range(count)]
+        self.targets = {
+            (b.task, b.index): self.target + 0.5 * torch.randn(self.target.shape, generator=g, dtype=torch.float64)
+            for b in self.batches
+        }
+        self.counts = {t: c for t, c in enumerate(batches_per_task)}
+        # the whole loss = sum_t mean_b ||p - T_tb||^2 = n_tasks ||p - mean T||^2 + const
+        self.target = sum(self.targets.values()) / len(self.targets) if all(
+            c == batches_per_task[0] for c in batches_per_task) else None
+        self.rows_seen = {"forward": 0, "gradient": 0}
+        self.total_rows = sum(int(b.input_ids.shape[0]) for b in self.batches)
+
+    def _share(self, coefficients: torch.Tensor, batch) -> tuple[float, torch.Tensor]:
+        residual = self.point(coefficients) - self.targets[(batch.task, batch.index)]
+        weight = 1.0 / self.counts[batch.task]
+        return weight * float((residual**2).sum()), weight * 2 * torch.einsum("ld,ild->il", residual, self.deltas)
+
+    def loss(self, coefficients: torch.Tensor) -> float:
+        self.rows_seen["forward"] += self.total_rows
+        return sum(self._share(coefficients, b)[0] for b in self.batches)
+
+    def evaluate(self, coefficients: torch.Tensor, *, per_task: bool = False, batches=None) -> Evaluation:
+        chosen = self.batches if batches is None else batches
+        self.evaluations += 1
+        self.rows_seen["gradient"] += sum(int(b.input_ids.shape[0]) for b in chosen)
+        shares = [self._share(coefficients, b) for b in chosen]
+        loss = sum(s[0] for s in shares)
+        return Evaluation(loss, sum(s[1] for s in shares), torch.tensor([loss], dtype=torch.float64))
+
+    def passes(self) -> dict[str, float]:
+        return {k: v / self.total_rows for k, v in self.rows_seen.items()}
+
+    def optimum_loss(self, constraint: str = "hull", radius: float = 1.0) -> float:
+        """The whole loss's minimum over the set: n_tasks * (the mean target's optimum) plus
+        the targets' spread, which no point can remove."""
+        n_tasks = len(self.counts)
+        at_base = torch.zeros(self.deltas.shape[:2], dtype=torch.float64)
+        spread = self.loss(at_base) - n_tasks * float(((self.point(at_base) - self.target) ** 2).sum())
+        self.rows_seen["forward"] -= self.total_rows  # not the solver's spending
+        return n_tasks * self.optimum(constraint, radius) + spread

@@ -13,11 +13,15 @@ from evals.methods import MAIN, method
 STEM = "exp1_main"
 DEFAULT_FW = "fw_hard_layer"  # merge_method: frank_wolfe at its defaults
 RIVALS = ("supervised", "lorahub", "lorahub_cma")  # the goal: FW at its defaults at or above these
+# issue 17's candidates for new defaults (the rest of evals.methods.BEYOND is in experiment 6,
+# on the same cell; one figure tells at most 30 methods apart)
+CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwise_30",
+                      "fw_box_pairwise_30_init_ta_calibrated", "pg_box", "pg_hull")
 
 
 def records(ctx: Context) -> list:
     cell = ctx.cell(ctx.main_members())
-    return run_cells(ctx, [(cell, method(name)) for name in MAIN], "exp1") + [individual_record(ctx, cell.asked)]
+    return run_cells(ctx, [(cell, method(name)) for name in (*MAIN, *CANDIDATE_DEFAULTS)], "exp1") + [individual_record(ctx, cell.asked)]
 
 
 def run(ctx: Context) -> Path:

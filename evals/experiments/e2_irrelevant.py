@@ -8,20 +8,23 @@ from typing import Dict, List, Tuple
 from evals.experiments.cli import main
 from evals.experiments.common import Context, records_of, run_cells, write_experiment
 from evals.experiments.seeds import Stats, collect, holds, line_figure, mean_std, series, series_table
-from evals.methods import BEYOND, SCALING, method
+from evals.methods import SCALING, method
 
 STEM = "exp2_irrelevant"
 TARGETED = ("fw_hard_layer", "fw_soft_task")  # the variants the target is about, at mergekit-fw's defaults
 # Added after FW hard/layer missed its target on the full testbed (its calibration loss rose
 # with n although the hull only grows): the same method given 30 iterations instead of 10.
 PROBES = ("fw_hard_layer_30",)
+# Issue 17's candidates for new defaults that can keep irrelevant members out (the box lets
+# any subset in at full strength; the question is whether it still leaves them at 0).
+CANDIDATE_DEFAULTS = ("fw_box", "fw_box_30", "fw_box_pairwise_30", "pg_box", "pg_hull")
 
 
 def run(ctx: Context) -> Path:
     own = [ctx.lora(t) for t in ctx.plan.asked]
     irrelevant = ctx.irrelevant()
     jobs = [(ctx.cell(own + irrelevant[:m]), method(name))
-            for m in ctx.plan.irrelevant_added for name in (*SCALING, *PROBES, *BEYOND)]
+            for m in ctx.plan.irrelevant_added for name in (*SCALING, *PROBES, *CANDIDATE_DEFAULTS)]
     records = run_cells(ctx, jobs, "exp2")
     return write_experiment(ctx, STEM, {"asked": list(ctx.plan.asked),
                                         "irrelevant": irrelevant[:max(ctx.plan.irrelevant_added)],
@@ -58,6 +61,7 @@ def summarize(per_seed: Dict[int, dict], figure: Path) -> Tuple[str, List[Stats]
     loss_lines = ["| method | " + " | ".join(f"n = {n}" for n in sizes) + " |", "| --- |" + " ---: |" * len(sizes)]
     for title, row in losses.items():
         loss_lines.append(f"| {title} | " + " | ".join(f"{mean_std(row[n])[0]:.4f}" if n in row else "" for n in sizes) + " |")
+    weight_lines = irrelevant_weight(stats, hi, some["asked"])
     text = (
         f"# Experiment 2: irrelevant adapters added ({lo} -> {hi} members), asked: {', '.join(some['asked'])}\n\n"
         f"Members: the asked tasks' own LoRAs, then irrelevant task LoRAs in order: {', '.join(some['irrelevant'])}.\n\n"
@@ -67,9 +71,34 @@ def summarize(per_seed: Dict[int, dict], figure: Path) -> Tuple[str, List[Stats]
            f"**{'met' if ta[lo].mean - ta[hi].mean >= 10 else 'missed'}**\n" if lo in ta and hi in ta else "")
         + f"\nFrank-Wolfe's calibration loss after its last step, mean over seeds (the hull at n = {hi} contains "
         f"the one at n = {lo}, so the best reachable loss cannot rise with n):\n\n" + "\n".join(loss_lines) + "\n"
+        + f"\nWeight each method gives the members at n = {hi} (each member's coefficient averaged over the "
+        "tensors, then over members and seeds; the largest is over members and seeds): the asked tasks' own "
+        "adapters against the irrelevant ones. Methods that record no coefficients are left out.\n\n"
+        + "\n".join(weight_lines) + "\n"
     )
     line_figure(figure, stats, "pool size (asked tasks' own + irrelevant)", "Experiment 2: irrelevant adapters")
     return text, stats
+
+
+def irrelevant_weight(stats: List[Stats], n: int, asked: List[str]) -> List[str]:
+    """Mean coefficients of the asked tasks' own members and of the irrelevant ones, per method.
+    A record's ``mean_coefficients`` follow the cell's member order (FW tables name members by
+    their mergekit reference, the learned baselines by the member's name)."""
+    lines = ["| method | own (mean) | irrelevant (mean) | irrelevant (largest) |", "| --- | ---: | ---: | ---: |"]
+    for st in stats:
+        if st.x != n:
+            continue
+        own, other = [], []
+        for record in st.records:
+            values = list(record["info"].get("mean_coefficients", {}).values())
+            members = record["cell"]["members"]
+            if len(values) < len(members):
+                continue
+            for name, value in zip(members, values):
+                (own if name in asked else other).append(value)
+        if own and other:
+            lines.append(f"| {st.title} | {sum(own) / len(own):.3f} | {sum(other) / len(other):.3f} | {max(other):.3f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ class Oracle:
             self.dense.set(coefficients)
         self._current = coefficients.clone()
 
-    def _batches(self, desc: str):
-        return tqdm(self.batches, desc=desc, leave=False, disable=not self.progress)
+    def _batches(self, desc: str, batches: list | None = None):
+        return tqdm(self.batches if batches is None else batches, desc=desc, leave=False, disable=not self.progress)
 
     @property
     def rows(self) -> int:
@@ -166,8 +166,12 @@ class Oracle:
             self.dense.clear_grad()
         return scores
 
-    def evaluate(self, coefficients: torch.Tensor, *, per_task: bool = False) -> Evaluation:
-        """Loss at the point and ``score[i, l] = <grad_l, delta_i[l]>`` (float64)."""
+    def evaluate(
+        self, coefficients: torch.Tensor, *, per_task: bool = False, batches: list | None = None
+    ) -> Evaluation:
+        """Loss at the point and ``score[i, l] = <grad_l, delta_i[l]>`` (float64).
+        ``batches``: some of this process's batches instead of all of them (a stochastic
+        step); the loss and scores are then those batches' additive share."""
         self.set_point(coefficients)
         n_tasks = len(self.calibration.tasks)
         task_losses = torch.zeros(n_tasks, dtype=torch.float64)
@@ -181,9 +185,9 @@ class Oracle:
             self.lora.require_grad(True)
         if self.dense is not None:
             self.dense.require_grad(True)
-        batches = self.batches
+        batches = self.batches if batches is None else batches
         try:
-            for index, batch in enumerate(self._batches("oracle")):
+            for index, batch in enumerate(self._batches("oracle", batches)):
                 loss = self._forward(batch)
                 loss.backward()
                 self.backward_rows += int(batch.input_ids.shape[0])

@@ -14,12 +14,14 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from mergekit_fw.config import FRANK_WOLFE_ONLY, PROJECTED_GRADIENT_ONLY
 from mergekit_fw.output.export import REPLAY_FILE
 from mergekit_fw.solve.table import CoefficientTable
 
 LOG = logging.getLogger(__name__)
 SECTION_TITLE = "## Frank-Wolfe merge (mergekit-fw)"
 _SETTINGS = (
+    "solver",
     "constraint",
     "radius",
     "variant",
@@ -28,6 +30,8 @@ _SETTINGS = (
     "direction",
     "step",
     "iterations",
+    "gradient_steps",
+    "learning_rate",
     "epsilon",
     "epsilon_relative",
     "objective",
@@ -38,6 +42,18 @@ _SETTINGS = (
     "seed",
     "exclude_outliers",
 )
+
+
+def _shown(key: str, parameters: dict) -> bool:
+    """Only the settings the solver that ran reads (radius: only under scaled_hull)."""
+    if key not in parameters:
+        return False
+    projected = parameters.get("solver") == "projected_gradient"
+    if key == "radius":
+        return parameters.get("constraint") == "scaled_hull"
+    if key == "solver":
+        return projected
+    return key not in (FRANK_WOLFE_ONLY if projected else PROJECTED_GRADIENT_ONLY)
 
 
 def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> str:
@@ -56,8 +72,12 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
     lines = [
         SECTION_TITLE,
         "",
-        f"This model was merged by Frank-Wolfe merging (FW-Merging, Chen et al. 2025) over a pool of "
-        f"{len(table.pool_candidates)} candidates on the base `{table.base_model}`, choosing per-tensor "
+        (
+            "This model was merged by projected gradient descent over FW-Merging's constraint set (Chen et al. 2025)"
+            if parameters.get("solver") == "projected_gradient"
+            else "This model was merged by Frank-Wolfe merging (FW-Merging, Chen et al. 2025)"
+        )
+        + f" over a pool of {len(table.pool_candidates)} candidates on the base `{table.base_model}`, choosing per-tensor "
         "coefficients that minimise a calibration loss.",
         "",
         "**Calibration tasks:** "
@@ -68,14 +88,10 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
             or "not recorded"
         ),
         "",
-        "**Settings:** "
-        + ", ".join(
-            f"`{key}: {parameters[key]}`"
-            for key in _SETTINGS
-            if key in parameters and (key != "radius" or parameters.get("constraint") == "scaled_hull")
-        ),
+        "**Settings:** " + ", ".join(f"`{key}: {parameters[key]}`" for key in _SETTINGS if _shown(key, parameters)),
         "",
-        f"**Run:** {len(trace.get('iterations', []))} iterations; stopped because {trace.get('stopped')}; "
+        f"**Run:** {len(trace.get('iterations', []))} "
+        f"{'gradient steps' if parameters.get('solver') == 'projected_gradient' else 'iterations'}; stopped because {trace.get('stopped')}; "
         f"calibration loss {_fmt(trace.get('initial_loss'))} -> {_fmt(trace.get('final_loss'))}.",
         "",
         f"**Candidates carrying the most weight** (mean coefficient over {len(table.tensors)} tensors):",

@@ -3,6 +3,9 @@ type per set): its extreme point for a ranking, its k best points for soft FW, t
 worst active point and the longest feasible step for away and pairwise steps, its
 feasibility check and the snap that takes rounding drift back into it.
 
+Each set also has its exact Euclidean projection (of the candidates' rows; the base row
+follows), which the projected-gradient solver steps through.
+
 The state is the table's vertex weights ``W`` (1 + n, L): row 0 the base, then one
 row per candidate, one column per tensor; candidate ``i`` contributes
 ``scale * W[1 + i, l]`` times its task vector to tensor ``l``. Every set keeps the
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from mergekit_fw.solve.lmo import one_hot, ranked_points
-from mergekit_fw.solve.simplex import InfeasibleError, check_feasible
+from mergekit_fw.solve.simplex import InfeasibleError, check_feasible, project_to_simplex
 
 CONSTRAINTS = ("hull", "box", "scaled_hull")
 _ACTIVE = 1e-12  # a weight above this keeps its vertex in the active set (away steps)
@@ -78,6 +81,18 @@ class Hull:
     def snap(self, weights: torch.Tensor) -> torch.Tensor:
         weights = weights.clamp(min=0.0)
         return weights / weights.sum(dim=0, keepdim=True)
+
+    def project(self, weights: torch.Tensor) -> torch.Tensor:
+        """The nearest point (Euclidean, over the candidates' rows) with every weight >= 0
+        and the candidates' total at most 1 per column: the clamp where it already fits,
+        else the sort-based projection onto the face where the total is exactly 1 (where
+        the total constraint binds, KKT puts the solution on that face)."""
+        c = weights[1:]
+        clamped = c.clamp(min=0.0)
+        over = clamped.sum(dim=0) > 1.0
+        if bool(over.any()):
+            clamped = torch.where(over, project_to_simplex(c, dim=0), clamped)
+        return torch.cat([1.0 - clamped.sum(dim=0, keepdim=True), clamped], dim=0)
 
     def start_at_init(self, n_vertices: int, n_tensors: int) -> torch.Tensor:
         """All of the initial merge (the last row) at coefficient scale x weight = 1: exactly 1,
@@ -176,6 +191,10 @@ class Box:
 
     def snap(self, weights: torch.Tensor) -> torch.Tensor:
         return self._point(weights[1:].clamp(0.0, 1.0))
+
+    def project(self, weights: torch.Tensor) -> torch.Tensor:
+        """The nearest point: each coefficient clipped to [0, 1] (the box is a product of intervals)."""
+        return self.snap(weights)
 
     def start_at_init(self, n_vertices: int, n_tensors: int) -> torch.Tensor:
         coefficients = torch.zeros(n_vertices - 1, n_tensors, dtype=torch.float64)

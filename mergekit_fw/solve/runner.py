@@ -31,6 +31,7 @@ from mergekit_fw.pool.pool import Pool
 from mergekit_fw.pool.references import PoolSpec, check_pool_spec
 from mergekit_fw.pool.validate import PoolCheck, validated_pool
 from mergekit_fw.solve.init import attach_init, check_init_config, starting_point
+from mergekit_fw.solve.projected import solve_projected
 from mergekit_fw.solve.solver import Trace, load_checkpoint, solve
 from mergekit_fw.solve.table import CoefficientTable
 from mergekit_fw.solve.upstream import Upstream, require
@@ -257,15 +258,27 @@ def _solve(
             oracle.decode_answers(first.coefficients(), pad_id=pad_token_id(tokenizer))
             if resumed is None:
                 trace.passes["forward"] += calib.answer_tokens - 1
-        table, trace = solve(
-            oracle,
-            table,
-            params,
-            checkpoint=folder / CHECKPOINT_FILE if processes.is_main else None,
-            trace=trace,
-            progress=progress and processes.is_main,
-            rng_state=resumed.rng_state if resumed is not None else None,
-        )
+        saving = folder / CHECKPOINT_FILE if processes.is_main else None
+        if params.solver == "projected_gradient":
+            table, trace = solve_projected(
+                oracle,
+                table,
+                params,
+                checkpoint=saving,
+                trace=trace,
+                state=resumed.extra if resumed is not None else None,
+                progress=progress and processes.is_main,
+            )
+        else:
+            table, trace = solve(
+                oracle,
+                table,
+                params,
+                checkpoint=saving,
+                trace=trace,
+                progress=progress and processes.is_main,
+                rng_state=resumed.rng_state if resumed is not None else None,
+            )
     finally:
         oracle.close()
     if processes.is_main:

@@ -65,8 +65,9 @@ class IterationRecord:
     points: int = 1  # LMO points stepped towards (soft FW: top-k, unioned over tasks)
     inner: list[tuple[float, float, bool]] = field(default_factory=list)  # soft: (lr, loss, accepted)
     # passes over the calibration set this iteration: gradient (forward + backward), forward only
-    passes: dict[str, int] = field(default_factory=dict)
-    direction: str = "frank_wolfe"  # hard FW: the step taken (frank_wolfe, away or pairwise); soft FW: soft
+    passes: dict[str, float] = field(default_factory=dict)  # whole passes for FW; fractions per stochastic step
+    # hard FW: the step taken (frank_wolfe, away or pairwise); soft FW: soft; the other solver: projected_gradient
+    direction: str = "frank_wolfe"
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Trace:
     task_scores: list[list[float]] | None = None
     # passes over the calibration set, all iterations and runs together (plus the final
     # loss and any answer decoding): what the solve spent
-    passes: dict[str, int] = field(default_factory=lambda: {"gradient": 0, "forward": 0})
+    passes: dict[str, float] = field(default_factory=lambda: {"gradient": 0, "forward": 0})
 
     def to_json(self) -> dict:
         return {
@@ -326,12 +327,16 @@ class Checkpoint:
     table: CoefficientTable
     trace: Trace
     rng_state: torch.Tensor | None
+    extra: dict = field(default_factory=dict)  # a solver's own state (the projected-gradient solver's moments)
 
 
-def save_checkpoint(path: Path, table: CoefficientTable, trace: Trace) -> None:
+def save_checkpoint(path: Path, table: CoefficientTable, trace: Trace, extra: dict | None = None) -> None:
     """Written atomically (temp file, fsync, rename): a kill leaves the old or the new one."""
     rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
-    write_json_atomic(path, {"table": table.to_json(), "trace": trace.to_json(), "torch_rng_state": rng})
+    data = {"table": table.to_json(), "trace": trace.to_json(), "torch_rng_state": rng}
+    if extra:
+        data["solver_state"] = extra
+    write_json_atomic(path, data)
 
 
 def load_checkpoint(path: Path) -> Checkpoint | None:
@@ -341,7 +346,12 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
         data = json.loads(path.read_text())
         rng = data.get("torch_rng_state")
         state = torch.frombuffer(bytearray(base64.b64decode(rng)), dtype=torch.uint8) if rng else None
-        return Checkpoint(CoefficientTable.from_json(data["table"], str(path)), Trace.from_json(data["trace"]), state)
+        return Checkpoint(
+            CoefficientTable.from_json(data["table"], str(path)),
+            Trace.from_json(data["trace"]),
+            state,
+            dict(data.get("solver_state", {})),
+        )
     except (ValueError, KeyError, TypeError) as error:
         LOG.warning("ignoring unreadable checkpoint %s (%s); starting over", path, error)
         return None

@@ -164,3 +164,30 @@ def _uses(constraint, column: torch.Tensor, point: torch.Tensor) -> bool:
         c = column[1:]
         return bool(((point[1:] == 1) & (c > 1e-12) | (point[1:] == 0) & (c < 1 - 1e-12)).all())
     return bool(column[int(point.argmax())] > 1e-12)
+
+
+@pytest.mark.parametrize("constraint", SETS, ids=lambda c: c.name)
+def test_projection_is_the_nearest_point_by_the_variational_inequality(constraint):
+    """p is the Euclidean projection of x onto a polytope iff <x - p, y - p> <= 0 for every
+    extreme point y (every point of the set is a convex mix of them); checked per tensor,
+    over the candidates' coefficients (the base row is 1 - their sum)."""
+    g = torch.Generator().manual_seed(7)
+    points = column_points(constraint)
+    for spread in (0.3, 1.0, 3.0):
+        for _ in range(20):
+            x = torch.randn(1 + N, L, generator=g, dtype=torch.float64) * spread + 0.2
+            p = constraint.project(x)
+            constraint.check(p)
+            for l in range(L):
+                for y in points:
+                    assert float((x[1:, l] - p[1:, l]) @ (y[1:] - p[1:, l])) <= 1e-12
+            assert torch.equal(constraint.project(p), p) or torch.allclose(constraint.project(p), p, atol=1e-15)
+
+
+def test_hull_projection_clamps_inside_the_cap_and_lands_on_the_face_above_it():
+    hull = Hull()
+    inside = torch.tensor([[0.0], [0.2], [-0.1], [0.3]], dtype=torch.float64)
+    assert hull.project(inside)[1:, 0].tolist() == [0.2, 0.0, 0.3]
+    above = torch.tensor([[0.0], [0.9], [0.6], [-1.0]], dtype=torch.float64)
+    projected = hull.project(above)
+    assert projected[1:, 0].tolist() == pytest.approx([0.65, 0.35, 0.0]) and float(projected[0, 0]) == pytest.approx(0.0)

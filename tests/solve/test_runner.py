@@ -25,6 +25,37 @@ def _config(testbed, path, **parameters):
     return write_config(path, config)
 
 
+def _solve_in(config, cache, monkeypatch):
+    """The cached solve of ``config`` with its cache in ``cache`` (the in-process memo cleared)."""
+    from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
+    from mergekit_fw.integration.stock import solve
+    from mergekit_fw.solve import runner
+
+    monkeypatch.setenv("MERGEKIT_FW_CACHE", str(cache))
+    runner._MEMO.clear()
+    spec, params = pool_and_parameters(load_merge_config(config))
+    return solve(spec, params, progress=False)
+
+
+def _killed_after_two_checkpoints(module, monkeypatch, run):
+    """Run ``run()`` with ``module.save_checkpoint`` raising after its second save (a kill
+    just after a checkpoint), then restore it; returns the iterations each save held."""
+    saved = module.save_checkpoint
+    calls = []
+
+    def crash_after_two(path, table, trace, **extra):
+        saved(path, table, trace, **extra)
+        calls.append(len(trace.iterations))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(module, "save_checkpoint", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(module, "save_checkpoint", saved)
+    return calls
+
+
 def _checkpointed_iterations(cache) -> int:
     for checkpoint in cache.glob("*/fw_checkpoint.json"):
         try:
@@ -99,9 +130,7 @@ def test_a_resumed_entropy_solve_decodes_the_same_answers_from_the_same_start(ra
     a solve interrupted after its second iteration and rerun must decode them from
     the starting merge again (not from the checkpoint), ending where an
     uninterrupted solve ends. The start is a stock mergekit merge (an extra vertex)."""
-    from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
-    from mergekit_fw.integration.stock import solve
-    from mergekit_fw.solve import runner, solver
+    from mergekit_fw.solve import solver
 
     base = str(random_pool["base"])
     models = [{"model": f"{base}+{adapter}"} for adapter in random_pool["adapters"]]
@@ -113,29 +142,36 @@ def test_a_resumed_entropy_solve_decodes_the_same_answers_from_the_same_start(ra
                        "answer_tokens": 3, "init": str(start)},
     })
 
-    def run_in(cache):
-        monkeypatch.setenv("MERGEKIT_FW_CACHE", str(cache))
-        runner._MEMO.clear()
-        spec, params = pool_and_parameters(load_merge_config(config))
-        return solve(spec, params, progress=False)
-
-    saved = solver.save_checkpoint
-    calls = []
-
-    def crash_after_two(path, table, trace):
-        saved(path, table, trace)
-        calls.append(len(trace.iterations))
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(solver, "save_checkpoint", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        run_in(tmp_path / "killed")
-    monkeypatch.setattr(solver, "save_checkpoint", saved)
-    resumed = run_in(tmp_path / "killed")
-    clean = run_in(tmp_path / "clean")
+    _killed_after_two_checkpoints(solver, monkeypatch, lambda: _solve_in(config, tmp_path / "killed", monkeypatch))
+    resumed = _solve_in(config, tmp_path / "killed", monkeypatch)
+    clean = _solve_in(config, tmp_path / "clean", monkeypatch)
     assert resumed.trace.resumed_at == [2] and clean.trace.resumed_at == []
     assert [it.loss for it in resumed.trace.iterations] == [it.loss for it in clean.trace.iterations]
     assert torch.equal(resumed.table.weights, clean.table.weights)
     assert resumed.trace.passes == clean.trace.passes  # the answers were decoded once, counted once
     assert clean.trace.passes["forward"] >= 2  # 2 decoding passes before the first iteration
+
+
+def test_a_killed_projected_gradient_solve_resumes_with_its_moments(random_pool, tmp_path, monkeypatch):
+    """The projected-gradient solver checkpoints Adam's moments and the start beside the
+    table; a solve killed after its second checkpoint and rerun ends on the bits of an
+    uninterrupted one, with the same passes spent."""
+    from mergekit_fw.solve import projected
+
+    base = str(random_pool["base"])
+    config = write_config(tmp_path / "fw.yml", {
+        "merge_method": "frank_wolfe", "base_model": base,
+        "models": [{"model": f"{base}+{adapter}"} for adapter in random_pool["adapters"]],
+        "parameters": {"calibration": str(random_pool["calibration"]), "solver": "projected_gradient",
+                       "gradient_steps": 25, "constraint": "box", "batch_size": 2},
+    })
+
+    calls = _killed_after_two_checkpoints(
+        projected, monkeypatch, lambda: _solve_in(config, tmp_path / "killed", monkeypatch))
+    resumed = _solve_in(config, tmp_path / "killed", monkeypatch)
+    clean = _solve_in(config, tmp_path / "clean", monkeypatch)
+    assert calls == [10, 20] and resumed.trace.resumed_at == [20] and clean.trace.resumed_at == []
+    assert [it.loss for it in resumed.trace.iterations] == [it.loss for it in clean.trace.iterations]
+    assert torch.equal(resumed.table.weights, clean.table.weights)
+    assert resumed.trace.passes == pytest.approx(clean.trace.passes)
+    assert clean.trace.final_loss <= clean.trace.initial_loss
