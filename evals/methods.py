@@ -495,6 +495,11 @@ BEYOND: Dict[str, Method] = {
                "mergekit-fw projected gradient, box"),
         Method("pg_hull", "data-informed", fw_method(solver="projected_gradient"),
                "mergekit-fw projected gradient, hull"),
+        # stochastic Frank-Wolfe with momentum at its defaults: the same batches and spend as pg_*
+        Method("sfw_box", "frank-wolfe", fw_method(solver="stochastic_frank_wolfe", constraint="box"),
+               "mergekit-fw stochastic FW (momentum), box"),
+        Method("sfw_hull", "frank-wolfe", fw_method(solver="stochastic_frank_wolfe"),
+               "mergekit-fw stochastic FW (momentum), hull"),
     )
 }
 

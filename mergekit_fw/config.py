@@ -33,24 +33,29 @@ _ADDED_LATER: dict[str, Any] = {
     "gradient_steps": 200,
     "learning_rate": 0.01,
 }
-# settings only Frank-Wolfe reads, and only the projected-gradient solver reads
-FRANK_WOLFE_ONLY = (
-    "variant",
-    "lmo_score",
-    "iterations",
-    "epsilon",
-    "epsilon_relative",
-    "step",
-    "direction",
-    "line_search_steps",
-    "gamma",
-    "top_k",
-    "top_k_per",
-    "inner_weights",
-    "inner_steps",
-    "inner_lr",
-)
-PROJECTED_GRADIENT_ONLY = ("gradient_steps", "learning_rate")
+# The settings that belong to one solver or another, and which each solver reads: a
+# solver's setting given to a solver that does not read it is an error naming it.
+SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
+    "frank_wolfe": (
+        "variant",
+        "lmo_score",
+        "iterations",
+        "epsilon",
+        "epsilon_relative",
+        "step",
+        "direction",
+        "line_search_steps",
+        "gamma",
+        "top_k",
+        "top_k_per",
+        "inner_weights",
+        "inner_steps",
+        "inner_lr",
+    ),
+    "projected_gradient": ("gradient_steps", "learning_rate"),
+    "stochastic_frank_wolfe": ("gradient_steps", "lmo_score"),
+}
+SOLVER_SPECIFIC = frozenset(name for names in SOLVER_SETTINGS.values() for name in names)
 
 
 class FrankWolfeParameters(BaseModel):
@@ -86,19 +91,21 @@ class FrankWolfeParameters(BaseModel):
         "row; 1 is the prediction of the answer's first token, k > 1 adds the k - 1 tokens that the "
         "starting point decodes greedily (decoded once, so the objective stays one fixed function).",
     )
-    solver: Literal["frank_wolfe", "projected_gradient"] = Field(
+    solver: Literal["frank_wolfe", "projected_gradient", "stochastic_frank_wolfe"] = Field(
         "frank_wolfe",
         description="How the coefficients are found in the constraint set: 'frank_wolfe' (the paper: "
-        "LMO steps on full passes over the calibration set, sparse and certified by the FW gap) or "
+        "LMO steps on full passes over the calibration set, sparse and certified by the FW gap); "
         "'projected_gradient' (Adam on one batch per task per step, projected back onto the set "
-        "after each step; with objective entropy and constraint box, AdaMerging's layer-wise form).",
+        "after each step; with objective entropy and constraint box, AdaMerging's layer-wise form); "
+        "'stochastic_frank_wolfe' (one batch per task per step too, the LMO on a running average of "
+        "the batch gradients, step 2 / (t + 8): Mokhtari et al.'s momentum stochastic Frank-Wolfe).",
     )
     gradient_steps: int = Field(
         200,
         ge=1,
         le=100_000,
-        description="solver projected_gradient: Adam steps, each on one batch (batch_size rows) of every "
-        "calibration task, cycling through each task's rows.",
+        description="solver projected_gradient or stochastic_frank_wolfe: steps, each on one batch "
+        "(batch_size rows) of every calibration task, cycling through each task's rows.",
     )
     learning_rate: float = Field(
         0.01,
@@ -129,8 +136,9 @@ class FrankWolfeParameters(BaseModel):
     lmo: Literal["layer", "task"] = Field(
         "layer",
         description="Linear minimisation oracle: 'layer' picks the best vertex per tensor; 'task' "
-        "one vertex for the whole model from scores summed over tensors. solver projected_gradient: "
-        "one coefficient per candidate and tensor ('layer') or per candidate ('task').",
+        "one vertex for the whole model from scores summed over tensors (the same for solver "
+        "stochastic_frank_wolfe). solver projected_gradient: one coefficient per candidate and "
+        "tensor ('layer') or per candidate ('task').",
     )
     lmo_score: Literal["inner_product", "cosine"] = Field(
         "inner_product",
@@ -280,14 +288,13 @@ class FrankWolfeParameters(BaseModel):
             "entropy_positions": ("objective", "entropy", "only the entropy objective picks positions"),
             "answer_tokens": ("objective", "entropy", "only the entropy objective picks positions"),
         }
-        wrong = [
-            n
-            for n in (FRANK_WOLFE_ONLY if self.solver == "projected_gradient" else PROJECTED_GRADIENT_ONLY)
-            if n in given
-        ]
+        wrong = sorted(n for n in SOLVER_SPECIFIC - set(SOLVER_SETTINGS[self.solver]) if n in given)
         if wrong:
-            reader = "solver: frank_wolfe" if self.solver == "projected_gradient" else "solver: projected_gradient"
-            raise ValueError(f"{', '.join(wrong)} only applies to {reader}; solver is {self.solver!r}")
+            readers = {n: [k for k, names in SOLVER_SETTINGS.items() if n in names] for n in wrong}
+            raise ValueError(
+                "; ".join(f"{n} only applies to solver: {' or '.join(readers[n])}" for n in wrong)
+                + f" (solver is {self.solver!r})"
+            )
         if self.direction != "frank_wolfe" and (
             self.variant != "hard" or self.step not in ("line_search", "quadratic")
         ):

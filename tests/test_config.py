@@ -106,6 +106,9 @@ def test_commands_fail_early_naming_the_field(random_pool, tmp_path, parameters,
         ({"solver": "projected_gradient", "iterations": 30}, "iterations"),
         ({"solver": "projected_gradient", "step": "quadratic"}, "step"),
         ({"solver": "projected_gradient", "variant": "soft"}, "variant"),
+        ({"solver": "projected_gradient", "lmo_score": "cosine"}, "lmo_score"),
+        ({"solver": "stochastic_frank_wolfe", "learning_rate": 0.1}, "learning_rate"),
+        ({"solver": "stochastic_frank_wolfe", "step": "quadratic"}, "step"),
     ],
 )
 def test_every_parameter_rejects_bad_values_by_name(raw, field):

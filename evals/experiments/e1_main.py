@@ -16,7 +16,7 @@ RIVALS = ("supervised", "lorahub", "lorahub_cma")  # the goal: FW at its default
 # issue 17's candidates for new defaults (the rest of evals.methods.BEYOND is in experiment 6,
 # on the same cell; one figure tells at most 30 methods apart)
 CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwise_30",
-                      "fw_box_pairwise_30_init_ta_calibrated", "pg_box", "pg_hull")
+                      "pg_box", "pg_hull", "sfw_box")
 
 
 def records(ctx: Context) -> list:

@@ -53,8 +53,8 @@ DEFAULTS = "fw_hard_layer"  # merge_method: frank_wolfe with nothing set
 
 
 def ours(name: str) -> bool:
-    """mergekit-fw's own rows: its Frank-Wolfe variants and its projected-gradient solver."""
-    return name.startswith(("fw_", "pg_"))
+    """mergekit-fw's own rows: its Frank-Wolfe variants and its stochastic solvers."""
+    return name.startswith(("fw_", "pg_", "sfw_"))
 
 
 def goal_lines(stats: List[Stats], k: int) -> List[str]:

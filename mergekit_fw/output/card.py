@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from mergekit_fw.config import FRANK_WOLFE_ONLY, PROJECTED_GRADIENT_ONLY
+from mergekit_fw.config import SOLVER_SETTINGS, SOLVER_SPECIFIC
 from mergekit_fw.output.export import REPLAY_FILE
 from mergekit_fw.solve.table import CoefficientTable
 
@@ -48,12 +48,20 @@ def _shown(key: str, parameters: dict) -> bool:
     """Only the settings the solver that ran reads (radius: only under scaled_hull)."""
     if key not in parameters:
         return False
-    projected = parameters.get("solver") == "projected_gradient"
+    solver = parameters.get("solver", "frank_wolfe")
     if key == "radius":
         return parameters.get("constraint") == "scaled_hull"
     if key == "solver":
-        return projected
-    return key not in (FRANK_WOLFE_ONLY if projected else PROJECTED_GRADIENT_ONLY)
+        return solver != "frank_wolfe"
+    return key not in SOLVER_SPECIFIC or key in SOLVER_SETTINGS.get(solver, ())
+
+
+_HOW = {
+    "frank_wolfe": "Frank-Wolfe merging (FW-Merging, Chen et al. 2025)",
+    "projected_gradient": "projected gradient descent over FW-Merging's constraint set (Chen et al. 2025)",
+    "stochastic_frank_wolfe": "stochastic Frank-Wolfe with momentum (Mokhtari et al. 2020) over FW-Merging's "
+    "constraint set (Chen et al. 2025)",
+}
 
 
 def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> str:
@@ -72,11 +80,7 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
     lines = [
         SECTION_TITLE,
         "",
-        (
-            "This model was merged by projected gradient descent over FW-Merging's constraint set (Chen et al. 2025)"
-            if parameters.get("solver") == "projected_gradient"
-            else "This model was merged by Frank-Wolfe merging (FW-Merging, Chen et al. 2025)"
-        )
+        f"This model was merged by {_HOW[parameters.get('solver', 'frank_wolfe')]}"
         + f" over a pool of {len(table.pool_candidates)} candidates on the base `{table.base_model}`, choosing per-tensor "
         "coefficients that minimise a calibration loss.",
         "",
@@ -91,7 +95,7 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
         "**Settings:** " + ", ".join(f"`{key}: {parameters[key]}`" for key in _SETTINGS if _shown(key, parameters)),
         "",
         f"**Run:** {len(trace.get('iterations', []))} "
-        f"{'gradient steps' if parameters.get('solver') == 'projected_gradient' else 'iterations'}; stopped because {trace.get('stopped')}; "
+        f"{'iterations' if parameters.get('solver', 'frank_wolfe') == 'frank_wolfe' else 'gradient steps'}; stopped because {trace.get('stopped')}; "
         f"calibration loss {_fmt(trace.get('initial_loss'))} -> {_fmt(trace.get('final_loss'))}.",
         "",
         f"**Candidates carrying the most weight** (mean coefficient over {len(table.tensors)} tensors):",

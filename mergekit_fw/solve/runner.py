@@ -31,8 +31,8 @@ from mergekit_fw.pool.pool import Pool
 from mergekit_fw.pool.references import PoolSpec, check_pool_spec
 from mergekit_fw.pool.validate import PoolCheck, validated_pool
 from mergekit_fw.solve.init import attach_init, check_init_config, starting_point
-from mergekit_fw.solve.projected import solve_projected
 from mergekit_fw.solve.solver import Trace, load_checkpoint, solve
+from mergekit_fw.solve.stochastic import solve_stochastic
 from mergekit_fw.solve.table import CoefficientTable
 from mergekit_fw.solve.upstream import Upstream, require
 
@@ -259,8 +259,8 @@ def _solve(
             if resumed is None:
                 trace.passes["forward"] += calib.answer_tokens - 1
         saving = folder / CHECKPOINT_FILE if processes.is_main else None
-        if params.solver == "projected_gradient":
-            table, trace = solve_projected(
+        if params.solver != "frank_wolfe":
+            table, trace = solve_stochastic(
                 oracle,
                 table,
                 params,

@@ -156,7 +156,7 @@ def test_a_killed_projected_gradient_solve_resumes_with_its_moments(random_pool,
     """The projected-gradient solver checkpoints Adam's moments and the start beside the
     table; a solve killed after its second checkpoint and rerun ends on the bits of an
     uninterrupted one, with the same passes spent."""
-    from mergekit_fw.solve import projected
+    from mergekit_fw.solve import stochastic
 
     base = str(random_pool["base"])
     config = write_config(tmp_path / "fw.yml", {
@@ -167,7 +167,7 @@ def test_a_killed_projected_gradient_solve_resumes_with_its_moments(random_pool,
     })
 
     calls = _killed_after_two_checkpoints(
-        projected, monkeypatch, lambda: _solve_in(config, tmp_path / "killed", monkeypatch))
+        stochastic, monkeypatch, lambda: _solve_in(config, tmp_path / "killed", monkeypatch))
     resumed = _solve_in(config, tmp_path / "killed", monkeypatch)
     clean = _solve_in(config, tmp_path / "clean", monkeypatch)
     assert calls == [10, 20] and resumed.trace.resumed_at == [20] and clean.trace.resumed_at == []

@@ -1,6 +1,6 @@
-"""The projected-gradient solver on the batched toy: Adam as torch computes it, every
-iterate in the set, the set's optimum reached, never worse than the start, and a
-killed solve resumed to the same bits."""
+"""The stochastic solvers on the batched toy: every iterate in the set, the set's
+optimum reached, never worse than the start, passes counted, and a killed solve
+resumed to the same bits."""
 
 from __future__ import annotations
 
@@ -8,32 +8,16 @@ import pytest
 import torch
 
 from mergekit_fw.config import FrankWolfeParameters
-from mergekit_fw.solve.adam import AdamState, adam_update
-from mergekit_fw.solve.projected import solve_projected, step_batches
 from mergekit_fw.solve.solver import load_checkpoint
+from mergekit_fw.solve.stochastic import solve_stochastic, step_batches
 from tests.toy import BatchedQuadratic
 
 SETS = [("hull", None), ("box", None), ("scaled_hull", 2.0)]
+SOLVERS = ["projected_gradient", "stochastic_frank_wolfe"]
 
 
-def params(**given) -> FrankWolfeParameters:
-    return FrankWolfeParameters(calibration="unused.jsonl", solver="projected_gradient", **given)
-
-
-def test_adam_update_is_torch_adam():
-    g = torch.Generator().manual_seed(0)
-    start = torch.randn(4, 3, generator=g, dtype=torch.float64)
-    theirs = start.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([theirs], lr=0.05)
-    ours, state = start.clone(), AdamState.zeros_like(start)
-    for _ in range(25):
-        gradient = torch.randn(4, 3, generator=g, dtype=torch.float64)
-        theirs.grad = gradient.clone()
-        optimiser.step()
-        update, state = adam_update(state, gradient, 0.05)
-        ours = ours - update
-    assert torch.allclose(ours, theirs.detach(), rtol=0, atol=1e-14)
-    assert AdamState.from_json(state.to_json()).steps == 25
+def params(solver: str = "projected_gradient", **given) -> FrankWolfeParameters:
+    return FrankWolfeParameters(calibration="unused.jsonl", solver=solver, **given)
 
 
 def test_step_batches_cycle_through_each_tasks_batches():
@@ -42,13 +26,14 @@ def test_step_batches_cycle_through_each_tasks_batches():
     assert picked == [[(0, 0), (1, 0)], [(0, 1), (1, 1)], [(0, 2), (1, 0)], [(0, 0), (1, 1)]]
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("constraint,radius", SETS)
-def test_every_iterate_is_feasible_and_the_sets_optimum_is_reached(constraint, radius):
+def test_every_iterate_is_feasible_and_the_sets_optimum_is_reached(constraint, radius, solver):
     toy = BatchedQuadratic(3, 2, 5, seed=3, batches_per_task=(1, 1))  # one batch a task: exact gradients
     table = toy.table(constraint, radius)
     checked = []
-    table, trace = solve_projected(
-        toy, table, params(gradient_steps=3000, learning_rate=0.01), progress=False,
+    table, trace = solve_stochastic(
+        toy, table, params(solver, gradient_steps=3000), progress=False,
         on_iteration=lambda t, r: (t.constraint_set.check(t.weights), checked.append(r.iteration)),
     )
     assert checked == list(range(3000))
@@ -58,10 +43,12 @@ def test_every_iterate_is_feasible_and_the_sets_optimum_is_reached(constraint, r
     assert trace.iterations[-1].gap < 1e-2 * trace.iterations[0].gap
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("constraint,radius", SETS)
-def test_stochastic_steps_go_down_and_count_their_passes(constraint, radius):
+def test_stochastic_steps_go_down_and_count_their_passes(constraint, radius, solver):
     toy = BatchedQuadratic(3, 2, 5, seed=4, batches_per_task=(4, 4))
-    table, trace = solve_projected(toy, toy.table(constraint, radius), params(gradient_steps=400), progress=False)
+    table, trace = solve_stochastic(toy, toy.table(constraint, radius), params(solver, gradient_steps=400),
+                                    progress=False)
     assert trace.final_loss < trace.initial_loss
     # 400 steps of 1 batch in 4 per task: 100 gradient passes; the start's and the end's loss: 2 forward
     assert trace.passes["gradient"] == pytest.approx(100.0) and trace.passes["forward"] == pytest.approx(2.0)
@@ -70,16 +57,16 @@ def test_stochastic_steps_go_down_and_count_their_passes(constraint, radius):
 def test_a_step_that_ends_worse_keeps_the_start():
     toy = BatchedQuadratic(3, 2, 5, seed=5, batches_per_task=(1,))
     # start at the box's optimum, then one huge step must leave it and end worse
-    solved, _ = solve_projected(toy, toy.table("box"), params(gradient_steps=3000), progress=False)
+    solved, _ = solve_stochastic(toy, toy.table("box"), params(gradient_steps=3000), progress=False)
     start = solved.weights.clone()
-    table, trace = solve_projected(toy, solved, params(gradient_steps=1, learning_rate=5.0), progress=False)
+    table, trace = solve_stochastic(toy, solved, params(gradient_steps=1, learning_rate=5.0), progress=False)
     assert torch.equal(table.weights, start)
     assert "kept the start" in trace.stopped and trace.final_loss == trace.initial_loss
 
 
 def test_task_granularity_keeps_one_coefficient_per_candidate():
     toy = BatchedQuadratic(3, 4, 5, seed=6, batches_per_task=(2, 2))
-    table, _ = solve_projected(
+    table, _ = solve_stochastic(
         toy, toy.table("box"), params(gradient_steps=50, lmo="task", constraint="box"), progress=False,
         on_iteration=lambda t, r: None if bool((t.weights == t.weights[:, :1]).all()) else pytest.fail("columns differ"),
     )
@@ -90,9 +77,10 @@ class Killed(Exception):
     pass
 
 
-def test_a_killed_solve_resumes_to_the_same_bits(tmp_path):
-    settings = params(gradient_steps=45, constraint="box")
-    whole, whole_trace = solve_projected(
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_killed_solve_resumes_to_the_same_bits(tmp_path, solver):
+    settings = params(solver, gradient_steps=45, constraint="box")
+    whole, whole_trace = solve_stochastic(
         BatchedQuadratic(3, 2, 5, seed=8, batches_per_task=(3, 2)), BatchedQuadratic(3, 2, 5, seed=8).table("box"),
         settings, progress=False)
 
@@ -103,19 +91,23 @@ def test_a_killed_solve_resumes_to_the_same_bits(tmp_path):
     path = tmp_path / "checkpoint.json"
     toy = BatchedQuadratic(3, 2, 5, seed=8, batches_per_task=(3, 2))
     with pytest.raises(Killed):
-        solve_projected(toy, toy.table("box"), settings, checkpoint=path, progress=False, on_iteration=kill)
+        solve_stochastic(toy, toy.table("box"), settings, checkpoint=path, progress=False, on_iteration=kill)
     saved = load_checkpoint(path)
-    assert saved is not None and len(saved.trace.iterations) == 30 and "adam" in saved.extra
+    assert saved is not None and len(saved.trace.iterations) == 30 and saved.extra["rule"]
     toy = BatchedQuadratic(3, 2, 5, seed=8, batches_per_task=(3, 2))
-    resumed, trace = solve_projected(toy, saved.table, settings, checkpoint=path, trace=saved.trace, state=saved.extra,
+    resumed, trace = solve_stochastic(toy, saved.table, settings, checkpoint=path, trace=saved.trace, state=saved.extra,
                                      progress=False)
     assert torch.equal(resumed.weights, whole.weights)
     assert trace.final_loss == whole_trace.final_loss and len(trace.iterations) == 45
 
 
 @pytest.mark.slow
-def test_projected_gradient_runs_in_all_three_paths(random_pool, tmp_path):
-    """``solver: projected_gradient`` through ``mergekit-fw run``, ``mergekit-yaml`` and
+@pytest.mark.parametrize("solver,settings,named", [
+    ("projected_gradient", {"learning_rate": 0.05}, "projected gradient descent"),
+    ("stochastic_frank_wolfe", {}, "stochastic Frank-Wolfe with momentum"),
+])
+def test_stochastic_solvers_run_in_all_three_paths(random_pool, tmp_path, solver, settings, named):
+    """Each stochastic solver through ``mergekit-fw run``, ``mergekit-yaml`` and
     the stock-mergekit replay: the same tensors, a box table, the steps in the trace and
     the solver named on the card."""
     import json
@@ -126,19 +118,19 @@ def test_projected_gradient_runs_in_all_three_paths(random_pool, tmp_path):
     models = [{"model": f"{base}+{a}"} for a in random_pool["adapters"]] + [{"model": str(random_pool["dense"][0])}]
     fw = write_config(tmp_path / "fw.yml", {
         "merge_method": "frank_wolfe", "base_model": base, "models": models, "dtype": "float32",
-        "parameters": {"calibration": str(random_pool["calibration"]), "solver": "projected_gradient",
-                       "gradient_steps": 12, "constraint": "box", "learning_rate": 0.05},
+        "parameters": {"calibration": str(random_pool["calibration"]), "solver": solver,
+                       "gradient_steps": 12, "constraint": "box", **settings},
     })
     mergekit_fw_run(fw, tmp_path / "fast")
     mergekit_yaml(fw, tmp_path / "yaml", tmp_path / "lora_cache")
     replay(tmp_path / "fast", tmp_path / "replay", tmp_path / "lora_cache")
     assert_same_tensors(tensors(tmp_path / "fast"), tensors(tmp_path / "yaml"), tensors(tmp_path / "replay"))
     trace = json.loads((tmp_path / "fast" / "fw_trace.json").read_text())
-    assert [it["direction"] for it in trace["iterations"]] == ["projected_gradient"] * 12
+    assert [it["direction"] for it in trace["iterations"]] == [solver] * 12
     assert trace["final_loss"] <= trace["initial_loss"] and trace["passes"]["gradient"] > 0
     table = json.loads((tmp_path / "fast" / "fw_table.json").read_text())
     coefficients = torch.tensor(list(table["coefficients"].values()), dtype=torch.float64)
     assert table["constraint"] == "box" and 0.0 <= float(coefficients.min()) and float(coefficients.max()) <= 1.0
     assert float(coefficients.max()) > 0.0  # it moved off the base
     card = (tmp_path / "fast" / "README.md").read_text()
-    assert "projected gradient descent" in card and "`gradient_steps: 12`" in card and "`step:" not in card
+    assert named in card and "`gradient_steps: 12`" in card and "`step:" not in card

@@ -1,14 +1,16 @@
-"""The projected-gradient solver: Adam on the table's weights, one batch of every
-calibration task per step, then the constraint set's exact projection.
+"""The stochastic solvers: one batch of every calibration task per step, an update
+rule (:mod:`mergekit_fw.solve.updates`) that keeps the iterate in the constraint set.
 
 Frank-Wolfe spends a full pass over the calibration set on every gradient and moves
 along one extreme point at a time: sparse, certified by its gap, but few moves for
 the passes. With labels and many asked tasks, many small stochastic steps reach a
 lower loss for the same passes (evals/results, experiments 1 and 3), so the same
-oracle, table and constraint sets are offered to this solver too. It keeps Frank-
-Wolfe's guarantee that the result is never worse on the calibration loss than the
-start: the start and the last point are both evaluated on the whole set, and the
-better one is kept.
+oracle, table and constraint sets are offered to two such solvers:
+``projected_gradient`` (Adam, then the set's projection) and
+``stochastic_frank_wolfe`` (the LMO on a running average of the batch gradients).
+Both keep Frank-Wolfe's guarantee that the result is never worse on the calibration
+loss than the start: the start and the last point are both evaluated on the whole set,
+and the better one is kept.
 
 A step's record carries the FW gap of that step's (stochastic) gradient, an
 estimate of how far from stationary the iterate is, not a certificate.
@@ -25,18 +27,18 @@ import torch
 from tqdm.auto import tqdm
 
 from mergekit_fw.config import FrankWolfeParameters
-from mergekit_fw.solve.adam import AdamState, adam_update
 from mergekit_fw.solve.constraints import fw_gap
-from mergekit_fw.solve.lmo import vertex_scores
+from mergekit_fw.solve.lmo import ranking, vertex_norms, vertex_scores
 from mergekit_fw.solve.solver import IterationRecord, Trace, save_checkpoint
 from mergekit_fw.solve.table import CoefficientTable
+from mergekit_fw.solve.updates import MomentumFrankWolfe, ProjectedAdam, UpdateRule
 
 LOG = logging.getLogger(__name__)
 CHECKPOINT_EVERY = 10  # steps between checkpoints (a step is a fraction of a pass)
 
 
 class BatchOracle(Protocol):
-    """What this solver needs from an oracle: its batches (with their task) and an
+    """What these solvers need from an oracle: its batches (with their task) and an
     evaluation on some of them (see :class:`mergekit_fw.oracle.Oracle`)."""
 
     batches: list
@@ -46,6 +48,8 @@ class BatchOracle(Protocol):
     def evaluate(self, coefficients: torch.Tensor, *, per_task: bool = False, batches: list | None = None): ...
 
     def passes(self) -> dict[str, float]: ...
+
+    def vertex_norms(self) -> torch.Tensor: ...
 
 
 def step_batches(batches: Sequence, step: int) -> list:
@@ -57,16 +61,17 @@ def step_batches(batches: Sequence, step: int) -> list:
     return [own[step % len(own)] for _, own in sorted(by_task.items())]
 
 
-def weight_gradient(scores: torch.Tensor, scale: float, lmo: str) -> torch.Tensor:
-    """d loss / d W from the oracle's scores; ``lmo: task`` shares one coefficient per
-    candidate across tensors, so its gradient is the sum over them, in every column."""
-    gradient = vertex_scores(scale * scores)
-    if lmo == "task":
-        gradient = gradient.sum(dim=1, keepdim=True).expand_as(gradient).clone()
-    return gradient
+def update_rule(params: FrankWolfeParameters, oracle: BatchOracle) -> UpdateRule:
+    """The rule the ``solver`` setting names."""
+    if params.solver == "projected_gradient":
+        return ProjectedAdam(params.learning_rate, shared=params.lmo == "task")
+    if params.solver == "stochastic_frank_wolfe":
+        norms = vertex_norms(oracle.vertex_norms()) if params.lmo_score == "cosine" else None
+        return MomentumFrankWolfe(lambda scores: ranking(scores, params.lmo, params.lmo_score, norms))
+    raise ValueError(f"solver {params.solver!r} is not a stochastic solver")
 
 
-def solve_projected(
+def solve_stochastic(
     oracle: BatchOracle,
     table: CoefficientTable,
     params: FrankWolfeParameters,
@@ -77,16 +82,21 @@ def solve_projected(
     progress: bool = True,
     on_iteration: Callable[[CoefficientTable, IterationRecord], None] | None = None,
 ) -> tuple[CoefficientTable, Trace]:
-    """Run (or continue, from a checkpoint's ``state``) the projected-gradient solve from ``table``."""
+    """Run (or continue, from a checkpoint's ``state``) the stochastic solve from ``table``."""
     trace = trace or Trace()
     trace.in_hull = table.in_hull
     constraint = table.constraint_set
     constraint.check(table.weights)
-    if params.lmo == "task" and not bool((table.weights == table.weights[:, :1]).all()):
+    if (
+        params.solver == "projected_gradient"
+        and params.lmo == "task"
+        and not bool((table.weights == table.weights[:, :1]).all())
+    ):
         raise ValueError("lmo task learns one coefficient per candidate; the starting table varies by tensor")
     state = state or {}
     start = torch.tensor(state["start"], dtype=torch.float64) if "start" in state else table.weights.clone()
-    adam = AdamState.from_json(state["adam"]) if "adam" in state else AdamState.zeros_like(table.weights)
+    rule = update_rule(params, oracle)
+    rule.load(state.get("rule", {}))
     full = list(oracle.batches)
     if trace.initial_loss is None:
         before = oracle.passes()
@@ -96,20 +106,20 @@ def solve_projected(
 
     def save() -> None:
         if checkpoint is not None:
-            save_checkpoint(checkpoint, table, trace, extra={"start": start.tolist(), "adam": adam.to_json()})
+            save_checkpoint(checkpoint, table, trace, extra={"start": start.tolist(), "rule": rule.to_json()})
 
     done = len(trace.iterations)
-    bar = tqdm(total=params.gradient_steps, initial=done, desc="projected gradient", disable=not progress)
+    bar = tqdm(total=params.gradient_steps, initial=done, desc=params.solver.replace("_", " "), disable=not progress)
     for t in range(done, params.gradient_steps):
         tick = time.perf_counter()
         before = oracle.passes()
         chosen = step_batches(full, t)
         evaluation = oracle.evaluate(table.coefficients_for(table.weights), batches=chosen)
-        gradient = weight_gradient(evaluation.scores, constraint.scale, params.lmo)
+        # d loss / d weight: a unit of weight is worth ``scale`` of the candidate's coefficient
+        gradient = vertex_scores(constraint.scale * evaluation.scores)
         t_oracle = time.perf_counter()
         gap = fw_gap(constraint, table.weights, gradient)
-        update, adam = adam_update(adam, gradient, params.learning_rate)
-        table.weights = constraint.project(table.weights - update)
+        table.weights = rule.step(constraint, table.weights, gradient, t)
         constraint.check(table.weights)
         rows = sum(int(b.input_ids.shape[0]) for b in chosen)
         after = oracle.passes()
@@ -118,13 +128,13 @@ def solve_projected(
             loss=evaluation.loss * rows_total / max(rows, 1),  # the batches' share, scaled to the whole set
             gap=gap,
             gain=gap,
-            gamma=params.learning_rate,
+            gamma=params.learning_rate if isinstance(rule, ProjectedAdam) else MomentumFrankWolfe.gamma(t),
             loss_after=None,
             chosen={},
             choice=[],
             seconds={"oracle": t_oracle - tick, "lmo": 0.0, "step": time.perf_counter() - t_oracle},
             passes={k: after[k] - before[k] for k in after},
-            direction="projected_gradient",
+            direction=params.solver,
         )
         trace.iterations.append(record)
         for kind, n in record.passes.items():
@@ -141,7 +151,8 @@ def solve_projected(
     trace.passes["forward"] = trace.passes.get("forward", 0) + oracle.passes()["forward"] - before["forward"]
     if final > trace.initial_loss:
         LOG.warning(
-            "projected gradient ended at calibration loss %.5f, above the start's %.5f: keeping the start",
+            "%s ended at calibration loss %.5f, above the start's %.5f: keeping the start",
+            params.solver,
             final,
             trace.initial_loss,
         )
