@@ -133,7 +133,8 @@ def run_cell(ctx: Context, cell: Cell, method: Method) -> dict:
     record_path = ctx.work.folder("records", cell.key) / f"{method.name}.json"
     if record_path.is_file():
         ctx.read_back += 1
-        return json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text())
+        return {**record, "info": _slim(record.get("info", {}))}
     ctx.computed += 1
     out = ctx.work.folder("models", cell.key) / method.name
     shutil.rmtree(out, ignore_errors=True)
@@ -157,11 +158,23 @@ def run_cell(ctx: Context, cell: Cell, method: Method) -> dict:
     return record
 
 
+# what a stochastic solver's step keeps in the results (hundreds of steps a solve; the
+# rest is in the solve's cache)
+_STEP_FIELDS = ("iteration", "loss", "gap")
+
+
 def _slim(info: dict) -> dict:
-    """Traces without the per-tensor choice lists (large, and in the solve's cache)."""
+    """Traces without the per-tensor choice lists (large, and in the solve's cache), and
+    the stochastic solvers' steps down to their loss and gap."""
     trace = info.get("trace")
     if isinstance(trace, dict):
-        trace = {**trace, "iterations": [{k: v for k, v in it.items() if k != "choice"} for it in trace["iterations"]]}
+
+        def kept(it: dict) -> dict:
+            if it.get("direction") in ("projected_gradient", "stochastic_frank_wolfe"):
+                return {k: it[k] for k in _STEP_FIELDS if k in it}
+            return {k: v for k, v in it.items() if k != "choice"}
+
+        trace = {**trace, "iterations": [kept(it) for it in trace["iterations"]]}
         info = {**info, "trace": trace}
     return info
 

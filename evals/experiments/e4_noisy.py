@@ -11,13 +11,17 @@ from evals.experiments.seeds import Stats, collect, line_figure, series, shown
 from evals.methods import SCALING, method
 
 STEM = "exp4_noisy"
+# issue 17's candidates for new defaults: does a set that lets any member in at full strength
+# (the box) still keep the misinitialised adapters out?
+CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "pg_box", "sfw_box")
 
 
 def run(ctx: Context) -> Path:
     clean = ctx.cell(ctx.main_members())
     noisy = ctx.cell(ctx.main_members() + ctx.noisy())
-    before = run_cells(ctx, [(clean, method(n)) for n in SCALING], "exp4 clean")
-    after = run_cells(ctx, [(noisy, method(n)) for n in SCALING], "exp4 noisy")
+    names = (*SCALING, *CANDIDATE_DEFAULTS)
+    before = run_cells(ctx, [(clean, method(n)) for n in names], "exp4 clean")
+    after = run_cells(ctx, [(noisy, method(n)) for n in names], "exp4 noisy")
     return write_experiment(ctx, STEM, {"noisy_members": list(ctx.noisy()), "clean": before, "noisy": after}, summarize)
 
 
