@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_fw.config import FrankWolfeParameters
+from mergekit_fw.config import ConfigError, FrankWolfeParameters
 from mergekit_fw.solve.constraints import fw_gap
 from mergekit_fw.solve.lmo import ranking, vertex_norms, vertex_scores
 from mergekit_fw.solve.solver import IterationRecord, Trace, save_checkpoint
@@ -92,7 +92,10 @@ def solve_stochastic(
         and params.lmo == "task"
         and not bool((table.weights == table.weights[:, :1]).all())
     ):
-        raise ValueError("lmo task learns one coefficient per candidate; the starting table varies by tensor")
+        raise ConfigError(
+            "parameters.lmo: task with solver projected_gradient learns one coefficient per candidate for the "
+            "whole model, but the starting point (init) varies by tensor; use lmo: layer"
+        )
     state = state or {}
     start = torch.tensor(state["start"], dtype=torch.float64) if "start" in state else table.weights.clone()
     rule = update_rule(params, oracle)

@@ -134,3 +134,13 @@ def test_stochastic_solvers_run_in_all_three_paths(random_pool, tmp_path, solver
     assert float(coefficients.max()) > 0.0  # it moved off the base
     card = (tmp_path / "fast" / "README.md").read_text()
     assert named in card and "`gradient_steps: 12`" in card and "`step:" not in card
+
+
+def test_shared_coefficients_from_a_start_that_varies_by_tensor_is_a_config_error():
+    from mergekit_fw.config import ConfigError
+
+    toy = BatchedQuadratic(3, 2, 5, seed=9, batches_per_task=(1,))
+    table = toy.table("box")
+    table.weights[1, 0], table.weights[0, 0] = 0.5, 0.5  # one candidate at 0.5 on the first tensor only
+    with pytest.raises(ConfigError, match="parameters.lmo"):
+        solve_stochastic(toy, table, params(lmo="task", gradient_steps=2), progress=False)
