@@ -34,6 +34,7 @@ from typing import Dict, List
 import torch
 
 from mergekit_fw.calibration import CalibrationBatch, CalibrationSet, build_calibration, pad_token_id
+from mergekit_fw.solve.stochastic import step_batches
 from testbed.sanity import pool_spec, write_coefficients
 
 LOG = logging.getLogger(__name__)
@@ -77,15 +78,7 @@ class _Session:
         self.oracle.decode_answers(torch.full(self.shape, start, dtype=torch.float64), pad_id=pad_token_id(tokenizer))
         self.batches: List[CalibrationBatch] = list(self.oracle.batches)
 
-    def step_batches(self, step: int) -> List[CalibrationBatch]:
-        """One batch of every task for this step, cycling through each task's batches."""
-        by_task: Dict[int, List[CalibrationBatch]] = {}
-        for batch in self.batches:
-            by_task.setdefault(batch.task, []).append(batch)
-        return [batches[step % len(batches)] for _, batches in sorted(by_task.items())]
-
     def full_loss(self, coefficients: torch.Tensor) -> float:
-        self.oracle.batches = self.batches
         return self.oracle.loss(coefficients)
 
     def member_means(self, coefficients: torch.Tensor) -> Dict[str, float]:
@@ -118,8 +111,7 @@ def layerwise(cell, calibration_path: Path, out: Path, *, objective: Objective, 
     try:
         initial = session.full_loss(coefficients.detach())
         for step in range(steps):
-            session.oracle.batches = session.step_batches(step)
-            evaluation = session.oracle.evaluate(coefficients.detach())
+            evaluation = session.oracle.evaluate(coefficients.detach(), batches=step_batches(session.batches, step))
             losses.append(evaluation.loss)
             optimizer.zero_grad()
             coefficients.grad = evaluation.scores.clone()  # d loss / d c

@@ -30,8 +30,6 @@ _ADDED_LATER: dict[str, Any] = {
     "epsilon_relative": 0.0,
     "direction": "frank_wolfe",
     "solver": "frank_wolfe",
-    "gradient_steps": 200,
-    "learning_rate": 0.01,
 }
 # The settings that belong to one solver or another, and which each solver reads: a
 # solver's setting given to a solver that does not read it is an error naming it.
@@ -346,6 +344,8 @@ class FrankWolfeParameters(BaseModel):
         # settings added later, at the value that does what runs did before they existed:
         # left out, so that solves cached by earlier versions stay valid
         unused |= {name for name, before in _ADDED_LATER.items() if getattr(self, name) == before}
+        # the stochastic solvers' own settings (added with them) count only where they are read
+        unused |= set(SOLVER_SPECIFIC) - set(SOLVER_SETTINGS["frank_wolfe"]) - set(SOLVER_SETTINGS[self.solver])
         return self.model_dump(
             exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map", "allow_pickle"}
             | unused

@@ -149,3 +149,7 @@ def test_settings_added_later_keep_earlier_fingerprints_at_their_old_behaviour()
     projected = FrankWolfeParameters(calibration="c.jsonl", solver="projected_gradient", learning_rate=0.02)
     assert projected.fingerprint_fields()["solver"] == "projected_gradient"
     assert projected.fingerprint_fields()["learning_rate"] == 0.02
+    # a stochastic solver's settings count at their defaults too (a later default must not reuse old
+    # solves), and only the ones it reads
+    stochastic = FrankWolfeParameters(calibration="c.jsonl", solver="stochastic_frank_wolfe").fingerprint_fields()
+    assert stochastic["gradient_steps"] == 200 and "learning_rate" not in stochastic

@@ -66,7 +66,7 @@ class IterationRecord:
     inner: list[tuple[float, float, bool]] = field(default_factory=list)  # soft: (lr, loss, accepted)
     # passes over the calibration set this iteration: gradient (forward + backward), forward only
     passes: dict[str, float] = field(default_factory=dict)  # whole passes for FW; fractions per stochastic step
-    # hard FW: the step taken (frank_wolfe, away or pairwise); soft FW: soft; the other solver: projected_gradient
+    # hard FW: the step taken (frank_wolfe, away or pairwise); soft FW: soft; a stochastic solver: its name
     direction: str = "frank_wolfe"
 
 
@@ -327,7 +327,9 @@ class Checkpoint:
     table: CoefficientTable
     trace: Trace
     rng_state: torch.Tensor | None
-    extra: dict = field(default_factory=dict)  # a solver's own state (the projected-gradient solver's moments)
+    extra: dict = field(
+        default_factory=dict
+    )  # a stochastic solver's own state (its start, Adam's moments or the average)
 
 
 def save_checkpoint(path: Path, table: CoefficientTable, trace: Trace, extra: dict | None = None) -> None:
