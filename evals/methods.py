@@ -261,6 +261,12 @@ def base(cell: Cell, out: Path, work: Workspace) -> Produced:
 # ---------------------------------------------------------------- Frank-Wolfe
 
 
+# The paper's Frank-Wolfe (mergekit-fw's defaults before issue 17): what a Frank-Wolfe row
+# runs unless it names another value.
+PAPER_FW: Dict[str, object] = {"iterations": 10, "step": "line_search", "direction": "frank_wolfe",
+                               "epsilon_relative": 0.0}
+
+
 def fw_method(**parameters: object) -> Producer:
     """``mergekit-fw run`` on the cell, with mergekit-fw's defaults except ``parameters``.
     ``init: ta`` (task arithmetic at the paper's 0.3), ``init: ta_calibrated`` (task
@@ -271,8 +277,13 @@ def fw_method(**parameters: object) -> Producer:
     def produce(cell: Cell, out: Path, work: Workspace) -> Produced:
         params = {"calibration": str(work.calibration(cell)), "samples_per_task": cell.per_task,
                   "seed": work.seed, "cache_dir": str(work.folder("fw_cache")), **parameters}
+        # the rows name every setting they rely on, so that a change of mergekit-fw's
+        # defaults does not change what a row (and its cached record) means
+        params.setdefault("constraint", "hull")
         if params.get("solver", "frank_wolfe") == "frank_wolfe":
-            params.setdefault("iterations", 10)
+            for name, value in PAPER_FW.items():
+                if not (name == "step" and params.get("variant") == "soft"):  # soft FW has no step rule
+                    params.setdefault(name, value)
         init, init_weight = params.get("init"), None
         if init in ("ta", "ta_calibrated", "linear"):
             if init == "ta":

@@ -11,11 +11,13 @@ from evals.experiments.seeds import Stats, collect, line_figure, series_table
 from evals.methods import DATA_INFORMED, method
 
 STEM = "exp5_data"
+# issue 17's candidates for new defaults: which of them holds up with fewer calibration rows
+CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "pg_box")
 
 
 def run(ctx: Context) -> Path:
     members = ctx.main_members()
-    jobs = [(ctx.cell(members, per_task=n), method(name)) for n in ctx.plan.per_task for name in DATA_INFORMED]
+    jobs = [(ctx.cell(members, per_task=n), method(name)) for n in ctx.plan.per_task for name in (*DATA_INFORMED, *CANDIDATE_DEFAULTS)]
     records = run_cells(ctx, jobs, "exp5")
     return write_experiment(ctx, STEM, {"members": list(members), "records": records}, summarize)
 
