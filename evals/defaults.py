@@ -3,12 +3,13 @@ the supervised layer-wise baseline, per experiment cell, on the seeds where both
 
     python -m evals.defaults [--quick]
 
-Reads the per-seed records of experiments 1, 2, 3 and 6 (``evals/results/seeds/``) and
+Reads the per-seed records of experiments 1 to 6 and 9 (``evals/results/seeds/``) and
 writes ``evals/results/defaults[_quick].md``: per cell and method, the normalised score
 (mean ± std over its seeds), the paired difference to the supervised baseline (mean
 over the seeds both ran, and on how many of them the method is at or above it), what
 it spent (forward-pass equivalents, a gradient pass counting 3), its calibration loss,
-and, in experiment 2's cells, the mean weight it gives the irrelevant members.
+and the mean weight it gives the members that should get none: experiment 2's irrelevant
+adapters, experiment 4's misinitialised ones.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Callable
 
 from evals.experiments.seeds import shown
 from evals.methods import units
@@ -30,20 +32,35 @@ METHODS = (
     "fw_box", "fw_box_30", "fw_box_pairwise_30", "fw_box_pairwise_30_init_ta_calibrated", "fw_scaled_hull_2",
     "fw_scaled_hull_4", "fw_pairwise", "pg_box", "pg_hull", "sfw_box", "sfw_hull",
 )
-EXPERIMENTS = {  # stem -> how a record names its cell
+EXPERIMENTS: dict[str, Callable[[dict], str]] = {  # stem -> how a record names its cell
     "exp1_main": lambda r: "14 members, 4 asked",
     "exp6_ablations": lambda r: "14 members, 4 asked",
     "exp2_irrelevant": lambda r: f"{len(r['cell']['asked'])} asked + {len(r['cell']['members']) - len(r['cell']['asked'])} irrelevant",
     "exp3_relevant": lambda r: f"asked = pool = {len(r['cell']['asked'])}",
+    "exp4_noisy": lambda r: f"{len(r['cell']['members'])} members, 4 asked"
+    + (f" (+ {len(r['outsiders'])} noisy)" if r.get("outsiders") else ""),
+    "exp5_data": lambda r: f"14 members, 4 asked, {r['cell']['per_task']} rows a task",
+    "exp9_relevant_all": lambda r: f"{len(r['cell']['members'])} adapters, all {len(r['cell']['asked'])} tasks asked",
 }
 
 
 def load(stem: str, quick: bool) -> dict[int, list[dict]]:
+    """Each seed's records; a record of a cell with members that should get no weight
+    names them under ``outsiders`` (experiment 2: the members no asked task is for;
+    experiment 4: the misinitialised adapters)."""
     suffix = "_quick" if quick else ""
     out = {}
     for path in sorted((RESULTS / "seeds").glob(f"{stem}{suffix}_seed*.json")):
         seed = int(path.stem.rsplit("seed", 1)[1])
-        out[seed] = json.loads(path.read_text())["records"]
+        data = json.loads(path.read_text())
+        if "records" in data:
+            records = data["records"]
+        else:  # experiment 4: the main pool, then the main pool and the noisy adapters
+            records = data["clean"] + [{**r, "outsiders": data["noisy_members"]} for r in data["noisy"]]
+        if stem == "exp2_irrelevant":
+            records = [{**r, "outsiders": [m for m in r["cell"]["members"] if m not in r["cell"]["asked"]]}
+                       for r in records]
+        out[seed] = records
     return out
 
 
@@ -53,11 +70,13 @@ def final_loss(record: dict) -> float | None:
     return trace.get("final_loss", info.get("loss_final"))
 
 
-def irrelevant_weight(record: dict) -> float | None:
-    cell = record["cell"]
+def outsiders_weight(record: dict) -> float | None:
+    """The mean coefficient of the members that should get none (None where the cell has
+    no such members or the method reports no coefficients)."""
+    members = record["cell"]["members"]
     values = list(record.get("info", {}).get("mean_coefficients", {}).values())
-    others = [v for name, v in zip(cell["members"], values) if name not in cell["asked"]]
-    if len(values) < len(cell["members"]) or not others:
+    others = [v for name, v in zip(members, values) if name in record.get("outsiders", ())]
+    if len(values) < len(members) or not others:
         return None
     return sum(others) / len(others)
 
@@ -84,7 +103,7 @@ def report(quick: bool) -> str:
         f"# Candidate defaults against the supervised baseline ({'quick' if quick else 'full'} testbed)",
         "",
         "Written by `python -m evals.defaults" + (" --quick" if quick else "") + "` from the per-seed records of "
-        "experiments 1, 2, 3 and 6 (experiment 6's cell is experiment 1's). vs supervised: the mean over the seeds "
+        "experiments 1 to 6 and 9 (experiment 6's cell is experiment 1's). vs supervised: the mean over the seeds "
         "both ran of (method - supervised), and on how many of those the method is at or above it. Spend: "
         "forward-pass equivalents over the calibration set (a gradient pass counts 3), mean over seeds.",
         "",
@@ -93,7 +112,7 @@ def report(quick: bool) -> str:
         reference = methods.get(REFERENCE, {})
         lines += [f"## {stem}: {cell}", "",
                   "| method | seeds | normalised | vs supervised | at or above | spend | calibration loss | "
-                  "irrelevant members' weight |",
+                  "irrelevant or noisy members' weight |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name in METHODS:
             by_seed = methods.get(name)
@@ -105,8 +124,7 @@ def report(quick: bool) -> str:
             diffs = [by_seed[s]["normalized"] - reference[s]["normalized"] for s in common]
             spend = [units(by_seed[s].get("spend") or by_seed[s]["info"].get("spend") or {}) for s in seeds]
             losses = [v for v in (final_loss(by_seed[s]) for s in seeds) if v is not None]
-            weights = [v for v in (irrelevant_weight(by_seed[s]) for s in seeds) if v is not None] \
-                if stem == "exp2_irrelevant" else []
+            weights = [v for v in (outsiders_weight(by_seed[s]) for s in seeds) if v is not None]
             versus = f"{statistics.fmean(diffs):+.1f}" if diffs and name != REFERENCE else ""
             above = f"{sum(d >= 0 for d in diffs)}/{len(diffs)}" if diffs and name != REFERENCE else ""
             lines.append(f"| {by_seed[seeds[0]]['title']} | {','.join(map(str, seeds))} | {shown(scores)} | {versus} | "

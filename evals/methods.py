@@ -22,8 +22,9 @@ usual ones:
 * PEFT ``cat`` (exact: the adapters' factors concatenated) and ``svd`` (the same
   sum truncated to the largest member rank), weights 1/n: the mean, over LoRA
   members only (PEFT cannot hold full checkpoints);
-* Frank-Wolfe: mergekit-fw's defaults (10 iterations, line search, start at the
-  base) with the variant and LMO named; ablations change one setting;
+* Frank-Wolfe: the paper's settings (:data:`PAPER_FW`: the hull, 10 iterations,
+  line search, plain FW steps, start at the base; mergekit-fw's defaults before issue
+  17) with the variant and LMO named; ablations and issue 17's rows change some;
 * learned on the same calibration rows and the same oracle as Frank-Wolfe
   (:mod:`evals.learned`): ``supervised`` (layer-wise coefficients, Adam on FW's
   cross-entropy), ``adamerging`` (the same on FW's entropy objective, AdaMerging's

@@ -54,6 +54,8 @@ SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
     "stochastic_frank_wolfe": ("gradient_steps", "lmo_score"),
 }
 SOLVER_SPECIFIC = frozenset(name for names in SOLVER_SETTINGS.values() for name in names)
+# the step rules that search gamma on the loss, which away and pairwise steps need
+SEARCHED_STEPS = ("line_search", "quadratic")
 
 
 class FrankWolfeParameters(BaseModel):
@@ -113,7 +115,7 @@ class FrankWolfeParameters(BaseModel):
         "coefficient (of its vertex weight under scaled_hull).",
     )
     constraint: Literal["hull", "box", "scaled_hull"] = Field(
-        "hull",
+        "box",
         description="Where the coefficients may go, per tensor (lmo layer) or per model (lmo task): "
         "'hull' the paper's convex hull of the base and the candidates (their total weight at most "
         "1); 'box' each candidate in [0, 1] on its own (any subset at up to full strength, as "
@@ -143,10 +145,10 @@ class FrankWolfeParameters(BaseModel):
         description="How the LMO ranks vertices: 'inner_product' <grad, vertex - base> (the paper) "
         "or 'cosine', that divided by the vertex's norm (what the authors' code computes).",
     )
-    iterations: int = Field(10, ge=1, description="Maximum number of Frank-Wolfe iterations.")
+    iterations: int = Field(30, ge=1, description="Maximum number of Frank-Wolfe iterations.")
     epsilon: float = Field(0.0, ge=0.0, description="Stop once the Frank-Wolfe gap is at or below this value.")
     epsilon_relative: float = Field(
-        0.0,
+        0.01,
         ge=0.0,
         lt=1.0,
         description="Stop once the Frank-Wolfe gap is at or below this fraction of the first "
@@ -154,7 +156,7 @@ class FrankWolfeParameters(BaseModel):
         "not, so iterations becomes a cap.",
     )
     step: Literal["line_search", "quadratic", "schedule", "fixed"] = Field(
-        "line_search",
+        "quadratic",
         description="Hard FW step size: 'line_search' (golden-section search of gamma in [0, 1] on "
         "the calibration loss; never increases it), 'quadratic' (a parabola through the known loss "
         "and slope at gamma = 0 and the loss at gamma = 1, its minimiser tried next, halved until the "
@@ -162,11 +164,12 @@ class FrankWolfeParameters(BaseModel):
         "or 'fixed' (gamma_t = gamma / (t + 2), the authors' published rule).",
     )
     direction: Literal["frank_wolfe", "away", "pairwise"] = Field(
-        "frank_wolfe",
+        "pairwise",
         description="Hard FW: 'frank_wolfe' steps towards the LMO's point (the paper); 'away' may "
         "instead step away from the worst point in use, taking an early pick back; 'pairwise' moves "
         "weight straight from that point to the LMO's. Both converge linearly where plain FW "
-        "zig-zags; they need a searched step (line_search or quadratic).",
+        "zig-zags; they need a searched step (line_search or quadratic), so where the step is "
+        "'schedule' or 'fixed', or the variant 'soft', the default is 'frank_wolfe'.",
     )
     line_search_steps: int = Field(
         8,
@@ -268,6 +271,25 @@ class FrankWolfeParameters(BaseModel):
             raise ValueError("init must be 'base', a mergekit config (.yml/.yaml) or a coefficient table (.json)")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_direction_where_pairwise_cannot_step(cls, data: Any) -> Any:
+        """Pairwise and away steps need a searched step size (the largest step depends
+        on the iterate), so where the step is a rule or the variant soft the default
+        direction is the paper's: a config that sets only those stays valid. A pure
+        function of the other values, so mergekit's kernel (which sees defaults filled
+        in and drops them) resolves the same direction as the config did."""
+        if not isinstance(data, dict) or "direction" in data:
+            return data
+        fields = cls.model_fields
+
+        def value(name: str) -> Any:
+            return data.get(name, fields[name].default)
+
+        if value("solver") == "frank_wolfe" and (value("variant") != "hard" or value("step") not in SEARCHED_STEPS):
+            return {**data, "direction": "frank_wolfe"}
+        return data
+
     @model_validator(mode="after")
     def _settings_fit_the_variant(self) -> FrankWolfeParameters:
         """A setting that the chosen variant ignores is almost always a typo in intent:
@@ -293,9 +315,7 @@ class FrankWolfeParameters(BaseModel):
                 "; ".join(f"{n} only applies to solver: {' or '.join(readers[n])}" for n in wrong)
                 + f" (solver is {self.solver!r})"
             )
-        if self.direction != "frank_wolfe" and (
-            self.variant != "hard" or self.step not in ("line_search", "quadratic")
-        ):
+        if self.direction != "frank_wolfe" and (self.variant != "hard" or self.step not in SEARCHED_STEPS):
             raise ValueError(
                 f"direction {self.direction} needs variant: hard and step: line_search or quadratic (its "
                 f"largest step depends on the iterate); variant is {self.variant!r}, step {self.step!r}"
@@ -344,8 +364,8 @@ class FrankWolfeParameters(BaseModel):
         # settings added later, at the value that does what runs did before they existed:
         # left out, so that solves cached by earlier versions stay valid
         unused |= {name for name, before in _ADDED_LATER.items() if getattr(self, name) == before}
-        # the stochastic solvers' own settings (added with them) count only where they are read
-        unused |= set(SOLVER_SPECIFIC) - set(SOLVER_SETTINGS["frank_wolfe"]) - set(SOLVER_SETTINGS[self.solver])
+        # a solver's own settings count only where that solver reads them
+        unused |= set(SOLVER_SPECIFIC) - set(SOLVER_SETTINGS[self.solver])
         return self.model_dump(
             exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map", "allow_pickle"}
             | unused

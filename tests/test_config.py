@@ -121,7 +121,38 @@ def test_kernel_kwargs_with_mergekit_defaults_are_not_taken_as_given():
 
     defaults = {name: field.default for name, field in FrankWolfeParameters.model_fields.items() if not field.is_required()}
     params = from_method_kwargs({**defaults, "calibration": "c.jsonl", "variant": "soft", "top_k": 3})
-    assert params.variant == "soft" and params.top_k == 3 and params.step == "line_search"
+    assert params.variant == "soft" and params.top_k == 3 and params.step == defaults["step"]
+    # the direction's default depends on the variant, and resolves the same here as in a config
+    assert params.direction == "frank_wolfe" == parse_parameters({"calibration": "c.jsonl", "variant": "soft"}).direction
+
+
+@pytest.mark.parametrize(
+    ("given", "direction"),
+    [
+        ({}, "pairwise"),
+        ({"step": "line_search"}, "pairwise"),
+        ({"step": "schedule"}, "frank_wolfe"),
+        ({"step": "fixed", "gamma": 0.1}, "frank_wolfe"),
+        ({"variant": "soft"}, "frank_wolfe"),
+        ({"direction": "away"}, "away"),
+    ],
+)
+def test_the_default_direction_is_pairwise_where_a_step_is_searched(given, direction):
+    """Issue 17's defaults (box, pairwise, quadratic step, <= 30 iterations, relative gap
+    0.01) must not invalidate a config that sets only a step rule or the soft variant."""
+    params = parse_parameters({"calibration": "c.jsonl", **given})
+    assert params.direction == direction
+    assert (params.constraint, params.iterations, params.epsilon_relative) == ("box", 30, 0.01)
+
+
+def test_a_solver_s_unread_settings_stay_out_of_its_fingerprint():
+    """Projected gradient reads no Frank-Wolfe setting: changing one (or its default)
+    must not move a cached projected-gradient solve, and must move a Frank-Wolfe one."""
+    pg = parse_parameters({"calibration": "c.jsonl", "solver": "projected_gradient"})
+    fw = parse_parameters({"calibration": "c.jsonl"})
+    assert not {"iterations", "step", "direction", "variant"} & set(pg.fingerprint_fields())
+    assert {"iterations", "step", "direction"} <= set(fw.fingerprint_fields())
+    assert not {"gradient_steps", "learning_rate"} & set(fw.fingerprint_fields())
 
 
 def test_readme_parameter_table_matches_the_config():
@@ -138,8 +169,15 @@ def test_readme_parameter_table_matches_the_config():
 def test_settings_added_later_keep_earlier_fingerprints_at_their_old_behaviour():
     from mergekit_fw.config import FrankWolfeParameters
 
-    plain = FrankWolfeParameters(calibration="c.jsonl").fingerprint_fields()
-    assert "constraint" not in plain and "radius" not in plain and "epsilon_relative" not in plain
+    # the paper's settings, which were the defaults before these settings existed
+    paper = {"constraint": "hull", "epsilon_relative": 0.0, "direction": "frank_wolfe", "step": "line_search",
+             "iterations": 10}
+    plain = FrankWolfeParameters(calibration="c.jsonl", **paper).fingerprint_fields()
+    assert not {"constraint", "radius", "epsilon_relative", "direction", "solver"} & set(plain)
+    # today's defaults are not those, so they cannot reuse a solve cached at the old ones
+    defaults = FrankWolfeParameters(calibration="c.jsonl").fingerprint_fields()
+    assert defaults["constraint"] == "box" and defaults["direction"] == "pairwise"
+    assert defaults["epsilon_relative"] == 0.01 and defaults["iterations"] == 30
     box = FrankWolfeParameters(calibration="c.jsonl", constraint="box").fingerprint_fields()
     assert box["constraint"] == "box" and "radius" not in box
     scaled = FrankWolfeParameters(calibration="c.jsonl", constraint="scaled_hull", radius=3.0).fingerprint_fields()

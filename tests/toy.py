@@ -13,6 +13,17 @@ from mergekit_fw.oracle import Evaluation
 from mergekit_fw.solve.table import CoefficientTable
 
 
+# The paper's Frank-Wolfe (mergekit-fw's defaults before issue 17): the toy tests check
+# one algorithm at a time, so they start from these and name what they change.
+PAPER_FW = {"iterations": 10, "step": "line_search", "direction": "frank_wolfe", "epsilon_relative": 0.0}
+
+
+def paper_settings(**settings: object) -> dict:
+    """``settings`` over the paper's hard-FW settings (soft FW has no step rule)."""
+    base = {k: v for k, v in PAPER_FW.items() if not (k == "step" and settings.get("variant") == "soft")}
+    return {**base, **settings}
+
+
 class QuadraticOracle:
     """loss(c) = sum_l ||base_l + sum_i c[i, l] d_i[l] - target_l||^2."""
 

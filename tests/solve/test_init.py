@@ -38,7 +38,8 @@ def _fw(random_pool, tmp_path, name="fw.yml", **parameters):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("constraint", [{}, {"constraint": "scaled_hull", "radius": 2.0}], ids=["hull", "scaled_hull"])
+@pytest.mark.parametrize("constraint", [{"constraint": "hull"}, {"constraint": "scaled_hull", "radius": 2.0}],
+                         ids=["hull", "scaled_hull"])
 def test_ta_init_is_exactly_mergekits_merge_at_iteration_zero(random_pool, tmp_path, constraint):
     ta = _ta(random_pool, tmp_path)
     fw = _fw(random_pool, tmp_path, init=str(ta), epsilon=1e9, iterations=1, **constraint)  # stops before any step
@@ -58,7 +59,7 @@ def test_ta_init_is_exactly_mergekits_merge_at_iteration_zero(random_pool, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("constraint", [{}, {"constraint": "box"}, {"constraint": "scaled_hull", "radius": 2.0}],
+@pytest.mark.parametrize("constraint", [{"constraint": "hull"}, {}, {"constraint": "scaled_hull", "radius": 2.0}],
                          ids=["hull", "box", "scaled_hull"])
 def test_ta_init_run_agrees_in_all_three_paths(random_pool, tmp_path, constraint):
     ta = _ta(random_pool, tmp_path)
@@ -72,7 +73,7 @@ def test_ta_init_run_agrees_in_all_three_paths(random_pool, tmp_path, constraint
     fast = tensors(tmp_path / "fast")
     assert_same_tensors(fast, tensors(tmp_path / "yaml"), tensors(tmp_path / "replay"))
     table = json.loads((tmp_path / "fast" / "fw_table.json").read_text())
-    assert table["constraint"] == constraint.get("constraint", "hull") and table["radius"] == constraint.get("radius")
+    assert table["constraint"] == constraint.get("constraint", "box") and table["radius"] == constraint.get("radius")
     coefficients = torch.tensor(list(table["coefficients"].values()), dtype=torch.float64)  # tensors x candidates
     assert float(coefficients[:, -1].min()) < 1.0  # the solve moved away from the initial merge
     assert float(coefficients.min()) >= 0.0
@@ -128,10 +129,11 @@ def test_missing_init_file_and_mismatched_table_are_named(random_pool, tmp_path)
     spec, params = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, init=str(tmp_path / "small_table.json"))))
     with pytest.raises(ConfigError, match="candidates .* differ from the pool"):
         solve(spec, params, progress=False)
-    full = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, "full.yml", iterations=1)))
+    full = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, "full.yml", iterations=1, constraint="hull")))
     solve(*full, progress=False).table.save(tmp_path / "convex_table.json")
     spec, params = pool_and_parameters(load_merge_config(
-        _fw(random_pool, tmp_path, "ties.yml", merge_fn="ties", init=str(tmp_path / "convex_table.json"))))
+        _fw(random_pool, tmp_path, "ties.yml", merge_fn="ties", constraint="hull",
+            init=str(tmp_path / "convex_table.json"))))
     with pytest.raises(ConfigError, match="merge_fn 'convex', this run uses 'ties'"):
         solve(spec, params, progress=False)
     spec, params = pool_and_parameters(load_merge_config(

@@ -21,6 +21,7 @@ def _soft(testbed, **overrides):
     merge_config = load_merge_config(testbed.root / "fw.yml")
     spec, _ = pool_and_parameters(merge_config)
     raw = {"calibration": str(testbed.calibration), "samples_per_task": 30, "variant": "soft", "iterations": 4,
+           "constraint": "hull",
            "top_k": 2, "inner_steps": 4, **overrides}
     return spec, parse_parameters(raw)
 
@@ -47,7 +48,7 @@ def test_soft_fw_never_raises_the_loss_and_stays_feasible(testbed, overrides):
                          on_iteration=lambda t, record: seen.append((t.weights.clone(), record)))
     assert len(seen) >= 2
     for weights, record in seen:
-        check_feasible(weights)
+        check_feasible(weights)  # the paper's hull, named in _soft
         assert record.loss_after <= record.loss
         assert abs(record.loss_after - oracle.loss(weights[1:])) < 1e-6  # the recorded loss is the iterate's
         if overrides:

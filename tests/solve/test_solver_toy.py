@@ -8,11 +8,11 @@ from mergekit_fw.config import FrankWolfeParameters
 from mergekit_fw.oracle import Evaluation
 from mergekit_fw.solve.solver import solve
 from mergekit_fw.solve.table import CoefficientTable
-from tests.toy import QuadraticOracle
+from tests.toy import QuadraticOracle, paper_settings
 
 
 def _params(**settings) -> FrankWolfeParameters:
-    return FrankWolfeParameters(calibration="unused.jsonl", **settings)
+    return FrankWolfeParameters(calibration="unused.jsonl", **paper_settings(**settings))
 
 
 def _first_within(trace, tolerance: float):
@@ -107,6 +107,24 @@ def test_hard_and_soft_fw_reach_the_qp_optimum_of_the_larger_sets(constraint):
         _, trace = solve(oracle, oracle.table(kind, radius), _params(**settings), progress=False)
         assert trace.final_loss >= optimum - 1e-9
         assert trace.final_loss - optimum < 2e-3 * max(1.0, optimum), settings
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_the_defaults_stop_on_the_relative_gap_with_the_gap_as_certificate(seed):
+    """mergekit-fw's defaults (box, pairwise, quadratic step, <= 30 iterations, stop at
+    1% of the first gap) on a target beyond the hull: every iterate in the box, the loss
+    never rises, and the last gap bounds how far the result is from the QP's optimum."""
+    oracle = QuadraticOracle(5, 2, 6, seed=seed)
+    params = FrankWolfeParameters(calibration="unused.jsonl")
+    optimum = oracle.optimum("box")
+    _, trace = solve(oracle, oracle.table(params.constraint), params, progress=False)
+    losses = [r.loss for r in trace.iterations]
+    assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))
+    assert any(r.direction == "pairwise" for r in trace.iterations)
+    first, last = trace.iterations[0].gap, trace.iterations[-1].gap
+    if len(trace.iterations) < params.iterations:
+        assert "epsilon_relative" in trace.stopped and last <= 0.01 * first
+    assert optimum - 1e-9 <= trace.final_loss <= optimum + last + 1e-9
 
 
 def test_the_recorded_gap_is_in_coefficient_units_of_the_set():
