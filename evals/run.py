@@ -20,6 +20,7 @@ from pathlib import Path
 from evals.common import RESULTS, machine
 from evals.experiments import EXPERIMENTS
 from evals.experiments.common import TASK_ADAPTERS_ONLY, open_context, write_summary
+from evals.methods import method
 
 
 def arguments() -> argparse.Namespace:
@@ -32,6 +33,10 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--tasks-only", action="store_true",
                         help="build only the tasks' own adapters (the same ones, from the same seeds): enough for "
                              "experiments 3 and 9, and on the full testbed about half the build")
+    parser.add_argument("--methods", default="",
+                        help="comma-separated method names: compute only their missing records; other methods' "
+                             "records are read back where recorded and their rows kept from the per-seed results "
+                             "file, never computed (default: every method)")
     parser.add_argument("--work", type=Path, default=None,
                         help="parent of the per-seed workspaces (default: a temp folder per size and seed)")
     args = parser.parse_args()
@@ -47,6 +52,11 @@ def main() -> None:
     if args.tasks_only and any(e.STEM not in TASK_ADAPTERS_ONLY for e in chosen):
         raise SystemExit(f"--tasks-only: only {', '.join(TASK_ADAPTERS_ONLY)} run on the tasks' adapters alone; "
                          "pick them with --only")
+    for name in (m for m in args.methods.split(",") if m):
+        try:
+            method(name)
+        except KeyError as error:
+            raise SystemExit(f"--methods: {error.args[0]}") from None
     if args.summarize:
         for experiment in chosen:
             written = write_summary(experiment.STEM + ("_quick" if args.quick else ""), size, experiment.summarize)
@@ -58,6 +68,8 @@ def main() -> None:
     for seed in args.seeds:
         started = time.perf_counter()
         ctx = open_context(size, seed, args.work / f"{size}_{seed}" if args.work else None, tasks_only=args.tasks_only)
+        if args.methods:
+            ctx.compute = frozenset(m for m in args.methods.split(",") if m)
         built = time.perf_counter() - started
         timings = []
         for experiment in chosen:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -54,6 +54,8 @@ class Context:
     work: Workspace
     quick: bool
     computed: int = 0  # records merged and scored by this process
+    # --methods: the only methods whose missing records are computed; None: every method
+    compute: Optional[FrozenSet[str]] = None
     read_back: int = 0  # records found on disk (an earlier run's, or a cell another experiment shares)
 
     @property
@@ -180,7 +182,12 @@ def _slim(info: dict) -> dict:
 
 
 def run_cells(ctx: Context, jobs: Sequence[Tuple[Cell, Method]], desc: str) -> List[dict]:
+    """Every job's record; under ``--methods`` a job of another method is read back where
+    recorded and left out otherwise (its row is then kept from the per-seed file)."""
     records = []
+    if ctx.compute is not None:
+        jobs = [(cell, m) for cell, m in jobs
+                if m.name in ctx.compute or (ctx.work.root / "records" / cell.key / f"{m.name}.json").is_file()]
     for cell, method in tqdm(jobs, desc=desc, leave=False):
         LOG.info("%s: %s on %d members, %d tasks, %d rows/task", desc, method.name, len(cell.members), len(cell.asked), cell.per_task)
         records.append(run_cell(ctx, cell, method))
@@ -213,10 +220,31 @@ def write_experiment(ctx: Context, stem: str, data: dict, summarize: Summary) ->
     seeds_folder = RESULTS / "seeds"
     seeds_folder.mkdir(parents=True, exist_ok=True)
     seed_file = seeds_folder / f"{name}_seed{ctx.work.seed}.json"
+    if ctx.compute is not None and seed_file.is_file():
+        data = with_kept_records(data, json.loads(seed_file.read_text()))
     seed_file.write_text(json.dumps({**data, "size": ctx.plan.size, "seed": ctx.work.seed, "machine": machine()}, indent=1))
     written = write_summary(name, ctx.plan.size, summarize)
     assert written is not None  # this seed was just kept
     return written
+
+
+def with_kept_records(data: dict, kept: dict) -> dict:
+    """``data`` with the records of ``kept`` (an earlier per-seed file) that it lacks: a
+    run limited to some methods must not drop the rows of the others. Records are the
+    same when their method and cell are."""
+    def key(record: dict) -> str:
+        return json.dumps([record.get("method"), record.get("cell")], sort_keys=True)
+
+    out = dict(data)
+    for name, old in kept.items():
+        new = out.get(name)
+        if not (isinstance(new, list) and isinstance(old, list)):
+            continue
+        if not all(isinstance(r, dict) and "method" in r for r in (*new, *old)):
+            continue
+        have = {key(r) for r in new}
+        out[name] = new + [r for r in old if key(r) not in have]
+    return out
 
 
 def write_summary(name: str, size: str, summarize: Summary) -> Optional[Path]:

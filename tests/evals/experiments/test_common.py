@@ -70,3 +70,16 @@ def test_the_written_analysis_survives_a_rewrite_of_the_results(tmp_path, monkey
     (tmp_path / "analysis" / "expX_quick.md").write_text("Why it fell.\n")
     text = common.write_experiment(ctx, "expX", {"a": 2}, _summary).read_text()
     assert text.startswith("# table over seeds [3]: [2]") and text.rstrip().endswith("## Analysis\n\nWhy it fell.")
+
+
+def test_a_run_limited_to_some_methods_computes_only_those_and_keeps_the_other_rows(tiny_pool, tmp_path):
+    ctx = Context(tiny_pool, PLANS["quick"], Workspace(tmp_path, 0), quick=True, compute=frozenset({"base"}))
+    cell = Cell(tiny_pool, ("reverse", "sort"), ("reverse", "sort"), per_task=4)
+    linear = {"method": "linear", "cell": cell.describe(), "normalized": 12.0}
+    done = common.run_cells(ctx, [(cell, method("base")), (cell, method("linear"))], "test")
+    assert [r["method"] for r in done] == ["base"] and ctx.computed == 1  # linear: neither computed nor recorded
+    # the earlier per-seed file's linear row stays; its base row is replaced by the new one
+    earlier = {"order": ["reverse"], "records": [linear, {**done[0], "normalized": -5.0}]}
+    kept = common.with_kept_records({"order": ["reverse", "sort"], "records": done}, earlier)
+    assert kept["order"] == ["reverse", "sort"]
+    assert [(r["method"], r["normalized"]) for r in kept["records"]] == [("base", done[0]["normalized"]), ("linear", 12.0)]
