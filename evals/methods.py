@@ -500,6 +500,12 @@ BEYOND: Dict[str, Method] = {
                fw_method(variant="hard", lmo="layer", constraint="box", direction="pairwise", step="quadratic",
                          iterations=30, epsilon_relative=0.01, init="ta_calibrated"),
                "FW box, pairwise, quadratic, <= 30 it., init TA (lambda on calib)"),
+        # Added after the full testbed showed the pairwise step cut at the nearest bound (gamma ~
+        # 0.001 from the second iteration on, 12+ asked tasks): the same along the box's projection.
+        Method("fw_box_arc_30", "frank-wolfe",
+               fw_method(variant="hard", lmo="layer", constraint="box", direction="projected_pairwise",
+                         step="quadratic", iterations=30, epsilon_relative=0.01),
+               "FW box, projected pairwise, quadratic step, <= 30 iterations"),
         # mergekit-fw's projected-gradient solver at its defaults (200 Adam steps of one batch
         # per task: at 100 rows a task, 32 gradient passes and 2 forward, under FW's default
         # spend), in the box where the supervised baseline learns and in the paper's hull.

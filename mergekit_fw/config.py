@@ -163,13 +163,16 @@ class FrankWolfeParameters(BaseModel):
         "loss falls: usually 2 forward passes; never increases it), 'schedule' (gamma = 2 / (t + 2)) "
         "or 'fixed' (gamma_t = gamma / (t + 2), the authors' published rule).",
     )
-    direction: Literal["frank_wolfe", "away", "pairwise"] = Field(
+    direction: Literal["frank_wolfe", "away", "pairwise", "projected_pairwise"] = Field(
         "pairwise",
         description="Hard FW: 'frank_wolfe' steps towards the LMO's point (the paper); 'away' may "
         "instead step away from the worst point in use, taking an early pick back; 'pairwise' moves "
         "weight straight from that point to the LMO's. Both converge linearly where plain FW "
-        "zig-zags; they need a searched step (line_search or quadratic), so where the step is "
-        "'schedule' or 'fixed', or the variant 'soft', the default is 'frank_wolfe'.",
+        "zig-zags. 'projected_pairwise' follows the pairwise direction along the set's projection, "
+        "so a coefficient that reaches its bound stops there and the others go on (in the box the "
+        "straight step stops at the first bound). All but 'frank_wolfe' need a searched step "
+        "(line_search or quadratic), so where the step is 'schedule' or 'fixed', or the variant "
+        "'soft', the default is 'frank_wolfe'.",
     )
     line_search_steps: int = Field(
         8,

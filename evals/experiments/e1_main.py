@@ -15,7 +15,7 @@ DEFAULT_FW = "fw_hard_layer"  # merge_method: frank_wolfe at its defaults
 RIVALS = ("supervised", "lorahub", "lorahub_cma")  # the goal: FW at its defaults at or above these
 # issue 17's candidates for new defaults (the rest of evals.methods.BEYOND is in experiment 6,
 # on the same cell; one figure tells at most 30 methods apart)
-CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwise_30",
+CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_30",
                       "pg_box", "pg_hull", "sfw_box")
 
 

@@ -3,11 +3,11 @@
 Each iteration: oracle (loss and scores at the current table), LMO (layer- or
 task-wise ranking by inner product or cosine; the constraint set gives its best
 point, :mod:`mergekit_fw.solve.constraints`), FW gap, then a step: hard FW moves
-towards that point, or away from the worst point in use, or pairwise between them
-(:mod:`mergekit_fw.solve.directions`), by a searched step or an open-loop rule
-(:mod:`mergekit_fw.solve.steps`); soft FW solves the small problem over the current
-iterate and the top-k points (:mod:`mergekit_fw.solve.soft`). The loop never branches
-on the set. Every iterate is checked to be feasible. After each iteration the table
+towards that point, or away from the worst point in use, or pairwise between them,
+straight or along the set's projection (:mod:`mergekit_fw.solve.directions`), by a
+searched step or an open-loop rule (:mod:`mergekit_fw.solve.steps`); soft FW solves
+the small problem over the current iterate and the top-k points
+(:mod:`mergekit_fw.solve.soft`). The loop never branches on the set. Every iterate is checked to be feasible. After each iteration the table
 and trace are checkpointed, so an interrupted solve resumes where it was.
 """
 
@@ -156,12 +156,17 @@ class _Evaluator:
 
 
 def _search(
-    evaluate: _Evaluator, anchor: torch.Tensor, move: Direction, loss: float, params: FrankWolfeParameters
+    evaluate: _Evaluator,
+    constraint: ConstraintSet,
+    anchor: torch.Tensor,
+    move: Direction,
+    loss: float,
+    params: FrankWolfeParameters,
 ) -> tuple[float, float, list[tuple[float, float]]]:
     """The searched step rules along ``move`` on [0, its largest feasible step]."""
 
     def phi(g: float) -> float:
-        return evaluate.loss(anchor + g * move.vector)
+        return evaluate.loss(move.at(constraint, anchor, g))
 
     if params.step == "line_search":
         return golden_section(phi, loss, params.line_search_steps, top=move.top)
@@ -263,17 +268,17 @@ def solve(
         else:
             move = choose(params.direction, constraint, table.weights, vscores, rank_of(vscores), best)
             if params.step in ("line_search", "quadratic"):
-                gamma, loss_after, searched = _search(evaluate, table.weights, move, loss, params)
+                gamma, loss_after, searched = _search(evaluate, constraint, table.weights, move, loss, params)
                 if gamma == 0.0 and move.kind != "frank_wolfe":  # the away point gave nothing: plain FW decides
                     move = choose("frank_wolfe", constraint, table.weights, vscores, rank_of(vscores), best)
-                    gamma, loss_after, more = _search(evaluate, table.weights, move, loss, params)
+                    gamma, loss_after, more = _search(evaluate, constraint, table.weights, move, loss, params)
                     searched += more
                 stop = "line search found no decrease" if gamma == 0.0 else None
             else:
                 gamma, loss_after, stop = min(step_size(params, t), 1.0), None, None
             taken = move.kind
             if gamma > 0:
-                table.weights = constraint.snap(table.weights + gamma * move.vector)
+                table.weights = constraint.snap(move.at(constraint, table.weights, gamma))
         constraint.check(table.weights)
         t_step = time.perf_counter()
         chosen, choice = describe(best, table.vertices)
