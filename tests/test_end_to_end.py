@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def merges(testbed, tmp_path_factory):
     work = tmp_path_factory.mktemp("merges")
     mergekit_fw_run(testbed.root / "fw.yml", work / "fast")
-    mergekit_yaml(testbed.root / "fw.yml", work / "yaml", work / "cache")
+    mergekit_yaml(testbed.root / "fw.yml", work / "yaml")
     replay(work / "yaml", work / "replay", work / "cache")
     mergekit_yaml(testbed.root / "ta.yml", work / "ta", work / "cache")
     return work

@@ -51,7 +51,7 @@ def test_ties_run_agrees_in_all_three_paths_and_is_marked_off_hull(random_pool, 
         "dtype": "float32",
     })
     mergekit_fw_run(fw, tmp_path / "fast")
-    mergekit_yaml(fw, tmp_path / "yaml", tmp_path / "lora_cache")
+    mergekit_yaml(fw, tmp_path / "yaml")
     replay(tmp_path / "fast", tmp_path / "replay", tmp_path / "lora_cache")
     assert_same_tensors(tensors(tmp_path / "fast"), tensors(tmp_path / "yaml"), tensors(tmp_path / "replay"))
     replay_config = yaml.safe_load((tmp_path / "fast" / "fw_mergekit.yml").read_text())

@@ -1,10 +1,20 @@
 """``mergekit-yaml`` for ``frank_wolfe``: solve once, before mergekit plans the merge,
 and write the table, trace and replay config beside the merged weights. Other
-merge methods pass through untouched."""
+merge methods pass through untouched.
+
+mergekit plans a merge over every model its config references, and for a
+``BASE+ADAPTER`` reference that means expanding the adapter into a full model copy
+in ``--lora-merge-cache`` first. The kernel never reads those copies: it computes
+each tensor from the pool's own files (the LoRA factors). So mergekit is handed a
+config with the base alone (:func:`graph_config`): its graph loads one base tensor
+per output tensor, the kernel adds the solved pool's weighted deltas, and no
+adapter is expanded, no candidate tensor read twice, no cache needed.
+"""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -16,25 +26,41 @@ from mergekit_fw.integration.method import remember_solve
 from mergekit_fw.integration.stock import solve
 
 
+def graph_config(merge_config: Any) -> Any:
+    """The config mergekit plans from: the same merge over the base alone, so its
+    graph reads nothing but base tensors (the kernel finds the run's solve by the
+    base and the settings, see :func:`mergekit_fw.integration.method.remember_solve`)."""
+    from mergekit.config import InputModelDefinition
+
+    return merge_config.model_copy(update={"models": [InputModelDefinition(model=merge_config.base_model)]})
+
+
 def wrap_run_merge(module: Any) -> None:
     """Replace ``module.run_merge`` (``mergekit.merge``) by the wrapper, once."""
     original = module.run_merge
     if getattr(original, "_mergekit_fw", False):
         return
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
     def run_merge(merge_config: Any, out_path: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(merge_config, "merge_method", None) != METHOD_NAME:
             return original(merge_config, out_path, *args, **kwargs)
-        options = kwargs.get("options", args[0] if args else None)
+        call = signature.bind(merge_config, out_path, *args, **kwargs).arguments
+        options = call.get("options")
         try:
             spec, params = pool_and_parameters(merge_config)
             result = solve(spec, params, progress=not getattr(options, "quiet", False))
         except ValueError as error:  # a bad pool, config or calibration file: say which, no traceback
             raise SystemExit(f"mergekit-fw: error: {error}") from None
         remember_solve(spec, params, result)
+        call["merge_config"] = graph_config(merge_config)
+        if options is not None:
+            # mergekit's card would list the base alone; write_artifacts writes its
+            # card for the config as the user wrote it, as the fast path does.
+            call["options"] = options.model_copy(update={"write_model_card": False})
         started = time.perf_counter()
-        value = original(merge_config, out_path, *args, **kwargs)
+        value = original(**call)
         write_artifacts(Path(out_path), result, merge_config, write_seconds=time.perf_counter() - started)
         return value
 

@@ -2,9 +2,10 @@
 
 Its parameters are the fields of :class:`FrankWolfeParameters`. mergekit calls the
 kernel once per output tensor; the kernel finds the solved table for its pool
-(solved once, before planning, by :mod:`.mergekit_yaml`, or lazily here when
-mergekit is used as a library) and computes the tensor from the pool's own files
-with the fast path's function, so both paths write byte-identical tensors.
+(solved once, before planning, by :mod:`.mergekit_yaml`, which hands mergekit the
+base alone, or lazily here when mergekit is used as a library) and computes the
+tensor from the pool's own files with the fast path's function, so both paths
+write byte-identical tensors.
 """
 
 from __future__ import annotations
@@ -154,5 +155,13 @@ def register_method() -> None:
 
 
 def remember_solve(spec: PoolSpec, params: FrankWolfeParameters, result: SolveResult) -> None:
+    """Register a solve for the kernel, under its pool and under its base alone.
+
+    ``mergekit-yaml`` plans over the base alone (see
+    :func:`mergekit_fw.integration.mergekit_yaml.graph_config`), so its groups
+    name no candidate; a pool without candidates cannot be solved, so the base-only
+    key can only mean "the run's solve for this base and these settings"."""
+    plan = KernelPlan.from_result(result.table, result.pool)
     with _TABLES_LOCK:
-        _TABLES[(spec, params)] = KernelPlan.from_result(result.table, result.pool)
+        _TABLES[(spec, params)] = plan
+        _TABLES[(PoolSpec(base=spec.base, candidates=()), params)] = plan

@@ -71,7 +71,7 @@ def test_same_config_and_seed_are_byte_identical_across_runs_and_paths(random_po
     config = _config(random_pool, tmp_path / "fw.yml", seed=3)
     mergekit_fw_run(config, tmp_path / "a", MERGEKIT_FW_CACHE=str(tmp_path / "cache_a"))
     mergekit_fw_run(config, tmp_path / "b", MERGEKIT_FW_CACHE=str(tmp_path / "cache_b"))  # solved again
-    mergekit_yaml(config, tmp_path / "yaml", tmp_path / "lora_cache", MERGEKIT_FW_CACHE=str(tmp_path / "cache_c"))
+    mergekit_yaml(config, tmp_path / "yaml", MERGEKIT_FW_CACHE=str(tmp_path / "cache_c"))
     table = (tmp_path / "a" / "fw_table.json").read_bytes()
     assert (tmp_path / "b" / "fw_table.json").read_bytes() == table
     assert (tmp_path / "yaml" / "fw_table.json").read_bytes() == table

@@ -97,7 +97,7 @@ def test_the_mergekit_path_writes_the_same_bytes(random_pool, extended, tmp_path
     from tests.paths import mergekit_fw_run
 
     mergekit_fw_run(config, tmp_path / "fast", MERGEKIT_FW_CACHE=str(tmp_path / "cache"))
-    mergekit_yaml(config, tmp_path / "yaml", tmp_path / "lora_cache", MERGEKIT_FW_CACHE=str(tmp_path / "cache"))
+    mergekit_yaml(config, tmp_path / "yaml", MERGEKIT_FW_CACHE=str(tmp_path / "cache"))
     fast, slow = tensors(tmp_path / "fast"), tensors(tmp_path / "yaml")
     assert fast.keys() == slow.keys()
     assert all(torch.equal(fast[k], slow[k]) for k in fast)

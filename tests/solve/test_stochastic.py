@@ -122,7 +122,7 @@ def test_stochastic_solvers_run_in_all_three_paths(random_pool, tmp_path, solver
                        "gradient_steps": 12, "constraint": "box", **settings},
     })
     mergekit_fw_run(fw, tmp_path / "fast")
-    mergekit_yaml(fw, tmp_path / "yaml", tmp_path / "lora_cache")
+    mergekit_yaml(fw, tmp_path / "yaml")
     replay(tmp_path / "fast", tmp_path / "replay", tmp_path / "lora_cache")
     assert_same_tensors(tensors(tmp_path / "fast"), tensors(tmp_path / "yaml"), tensors(tmp_path / "replay"))
     trace = json.loads((tmp_path / "fast" / "fw_trace.json").read_text())
