@@ -224,11 +224,12 @@ class FrankWolfeParameters(BaseModel):
     batch_size: int = Field(16, ge=1, description="Calibration sequences per forward pass.")
     max_length: int = Field(512, ge=8, description="Longest calibration sequence in tokens; longer ones are cut.")
     seed: int = Field(0, description="Seed for every random choice of the solve.")
-    oracle_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32",
-        description="dtype the base model is loaded in for the gradient oracle: 'bfloat16' or "
-        "'float16' halve its memory (losses and scores are still accumulated in float32/64); the "
-        "output's dtype is the config's own 'dtype'.",
+    oracle_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype the base model is loaded in for the gradient oracle. 'auto': the config's "
+        "own 'dtype' (what mergekit merges in), float32 where the config sets none or another; "
+        "'bfloat16' or 'float16' halve the memory of float32 (a 7B needs about 14 GB instead of 27), "
+        "with losses and scores still accumulated in float32/64.",
     )
     gradient_checkpointing: bool = Field(
         False,
@@ -348,6 +349,14 @@ class FrankWolfeParameters(BaseModel):
         if not path.is_file():
             raise ConfigError(f"parameters.init: file not found: {self.init!r} (resolved to {path.resolve()})")
         return path.resolve()
+
+    def oracle_dtype_for(self, merge_dtype: str | None) -> str:
+        """The oracle's dtype for a merge in ``merge_dtype`` (mergekit's ``dtype:``, by
+        its torch name). Half precision for a half-precision merge: the oracle then
+        fits where the merge does (a 7B in bfloat16 on a 24 GB machine)."""
+        if self.oracle_dtype != "auto":
+            return self.oracle_dtype
+        return merge_dtype if merge_dtype in ("float32", "bfloat16", "float16") else "float32"
 
     def resolved_calibration(self) -> Path:
         """The calibration file, checked to exist; relative paths are taken from the

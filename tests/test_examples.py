@@ -18,6 +18,8 @@ def test_llama2_community_pool_config_validates_without_downloading():
     assert spec.base.path == "meta-llama/Llama-2-7b-hf"
     assert len(spec.candidates) == 16 and all(c.lora is not None for c in spec.candidates)
     assert params.variant == "hard" and params.lmo == "layer" and params.samples_per_task == 100
+    # as it stands, the oracle follows the config's dtype: a 7B in bfloat16 (~14 GB), not float32 (27 GB)
+    assert params.oracle_dtype_for(spec.dtype) == "bfloat16"
 
 
 def test_tiny_example_configs_validate(testbed):

@@ -91,7 +91,10 @@ def pool_and_parameters(merge_config: Any, source: str = "config") -> tuple[Pool
     if merge_config.base_model.lora:
         raise ConfigError(f"{where}: base_model must be a plain model, not BASE+LORA")
     return PoolSpec(
-        base=model_source(merge_config.base_model.model), candidates=tuple(candidates), align_vocab=align_vocab
+        base=model_source(merge_config.base_model.model),
+        candidates=tuple(candidates),
+        align_vocab=align_vocab,
+        dtype=str(torch_dtype(merge_config.dtype)).removeprefix("torch.") if merge_config.dtype else None,
     ), params
 
 

@@ -47,6 +47,9 @@ class PoolSpec:
     # tokenizer_source: base: candidates' other vocabularies are aligned to the base's. Not part of
     # equality: the kernel finds the solve by base and candidates (and the fingerprint has it).
     align_vocab: bool = field(default=False, compare=False)
+    # the merge's dtype (mergekit's ``dtype:``, a torch name), which ``oracle_dtype: auto``
+    # follows; not part of equality for the same reason (the fingerprint has the oracle's)
+    dtype: str | None = field(default=None, compare=False)
 
 
 def local_dir(source: ModelSource, what: str) -> Path:

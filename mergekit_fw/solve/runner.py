@@ -10,6 +10,7 @@ resumes from its last checkpoint when a previous run was interrupted.
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -72,7 +73,7 @@ def run_fingerprint(
         [
             "mergekit-fw",
             __version__,
-            params.fingerprint_fields(),
+            {**params.fingerprint_fields(), "oracle_dtype": params.oracle_dtype_for(spec.dtype)},
             [c.name for c in spec.candidates],
             {"align_vocab": True} if spec.align_vocab else {},
             file_fingerprint(pool.files()),
@@ -96,8 +97,9 @@ def _file_lock(path: Path) -> Iterator[None]:
 ACCELERATE_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Processes):
-    """The oracle's model, in ``oracle_dtype``, placed by ``device_map``."""
+def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Processes, merge_dtype: str | None = None):
+    """The oracle's model, in ``oracle_dtype`` (``auto``: the merge's ``merge_dtype``),
+    placed by ``device_map``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(pool.base_dir))
@@ -113,7 +115,7 @@ def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Process
         else str(torch.device(placement) if placement else processes.device)
     )
     model = AutoModelForCausalLM.from_pretrained(
-        str(pool.base_dir), dtype=getattr(torch, params.oracle_dtype), device_map=device_map
+        str(pool.base_dir), dtype=getattr(torch, params.oracle_dtype_for(merge_dtype)), device_map=device_map
     )
     if params.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
@@ -156,6 +158,7 @@ def solve_cached(
         pickles_to=pickles_folder(params),
         cache=cache_root(params) / "checks",
     )
+    LOG.info("pool checked: %d candidates", len(pool.candidates))  # a stage mark (evals/bench_7b.py reads it)
     vertices = 1 + len(pool.candidates)
     if params.variant == "soft" and params.top_k > vertices:
         raise ConfigError(
@@ -214,7 +217,8 @@ def _solve(
 ):
     from mergekit_fw.oracle import Oracle
 
-    model, tokenizer = load_base_model(pool, params, processes)
+    model, tokenizer = load_base_model(pool, params, processes, spec.dtype)
+    LOG.info("oracle model loaded in %s", next(model.parameters()).dtype)
     calib = build_calibration(
         calibration,
         tokenizer,
@@ -281,6 +285,13 @@ def _solve(
             )
     finally:
         oracle.close()
+        # The write comes next: without the oracle's model, peak memory is the larger
+        # of solve and write, not their sum (modules hold reference cycles, hence collect).
+        del oracle, model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    LOG.info("solve finished: %d iterations, the oracle's model released", len(trace.iterations))
     if processes.is_main:
         table.save(folder / TABLE_FILE)
         write_json_atomic(folder / TRACE_FILE, trace.to_json())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -109,3 +110,66 @@ def test_data_parallel_shards_add_up_to_the_whole(random_pool):
     torch.testing.assert_close(sum(p.scores for p in parts), reference.scores, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(sum(p.task_scores for p in parts), reference.task_scores, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(sum(p.task_losses for p in parts), reference.task_losses, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("oracle_dtype", "config_dtype", "expected"),
+    [("auto", "bfloat16", "bfloat16"), ("auto", "float16", "float16"), ("auto", None, "float32"),
+     ("auto", "float32", "float32"), ("float32", "bfloat16", "float32"), ("bfloat16", None, "bfloat16")],
+)
+def test_auto_oracle_dtype_follows_the_configs_dtype(random_pool, tmp_path, oracle_dtype, config_dtype, expected):
+    from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
+    from tests.paths import write_config
+
+    config = {"merge_method": "frank_wolfe", "base_model": str(random_pool["base"]),
+              "models": [{"model": f"{random_pool['base']}+{random_pool['adapters'][0]}"}],
+              "parameters": {"calibration": str(random_pool["calibration"]), "oracle_dtype": oracle_dtype}}
+    if config_dtype is not None:
+        config["dtype"] = config_dtype
+    spec, params = pool_and_parameters(load_merge_config(write_config(tmp_path / "fw.yml", config)))
+    assert params.oracle_dtype_for(spec.dtype) == expected
+    model, _ = load_base_model(open_pool(spec), params, Processes(), spec.dtype)
+    assert next(model.parameters()).dtype == getattr(torch, expected)
+
+
+def test_the_oracles_model_is_released_before_the_write(random_pool, tmp_path, monkeypatch):
+    """Peak memory is the larger of solve and write, not their sum: once the solve
+    returns, nothing holds the oracle's model."""
+    import weakref
+
+    from mergekit_fw.solve import runner
+
+    models = []
+
+    def loading(*args, **kwargs):
+        model, tokenizer = load_base_model(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model, tokenizer
+
+    monkeypatch.setattr(runner, "load_base_model", loading)
+    monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
+    result = runner.solve_cached(pool_spec(random_pool, kinds=("lora",)),
+                                 FrankWolfeParameters(calibration=str(random_pool["calibration"]), iterations=2),
+                                 progress=False)
+    assert len(result.trace.iterations) >= 1 and len(models) == 1
+    assert models[0]() is None
+
+
+@pytest.mark.slow
+def test_a_bf16_oracle_takes_the_float32_decisions_on_the_testbed(testbed, tmp_path, monkeypatch):
+    """Measured on the small trained pool (README): the same picks for the first
+    iterations, then near-ties go either way; the same stop, loss and coefficients."""
+    from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
+    from mergekit_fw.integration.stock import solve
+
+    monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
+    spec, params = pool_and_parameters(load_merge_config(testbed.root / "fw.yml"))
+    full, half = (solve(spec, params.model_copy(update={"oracle_dtype": d, "iterations": 30}), progress=False)
+                  for d in ("float32", "bfloat16"))
+    assert full.table.fingerprint != half.table.fingerprint  # two solves, not one reused
+    for a, b in zip(full.trace.iterations[:3], half.trace.iterations[:3]):
+        assert a.choice == b.choice
+    assert abs(len(full.trace.iterations) - len(half.trace.iterations)) <= 3
+    assert abs(half.trace.final_loss - full.trace.final_loss) <= 0.02 * full.trace.final_loss
+    difference = (full.table.coefficients() - half.table.coefficients()).abs()
+    assert float(difference.mean()) < 0.03 and float(difference.max()) < 0.2
