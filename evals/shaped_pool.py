@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -30,9 +31,12 @@ RANKS = (8, 16, 32, 16)  # cycled over the adapters
 _DONE = ".complete"
 
 
-def build_base(folder: Path, *, layers: int = 2, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """Config, tokenizer and one safetensors file, written tensor by tensor (the
-    model is never instantiated, so building needs about one tensor of memory)."""
+def build_base(folder: Path, *, layers: int = 2, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+               shard_bytes: int | None = None) -> Path:
+    """Config, tokenizer and safetensors written tensor by tensor (the model is
+    never instantiated). ``shard_bytes``: shards of at most that size with
+    ``model.safetensors.index.json``, as the hub checkpoints come (Llama-2-7b-hf: two
+    shards under 10 GB), so building holds one shard; else one file."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from testbed.build import SIX as SKILLS, build_tokenizer
@@ -46,30 +50,63 @@ def build_base(folder: Path, *, layers: int = 2, dtype: torch.dtype = torch.bflo
     config.architectures = ["LlamaForCausalLM"]  # mergekit reads the architecture from here
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in LlamaForCausalLM(config).state_dict().items()}
-    generator = torch.Generator().manual_seed(seed)
-    state: Dict[str, torch.Tensor] = {}
+    limit = shard_bytes or sum(torch.Size(shape).numel() * dtype.itemsize for shape in shapes.values())
+    groups: List[List[str]] = [[]]
+    size = 0
     for name, shape in shapes.items():
-        if name.endswith("norm.weight"):
-            state[name] = torch.ones(shape, dtype=dtype)
-        else:
-            state[name] = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    del state
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    generator = torch.Generator().manual_seed(seed)
+    weight_map: Dict[str, str] = {}
+    for number, names in enumerate(groups, start=1):
+        file = "model.safetensors" if len(groups) == 1 else f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        state: Dict[str, torch.Tensor] = {}
+        for name in names:
+            shape = shapes[name]
+            if name.endswith("norm.weight"):
+                state[name] = torch.ones(shape, dtype=dtype)
+            else:
+                state[name] = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+            weight_map[name] = file
+        save_file(state, str(folder / file), metadata={"format": "pt"})
+        del state
+    if len(groups) > 1:
+        total = sum(torch.Size(shape).numel() * dtype.itemsize for shape in shapes.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.save_pretrained(str(folder))
     build_tokenizer(folder, list(SKILLS))
     (folder / _DONE).write_text("")
     return folder
 
 
-def build_adapter(base: Path, folder: Path, *, index: int, layers: int = 2, seed: int = 0) -> Path:
-    """One PEFT LoRA over every linear module, rank from ``RANKS``, fp32 factors."""
+@dataclass(frozen=True)
+class AdapterShape:
+    """What one community LoRA looks like: its modules, rank, scaling and file dtype."""
+
+    targets: Tuple[str, ...] = TARGETS
+    rank: int = 16
+    dtype: torch.dtype = torch.float32
+    rslora: bool = False
+    modules_to_save: Tuple[str, ...] = ()
+
+
+def build_adapter(base: Path, folder: Path, *, index: int, layers: int = 2, seed: int = 0,
+                  shape: AdapterShape | None = None) -> Path:
+    """One PEFT LoRA: by default over every linear module, rank from ``RANKS``, fp32
+    factors; ``shape`` sets modules, rank, rsLoRA, ``modules_to_save`` and file dtype."""
     from peft import LoraConfig
 
     folder = Path(folder)
     if (folder / _DONE).is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    rank = RANKS[index % len(RANKS)]
+    shape = shape or AdapterShape(rank=RANKS[index % len(RANKS)])
+    rank = shape.rank
     hidden, inter = LLAMA_7B_SHAPE["hidden_size"], LLAMA_7B_SHAPE["intermediate_size"]
     dims = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
             "o_proj": (hidden, hidden), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
@@ -77,14 +114,22 @@ def build_adapter(base: Path, folder: Path, *, index: int, layers: int = 2, seed
     generator = torch.Generator().manual_seed(seed * 1000 + index)
     tensors: Dict[str, torch.Tensor] = {}
     for layer in range(layers):
-        for module in TARGETS:
+        for module in shape.targets:
             out_features, in_features = dims[module]
             block = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, in_features, generator=generator)
+                                                  / in_features**0.5).to(shape.dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(out_features, rank, generator=generator) * 0.01).to(shape.dtype)
+    for module in shape.modules_to_save:  # a retrained full module, as PEFT saves it
+        if module != "lm_head":
+            raise ValueError(f"modules_to_save: only lm_head is built, not {module}")
+        head = torch.randn(LLAMA_7B_SHAPE["vocab_size"], hidden, generator=generator) * 0.02
+        tensors["base_model.model.lm_head.weight"] = head.to(shape.dtype)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), base_model_name_or_path=str(base)).save_pretrained(str(folder))
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(shape.targets), use_rslora=shape.rslora,
+               modules_to_save=list(shape.modules_to_save) or None,
+               base_model_name_or_path=str(base)).save_pretrained(str(folder))
     (folder / _DONE).write_text("")
     return folder
 
