@@ -16,10 +16,10 @@ whole fast path against mergekit's ``BASE+LORA`` path, on a LLaMA-7B-shaped
    same against an fsynced copy (the writer fsyncs before publishing), the write
    when only q_proj/v_proj are moved (the commonest community LoRA), and the
    fp32 GEMMs alone (the arithmetic floor of the write on this machine).
-3. ``mergekit-fw run`` against ``mergekit-yaml`` on the same ``frank_wolfe``
-   config, the solve already cached for both (so the path is what is timed:
-   mergekit expands every adapter into a full model in a fresh
-   ``--lora-merge-cache``; the fast path never does). Target >= 5x faster.
+3. ``mergekit-yaml`` against ``mergekit-fw run`` on the same ``frank_wolfe``
+   config, the solve already cached for both (so the path is what is timed: under
+   the hook mergekit plans over the base alone and expands no adapter, so no
+   ``--lora-merge-cache`` is given). Target: ``mergekit-yaml`` within 1.2x.
 
 Every figure is the median of ``--repeats`` runs within this one run of the script.
 """
@@ -112,12 +112,12 @@ def main() -> None:
     config_file.write_text(yaml.safe_dump(fw_config(pool_dirs, iterations=3, step="schedule")))
     spec, params = pool_and_parameters(load_merge_config(config_file))
     pool = open_pool(spec)
-    model, tokenizer = load_base_model(pool, params, Processes())
+    model, tokenizer = load_base_model(pool, params, Processes(), spec.dtype)
     calibration = build_calibration(pool_dirs["calibration"], tokenizer, samples_per_task=params.samples_per_task,
                                     batch_size=params.batch_size, max_length=params.max_length)
     tokens = int(sum(int(b.attention_mask.sum()) for b in calibration.batches))
     results: dict = {"machine": machine(), "adapters": args.adapters, "repeats": args.repeats,
-                     "calibration_tokens": tokens, "dtype": params.oracle_dtype}
+                     "calibration_tokens": tokens, "dtype": params.oracle_dtype_for(spec.dtype)}
 
     # 1a. bare forward + backward of the base
     weights = position_weights(calibration)
@@ -199,10 +199,9 @@ def main() -> None:
     for _ in range(args.repeats):
         fast_runs.append(measured(fast_argv, env)[1])
         shutil.rmtree(work / "fast")
-        lora_cache = work / "lora-cache"
-        argv = ["mergekit-yaml", str(config_file), str(work / "slow"), "--lora-merge-cache", str(lora_cache), "--quiet"]
+        argv = ["mergekit-yaml", str(config_file), str(work / "slow"), "--quiet"]
         mergekit_runs.append(measured(argv, env)[1])
-        shutil.rmtree(work / "slow"), shutil.rmtree(lora_cache)
+        shutil.rmtree(work / "slow")
     results["fast_path_s"], results["fast_path_runs"] = median(fast_runs), fast_runs
     results["mergekit_path_s"], results["mergekit_path_runs"] = median(mergekit_runs), mergekit_runs
     results["path_speedup"] = results["mergekit_path_s"] / results["fast_path_s"]
@@ -238,8 +237,8 @@ def main() -> None:
         f"<= 1.5: {verdict(r['write_qv_ratio'] <= 1.5)} |",
         f"| of which unavoidable: the fp32 low-rank GEMMs alone (all 7 modules) | {r['lowrank_gemm_s']:.2f} | "
         f"plain copy {r['plain_copy_s']:.2f} s | {r['lowrank_gemm_s'] / r['plain_copy_s']:.2f} | (floor) |",
-        f"| `mergekit-fw run` (solve cached) | {r['fast_path_s']:.1f} | `mergekit-yaml` {r['mergekit_path_s']:.1f} s | "
-        f"{r['path_speedup']:.1f}x faster | >= 5x: {verdict(r['path_speedup'] >= 5)} |",
+        f"| `mergekit-yaml` (solve cached, no LoRA cache) | {r['mergekit_path_s']:.1f} | `mergekit-fw run` "
+        f"{r['fast_path_s']:.1f} s | {r['path_speedup']:.2f}x | <= 1.2x: {verdict(r['path_speedup'] <= 1.2)} |",
         "",
     ])
     write_results("bench_speed", results, markdown)
