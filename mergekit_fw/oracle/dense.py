@@ -91,11 +91,24 @@ class DenseMix:
             grad = self.params[name].grad
             if grad is None:
                 continue
-            grad = grad.to("cpu", torch.float64)
             for k, (_, candidate) in enumerate(self.candidates):
                 if name in self._touches[k]:
-                    stored = candidate.delta(name, self.base[name])
-                    assert stored is not None  # the candidate touches this tensor
-                    delta = stored.to(torch.float64)
-                    out[k, column] = torch.sum(grad * delta)
+                    delta = candidate.delta(name, self.base[name])
+                    assert delta is not None  # the candidate touches this tensor
+                    out[k, column] = dot64(grad, delta)
         return out
+
+
+DOT_BLOCK = 1 << 22
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum(a * b)`` accumulated in float64 on the CPU, a block at a time: whole
+    float64 copies of an embedding-sized gradient and delta (and their product)
+    would be 3 GB for a 7B's ``lm_head``, more than the rest of the oracle."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, a.numel(), DOT_BLOCK):
+        block = slice(start, start + DOT_BLOCK)
+        total += torch.sum(a[block].to("cpu", torch.float64) * b[block].to("cpu", torch.float64))
+    return total

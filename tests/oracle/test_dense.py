@@ -1,3 +1,5 @@
+import torch
+
 from tests.oracle.helpers import assert_scores_match_brute_force
 
 
@@ -44,3 +46,19 @@ def test_modules_to_save_scores_equal_brute_force(random_pool):
 
 def test_modules_to_save_with_checkpoints_equal_brute_force(random_pool):
     assert_scores_match_brute_force(random_pool, ("lora", "saved", "dense"), seed=7, scale=0.3)
+
+
+def test_blocked_float64_dot_equals_the_whole_product(monkeypatch):
+    """Scores of embedding-sized tensors are summed a block at a time (a 7B's lm_head
+    would need 3 GB of float64 copies at once); the sum is the same."""
+    from mergekit_fw.oracle import dense
+
+    monkeypatch.setattr(dense, "DOT_BLOCK", 1000)
+    torch.manual_seed(0)
+    grad = torch.randn(97, 61, dtype=torch.bfloat16)  # 5917 entries: 5 full blocks and a ragged one
+    delta = torch.randn(97, 61, dtype=torch.float32)
+    whole = torch.sum(grad.to(torch.float64) * delta.to(torch.float64))
+    blocked = dense.dot64(grad, delta)
+    assert blocked.dtype == torch.float64
+    assert abs(float(blocked - whole)) <= 1e-12 * float(torch.sum((grad.double() * delta.double()).abs()))
+    assert float(dense.dot64(grad, torch.zeros_like(delta))) == 0.0
