@@ -24,6 +24,7 @@ from mergekit_fw.objective import batch_loss, position_weights
 from mergekit_fw.oracle.dense import DenseMix
 from mergekit_fw.oracle.lora import LoraGates, input_device
 from mergekit_fw.pool.pool import Pool
+from mergekit_fw.pool.rows import delta_norm
 
 LOG = logging.getLogger(__name__)
 
@@ -217,13 +218,9 @@ class Oracle:
         if self._norms is None:
             norms = torch.zeros(len(self.pool.candidates), len(self.tensors), dtype=torch.float64)
             for column, name in enumerate(self.tensors):
-                base = None
                 for row, candidate in enumerate(self.pool.candidates):
-                    if name not in candidate.tensor_names():
-                        continue
-                    if base is None and not candidate.is_low_rank(name):
-                        base = self.pool.base_index.get(name)
-                    norms[row, column] = candidate.delta_norm(name, base)
+                    if name in candidate.tensor_names():
+                        norms[row, column] = delta_norm(candidate, name, self.pool.base_index)
             self._norms = norms
         return self._norms
 

@@ -3,21 +3,23 @@
 Used for full-checkpoint candidates, and for every candidate when the merge
 function is not a plain weighted sum (``ties``). The model's weights hold the
 dense part of the current iterate, ``MergeFn(W0, {delta_j}, {c[j, l]})`` per
-tensor, rebuilt one tensor at a time. After one backward pass the gradient of
+tensor, rebuilt one tensor (and one block of its rows) at a time. After one backward pass the gradient of
 every moved tensor is on its parameter; each candidate's delta is then produced
-one at a time (read from safetensors, or a LoRA's low-rank product) and dotted
-with it, so resident memory does not grow with the number of candidates.
+a block of rows at a time (read from safetensors, or a LoRA's low-rank
+product) and dotted with it, so resident memory does not grow with the number of candidates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 
 from mergekit_fw.merge_fn import MergeFunction, compute_dtype, convex_merge
 from mergekit_fw.pool.candidates import Candidate
+from mergekit_fw.pool.rows import delta_rows, row_blocks, tensor_rows
 
 
 class DenseMix:
@@ -56,22 +58,45 @@ class DenseMix:
         self.base = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
 
     def set(self, coefficients: torch.Tensor) -> None:
-        """Write ``MergeFn(W0, deltas, c[:, l])`` into the model, one tensor at a time."""
+        """Write ``MergeFn(W0, deltas, c[:, l])`` into the model, one tensor at a time
+        (under ``convex`` a block of rows at a time: no whole float32 copy of an
+        embedding-sized base or delta)."""
         with torch.no_grad():
             for column in self.columns:
                 name = self.tensors[column]
                 base = self.base[name]
+                present = [
+                    (candidate, float(coefficients[row, column]))
+                    for k, (row, candidate) in enumerate(self.candidates)
+                    if name in self._touches[k] and float(coefficients[row, column]) != 0.0
+                ]
+                if self.merge is convex_merge and base.dim() > 0:
+                    self._set_rows(name, base, present)
+                    continue
                 dtype = compute_dtype(base)
-                deltas, weights = [], []
-                for k, (row, candidate) in enumerate(self.candidates):
-                    weight = float(coefficients[row, column])
-                    if weight != 0.0 and name in self._touches[k]:
-                        delta = candidate.delta(name, base)
-                        assert delta is not None  # the candidate touches this tensor
-                        deltas.append(delta.to(dtype))
-                        weights.append(weight)
-                merged = self.merge(name, base.to(dtype), deltas, weights) if deltas else base
+                deltas = []
+                for candidate, _ in present:
+                    delta = candidate.delta(name, base)
+                    assert delta is not None  # every candidate here touches this tensor
+                    deltas.append(delta.to(dtype))
+                merged = self.merge(name, base.to(dtype), deltas, [w for _, w in present]) if deltas else base
                 self.params[name].copy_(merged.to(base.dtype))
+
+    def _set_rows(self, name: str, base: torch.Tensor, present: list[tuple[Candidate, float]]) -> None:
+        """``convex_merge`` row block by row block: the same additions in the same
+        order, so the same values as the whole-tensor merge."""
+        dtype = compute_dtype(base)
+        param = self.params[name]
+        with ExitStack() as stack:
+            deltas = [
+                (stack.enter_context(delta_rows(candidate, name, tensor_rows(base), dtype)), weight)
+                for candidate, weight in present
+            ]
+            for start, stop in row_blocks(base.shape):
+                block = base[start:stop].to(dtype, copy=True)
+                for rows, weight in deltas:
+                    block.add_(rows(start, stop), alpha=weight)
+                param[start:stop].copy_(block.to(base.dtype))
 
     def require_grad(self, flag: bool) -> None:
         for p in self.params.values():
@@ -84,18 +109,28 @@ class DenseMix:
             p.grad = None
 
     def scores(self) -> torch.Tensor:
-        """<grad_l, delta_j[l]> for every candidate j here and tensor l."""
+        """<grad_l, delta_j[l]> for every candidate j here and tensor l, a block of
+        rows at a time."""
         out = torch.zeros(len(self.candidates), len(self.tensors), dtype=torch.float64)
         for column in self.columns:
             name = self.tensors[column]
             grad = self.params[name].grad
             if grad is None:
                 continue
+            base = self.base[name]
             for k, (_, candidate) in enumerate(self.candidates):
-                if name in self._touches[k]:
-                    delta = candidate.delta(name, self.base[name])
+                if name not in self._touches[k]:
+                    continue
+                if base.dim() == 0:
+                    delta = candidate.delta(name, base)
                     assert delta is not None  # the candidate touches this tensor
                     out[k, column] = dot64(grad, delta)
+                    continue
+                with delta_rows(candidate, name, tensor_rows(base), compute_dtype(base)) as deltas:
+                    out[k, column] = sum(
+                        (dot64(grad[start:stop], deltas(start, stop)) for start, stop in row_blocks(base.shape)),
+                        torch.zeros((), dtype=torch.float64),
+                    )
         return out
 
 

@@ -21,7 +21,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from mergekit_fw.merge_fn import (
@@ -32,15 +31,15 @@ from mergekit_fw.merge_fn import (
     merge_function,
     single_vertex,
 )
-from mergekit_fw.pool.candidates import Candidate, DenseCandidate, LoraCandidate, SafetensorsIndex
+from mergekit_fw.pool.candidates import Candidate, DenseCandidate, LoraCandidate
 from mergekit_fw.pool.pool import Pool
+from mergekit_fw.pool.rows import row_blocks, stored_rows, value_rows
 from mergekit_fw.pool.safetensors_io import (
     ShardedSafetensorsWriter,
     StoredTensor,
     TensorSpec,
     fsync_folder,
 )
-from mergekit_fw.pool.vocab import align_rows
 from mergekit_fw.solve.table import CoefficientTable
 
 LOG = logging.getLogger(__name__)
@@ -78,28 +77,6 @@ def _deltas(present: list[tuple[Candidate, float]], name: str, base: torch.Tenso
     return [d for d in deltas if d is not None]
 
 
-_BLOCK_ELEMENTS = 1 << 22  # 16 MiB of float32 per row block: cache-friendly, no page-fault churn
-
-
-@contextmanager
-def _row_reader(candidate_or_base, name: str, base_rows=None) -> Iterator[Callable[[int, int], torch.Tensor]]:
-    """``rows(start, stop)`` of a stored tensor, read without loading the rest (a
-    vocabulary-aligned tensor is read whole once: its rows are gathered by token)."""
-    if isinstance(candidate_or_base, SafetensorsIndex):
-        path, key = candidate_or_base.files[name], name
-    else:
-        path, key = candidate_or_base.source_of(name)
-        index = getattr(candidate_or_base, "vocab_maps", {}).get(name)
-        if index is not None:
-            with safe_open(str(path), framework="pt") as handle:
-                value = handle.get_tensor(key)
-            yield lambda start, stop: align_rows(value, index[start:stop], base_rows(start, stop))
-            return
-    with safe_open(str(path), framework="pt") as handle:
-        stored = handle.get_slice(key)
-        yield lambda start, stop: stored[start:stop]
-
-
 def convex_blocks(pool: Pool, name: str, present: list[tuple[Candidate, float]]) -> Iterator[torch.Tensor]:
     """Row blocks of ``base + sum_i c_i delta_i`` in the compute dtype.
 
@@ -122,17 +99,12 @@ def convex_blocks(pool: Pool, name: str, present: list[tuple[Candidate, float]])
         A = torch.cat([f.A.to(dtype) for f, _ in loras], dim=0)
         for factors in fresh:  # read for this tensor only: the pool's factors do not stay resident
             factors.release()
-    width = 1
-    for size in shape[1:]:
-        width *= size
-    step = max(1, _BLOCK_ELEMENTS // max(width, 1))
     with ExitStack() as stack:
-        base_rows = stack.enter_context(_row_reader(pool.base_index, name))
+        base_rows = stack.enter_context(stored_rows(pool.base_index, name))
         dense = [
-            (stack.enter_context(_row_reader(c, name, base_rows)), w) for c, w in present if not c.is_low_rank(name)
+            (stack.enter_context(value_rows(c, name, base_rows)), w) for c, w in present if not c.is_low_rank(name)
         ]
-        for start in range(0, shape[0], step):
-            stop = min(start + step, shape[0])
+        for start, stop in row_blocks(shape):
             base = base_rows(start, stop).to(dtype)
             merged = base.clone()
             if B is not None and A is not None:
@@ -153,8 +125,15 @@ def merged_tensor(
     if vertex is not None:
         return vertex.index.get(name)  # exactly the stored vertex
     if merge is convex_merge:
-        blocks = list(convex_blocks(pool, name, present))
-        return blocks[0] if base.dim() == 0 else torch.cat(blocks)
+        if base.dim() == 0:
+            return next(convex_blocks(pool, name, present))
+        # filled in place: a list of blocks and their concatenation would hold it twice
+        merged = torch.empty(base.shape, dtype=compute_dtype(base))
+        start = 0
+        for block in convex_blocks(pool, name, present):
+            merged[start : start + block.shape[0]] = block
+            start += block.shape[0]
+        return merged
     dtype = compute_dtype(base)
     deltas = [delta.to(dtype) for delta in _deltas(present, name, base)]
     return merge(name, base.to(dtype), deltas, [weight for _, weight in present])

@@ -200,13 +200,6 @@ class LoraCandidate:
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         return value.to(dtype) - base.to(dtype)
 
-    def delta_norm(self, tensor: str, base: torch.Tensor | None = None) -> float:
-        factors = self.factors.get(tensor)
-        if factors is not None:
-            return factors.frobenius_norm()
-        delta = self.delta(tensor, base)
-        return 0.0 if delta is None else float(torch.linalg.vector_norm(delta.to(torch.float64)))
-
     def files(self) -> list[Path]:
         return [self.adapter_dir / "adapter_config.json", self.weights_file]
 
@@ -247,10 +240,6 @@ class DenseCandidate:
         if tensor in self.vocab_maps:
             value = align_rows(value, self.vocab_maps[tensor], base)
         return value.to(dtype) - base.to(dtype)
-
-    def delta_norm(self, tensor: str, base: torch.Tensor | None) -> float:
-        delta = self.delta(tensor, base)
-        return 0.0 if delta is None else float(torch.linalg.vector_norm(delta.to(torch.float64)))
 
     def files(self) -> list[Path]:
         return [self.folder / "config.json", *self.index.weight_files()]

@@ -29,6 +29,7 @@ from mergekit_fw.files import file_fingerprint, fingerprint, write_json_atomic
 from mergekit_fw.pool.candidates import Candidate, LoraCandidate, SafetensorsIndex
 from mergekit_fw.pool.pool import Pool, load_candidate, open_base
 from mergekit_fw.pool.references import PoolError, PoolSpec
+from mergekit_fw.pool.rows import delta_norm as candidate_delta_norm
 
 LOG = logging.getLogger(__name__)
 OUTLIER_RATIO = 4.0
@@ -158,7 +159,7 @@ def _norms(candidate: Candidate, pool_base: SafetensorsIndex) -> tuple[dict[str,
         low_rank = candidate.is_low_rank(tensor)
         factors = candidate.factors[tensor] if low_rank else None  # type: ignore[union-attr]
         was_loaded = factors is not None and factors.loaded
-        delta_norm = candidate.delta_norm(tensor, None if low_rank else pool_base.get(tensor))
+        delta_norm = candidate_delta_norm(candidate, tensor, pool_base)
         if factors is not None and not was_loaded:
             factors.release()  # checked, not kept: memory must not grow with the pool
         if not math.isfinite(delta_norm):

@@ -62,3 +62,13 @@ def test_blocked_float64_dot_equals_the_whole_product(monkeypatch):
     assert blocked.dtype == torch.float64
     assert abs(float(blocked - whole)) <= 1e-12 * float(torch.sum((grad.double() * delta.double()).abs()))
     assert float(dense.dot64(grad, torch.zeros_like(delta))) == 0.0
+
+
+def test_scores_in_small_row_blocks_equal_brute_force(random_pool, monkeypatch):
+    """The dense merge and scores go a block of rows at a time (a 7B's lm_head in
+    whole float32 copies was most of the oracle's memory); with blocks of a few
+    rows, so that every matrix spans many, the numbers are those of the brute force."""
+    from mergekit_fw.pool import rows
+
+    monkeypatch.setattr(rows, "BLOCK_ELEMENTS", 40)
+    assert_scores_match_brute_force(random_pool, ("lora", "saved", "dense"), seed=8, scale=0.3)
