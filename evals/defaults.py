@@ -29,7 +29,7 @@ REFERENCE = "supervised"
 # and every candidate for new defaults
 METHODS = (
     "supervised", "supervised_fw_budget", "task_arithmetic", "fw_hard_layer", "fw_hard_layer_init_ta_calibrated",
-    "fw_box", "fw_box_30", "fw_box_pairwise_30", "fw_box_pairwise_30_init_ta_calibrated", "fw_box_arc_30", "fw_scaled_hull_2",
+    "fw_box", "fw_box_30", "fw_box_pairwise_30", "fw_box_pairwise_30_init_ta_calibrated", "fw_box_arc_30", "fw_box_arc_adaptive_30", "fw_scaled_hull_2",
     "fw_scaled_hull_4", "fw_pairwise", "pg_box", "pg_hull", "sfw_box", "sfw_hull",
 )
 EXPERIMENTS: dict[str, Callable[[dict], str]] = {  # stem -> how a record names its cell

@@ -277,14 +277,7 @@ def fw_method(**parameters: object) -> Producer:
 
     def produce(cell: Cell, out: Path, work: Workspace) -> Produced:
         params = {"calibration": str(work.calibration(cell)), "samples_per_task": cell.per_task,
-                  "seed": work.seed, "cache_dir": str(work.folder("fw_cache")), **parameters}
-        # the rows name every setting they rely on, so that a change of mergekit-fw's
-        # defaults does not change what a row (and its cached record) means
-        params.setdefault("constraint", "hull")
-        if params.get("solver", "frank_wolfe") == "frank_wolfe":
-            for name, value in PAPER_FW.items():
-                if not (name == "step" and params.get("variant") == "soft"):  # soft FW has no step rule
-                    params.setdefault(name, value)
+                  "seed": work.seed, "cache_dir": str(work.folder("fw_cache")), **row_settings(parameters)}
         init, init_weight = params.get("init"), None
         if init in ("ta", "ta_calibrated", "linear"):
             if init == "ta":
@@ -312,7 +305,37 @@ def fw_method(**parameters: object) -> Producer:
                               "spend": dict(trace.get("passes", {})),
                               "mean_coefficients": _mean_coefficients(table)})
 
+    produce.settings = row_settings(parameters)  # type: ignore[attr-defined]  # read by defaults_row()
     return produce
+
+
+def row_settings(parameters: Dict[str, object]) -> Dict[str, object]:
+    """A Frank-Wolfe row's solver settings: the ones it names, and the paper's for the
+    rest. The rows name every setting they rely on, so that a change of mergekit-fw's
+    defaults does not change what a row (and its cached record) means."""
+    params = dict(parameters)
+    params.setdefault("constraint", "hull")
+    if params.get("solver", "frank_wolfe") == "frank_wolfe":
+        for name, value in PAPER_FW.items():
+            if not (name == "step" and params.get("variant") == "soft"):  # soft FW has no step rule
+                params.setdefault(name, value)
+    return params
+
+
+def defaults_row() -> Optional[str]:
+    """The row that runs what a user gets from ``merge_method: frank_wolfe`` with nothing
+    set: the first whose every setting equals mergekit-fw's current default (read from
+    the config class, so result tables follow a change of defaults)."""
+    from mergekit_fw.config import FrankWolfeParameters
+
+    fields = FrankWolfeParameters.model_fields
+    for registry in (METHODS, ABLATIONS, ENTROPY, BEYOND):
+        for candidate in registry.values():
+            settings = getattr(candidate.produce, "settings", None)
+            if settings is not None and all(
+                    name in fields and fields[name].default == value for name, value in settings.items()):
+                return candidate.name
+    return None
 
 
 def _mean_coefficients(table: dict) -> Dict[str, float]:
@@ -506,6 +529,13 @@ BEYOND: Dict[str, Method] = {
                fw_method(variant="hard", lmo="layer", constraint="box", direction="projected_pairwise",
                          step="quadratic", iterations=30, epsilon_relative=0.01),
                "FW box, projected pairwise, quadratic step, <= 30 iterations"),
+        # Added after the full testbed showed the arc's quadratic step spending about 5 forward
+        # passes an iteration (the parabola through gamma = 1 overshoots a bent path): the
+        # curvature carried from the last step instead.
+        Method("fw_box_arc_adaptive_30", "frank-wolfe",
+               fw_method(variant="hard", lmo="layer", constraint="box", direction="projected_pairwise",
+                         step="adaptive", iterations=30, epsilon_relative=0.01),
+               "FW box, projected pairwise, adaptive step, <= 30 iterations"),
         # mergekit-fw's projected-gradient solver at its defaults (200 Adam steps of one batch
         # per task: at 100 rows a task, 32 gradient passes and 2 forward, under FW's default
         # spend), in the box where the supervised baseline learns and in the paper's hull.

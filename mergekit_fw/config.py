@@ -55,7 +55,7 @@ SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 SOLVER_SPECIFIC = frozenset(name for names in SOLVER_SETTINGS.values() for name in names)
 # the step rules that search gamma on the loss, which away and pairwise steps need
-SEARCHED_STEPS = ("line_search", "quadratic")
+SEARCHED_STEPS = ("line_search", "quadratic", "adaptive")
 
 
 class FrankWolfeParameters(BaseModel):
@@ -155,12 +155,15 @@ class FrankWolfeParameters(BaseModel):
         "iteration's (0: off); the gap's scale depends on the loss and the pool, the fraction does "
         "not, so iterations becomes a cap.",
     )
-    step: Literal["line_search", "quadratic", "schedule", "fixed"] = Field(
+    step: Literal["line_search", "quadratic", "adaptive", "schedule", "fixed"] = Field(
         "quadratic",
         description="Hard FW step size: 'line_search' (golden-section search of gamma in [0, 1] on "
         "the calibration loss; never increases it), 'quadratic' (a parabola through the known loss "
         "and slope at gamma = 0 and the loss at gamma = 1, its minimiser tried next, halved until the "
-        "loss falls: usually 2 forward passes; never increases it), 'schedule' (gamma = 2 / (t + 2)) "
+        "loss falls: usually 2 forward passes; never increases it), 'adaptive' (the quadratic rule "
+        "with its first trial at the minimiser for the last step's curvature, taken at once when the "
+        "refitted parabola agrees within 25%: 1-2 forward passes; never increases it), "
+        "'schedule' (gamma = 2 / (t + 2)) "
         "or 'fixed' (gamma_t = gamma / (t + 2), the authors' published rule).",
     )
     direction: Literal["frank_wolfe", "away", "pairwise", "projected_pairwise"] = Field(
@@ -171,14 +174,15 @@ class FrankWolfeParameters(BaseModel):
         "zig-zags. 'projected_pairwise' follows the pairwise direction along the set's projection, "
         "so a coefficient that reaches its bound stops there and the others go on (in the box the "
         "straight step stops at the first bound). All but 'frank_wolfe' need a searched step "
-        "(line_search or quadratic), so where the step is 'schedule' or 'fixed', or the variant "
+        "(line_search, quadratic or adaptive), so where the step is 'schedule' or 'fixed', or the variant "
         "'soft', the default is 'frank_wolfe'.",
     )
     line_search_steps: int = Field(
         8,
         ge=2,
         le=64,
-        description="Loss evaluations of the golden-section line search; step quadratic: the most it may spend.",
+        description="Loss evaluations of the golden-section line search; step quadratic or adaptive: the "
+        "most it may spend.",
     )
     gamma: float = Field(
         0.06,
@@ -321,12 +325,12 @@ class FrankWolfeParameters(BaseModel):
             )
         if self.direction != "frank_wolfe" and (self.variant != "hard" or self.step not in SEARCHED_STEPS):
             raise ValueError(
-                f"direction {self.direction} needs variant: hard and step: line_search or quadratic (its "
+                f"direction {self.direction} needs variant: hard and step: line_search, quadratic or adaptive (its "
                 f"largest step depends on the iterate); variant is {self.variant!r}, step {self.step!r}"
             )
-        if "line_search_steps" in given and self.step not in ("line_search", "quadratic"):
+        if "line_search_steps" in given and self.step not in SEARCHED_STEPS:
             raise ValueError(
-                f"line_search_steps needs step: line_search or quadratic (it only tunes the line search); "
+                f"line_search_steps needs step: line_search, quadratic or adaptive (it only tunes the line search); "
                 f"step is {self.step!r}"
             )
         for name, (other, needed, why) in only.items():

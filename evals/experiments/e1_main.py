@@ -8,14 +8,15 @@ from typing import Dict, List, Tuple
 from evals.experiments.cli import main
 from evals.experiments.common import Context, individual_record, records_of, run_cells, write_experiment
 from evals.experiments.seeds import Stats, bar_figure, bar_table, collect, holds, shown
-from evals.methods import MAIN, method
+from evals.methods import MAIN, defaults_row, method
 
 STEM = "exp1_main"
-DEFAULT_FW = "fw_hard_layer"  # merge_method: frank_wolfe at its defaults
+PAPER_FW = "fw_hard_layer"  # the paper's Frank-Wolfe (mergekit-fw's defaults before issue 17)
+DEFAULT_FW = defaults_row() or PAPER_FW  # merge_method: frank_wolfe with nothing set, today
 RIVALS = ("supervised", "lorahub", "lorahub_cma")  # the goal: FW at its defaults at or above these
 # issue 17's candidates for new defaults (the rest of evals.methods.BEYOND is in experiment 6,
 # on the same cell; one figure tells at most 30 methods apart)
-CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_30",
+CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30",
                       "pg_box", "pg_hull", "sfw_box")
 
 
@@ -63,7 +64,7 @@ def summarize(per_seed: Dict[int, dict], figure: Path) -> Tuple[str, List[Stats]
         "- At equal passes (forward-pass equivalents, a gradient pass counting 3), against the supervised "
         "baseline on the same labels:\n"
         f"  - AdaMerging's budget (500 steps of 16 rows a task): {versus(stats, 'fw_hard_layer_ada_budget', 'supervised')}.\n"
-        f"  - FW's budget (10 iterations, 8-pass line searches): {versus(stats, DEFAULT_FW, 'supervised_fw_budget')}.\n"
+        f"  - the paper's FW budget (10 iterations, 8-pass line searches): {versus(stats, PAPER_FW, 'supervised_fw_budget')}.\n"
     )
     bar_figure(figure, stats, f"Experiment 1: {len(members)}-member pool")
     return text, stats

@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 from evals.experiments.cli import main
 from evals.experiments.common import Context, records_of, run_cells, write_experiment
 from evals.experiments.seeds import Stats, collect, line_figure, series_table
-from evals.methods import BEYOND, SCALING, method
+from evals.methods import BEYOND, SCALING, defaults_row, method
 
 STEM = "exp3_relevant"
 # Added after every method, FW included, fell as k grew on the full testbed. Frank-Wolfe's hull
@@ -49,7 +49,7 @@ def summarize(per_seed: Dict[int, dict], figure: Path) -> Tuple[str, List[Stats]
     return text, stats
 
 
-DEFAULTS = "fw_hard_layer"  # merge_method: frank_wolfe with nothing set
+DEFAULTS = defaults_row() or "fw_hard_layer"  # merge_method: frank_wolfe with nothing set, today
 
 
 def ours(name: str) -> bool:

@@ -13,7 +13,7 @@ from evals.methods import SCALING, method
 STEM = "exp4_noisy"
 # issue 17's candidates for new defaults: does a set that lets any member in at full strength
 # (the box) still keep the misinitialised adapters out?
-CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "fw_box_arc_30", "pg_box", "sfw_box")
+CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30", "pg_box", "sfw_box")
 
 
 def run(ctx: Context) -> Path:

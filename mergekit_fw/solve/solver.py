@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_fw.config import FrankWolfeParameters
+from mergekit_fw.config import SEARCHED_STEPS, FrankWolfeParameters
 from mergekit_fw.files import write_json_atomic
 from mergekit_fw.solve.constraints import ConstraintSet, describe, fw_gap, gain
 from mergekit_fw.solve.directions import Direction, choose
 from mergekit_fw.solve.lmo import ranking, vertex_norms, vertex_scores
 from mergekit_fw.solve.soft import solve_inner, unique_points
-from mergekit_fw.solve.steps import fixed, golden_section, quadratic, schedule
+from mergekit_fw.solve.steps import adaptive, fixed, golden_section, quadratic, schedule
 from mergekit_fw.solve.table import CoefficientTable
 
 if TYPE_CHECKING:  # the oracle's result type; the solver itself only calls a LossOracle
@@ -68,6 +68,8 @@ class IterationRecord:
     passes: dict[str, float] = field(default_factory=dict)  # whole passes for FW; fractions per stochastic step
     # hard FW: the step taken (frank_wolfe, away or pairwise); soft FW: soft; a stochastic solver: its name
     direction: str = "frank_wolfe"
+    # step adaptive: the curvature estimate carried to the next iteration (None: measure it)
+    curvature: float | None = None
 
 
 @dataclass
@@ -162,16 +164,24 @@ def _search(
     move: Direction,
     loss: float,
     params: FrankWolfeParameters,
-) -> tuple[float, float, list[tuple[float, float]]]:
-    """The searched step rules along ``move`` on [0, its largest feasible step]."""
+    curvature: float | None = None,
+) -> tuple[float, float, list[tuple[float, float]], float | None]:
+    """The searched step rules along ``move`` on [0, its largest feasible step];
+    ``curvature``: step adaptive's estimate, carried in and out."""
 
     def phi(g: float) -> float:
         return evaluate.loss(move.at(constraint, anchor, g))
 
     if params.step == "line_search":
-        return golden_section(phi, loss, params.line_search_steps, top=move.top)
+        return (*golden_section(phi, loss, params.line_search_steps, top=move.top), curvature)
     # the slope at gamma = 0 is <g, d>: known from the scores, without a pass
-    return quadratic(phi, loss, move.slope, params.line_search_steps, top=move.top)
+    if params.step == "adaptive":
+        sq_norm = float(torch.sum(move.vector.to(torch.float64) ** 2))
+        searched, curvature = adaptive(
+            phi, loss, move.slope, sq_norm, curvature, params.line_search_steps, top=move.top
+        )
+        return (*searched, curvature)
+    return (*quadratic(phi, loss, move.slope, params.line_search_steps, top=move.top), curvature)
 
 
 def _soft_points(
@@ -218,6 +228,8 @@ def solve(
         return ranking(vscores, params.lmo, params.lmo_score, norms)
 
     start = len(trace.iterations)
+    # step adaptive's curvature estimate: a resumed solve goes on with the one it had
+    curvature = trace.iterations[-1].curvature if trace.iterations else None
     bar = tqdm(total=params.iterations, initial=start, desc=f"frank-wolfe ({params.variant})", disable=not progress)
     for t in range(start, params.iterations):
         tick = time.perf_counter()
@@ -267,11 +279,15 @@ def solve(
             table.weights = inner.weights  # a mix of feasible points: feasible as it is
         else:
             move = choose(params.direction, constraint, table.weights, vscores, rank_of(vscores), best)
-            if params.step in ("line_search", "quadratic"):
-                gamma, loss_after, searched = _search(evaluate, constraint, table.weights, move, loss, params)
+            if params.step in SEARCHED_STEPS:
+                gamma, loss_after, searched, curvature = _search(
+                    evaluate, constraint, table.weights, move, loss, params, curvature
+                )
                 if gamma == 0.0 and move.kind != "frank_wolfe":  # the away point gave nothing: plain FW decides
                     move = choose("frank_wolfe", constraint, table.weights, vscores, rank_of(vscores), best)
-                    gamma, loss_after, more = _search(evaluate, constraint, table.weights, move, loss, params)
+                    gamma, loss_after, more, curvature = _search(
+                        evaluate, constraint, table.weights, move, loss, params, curvature
+                    )
                     searched += more
                 stop = "line search found no decrease" if gamma == 0.0 else None
             else:
@@ -297,6 +313,7 @@ def solve(
             inner=inner_steps,
             passes={k: v - spent_before[k] for k, v in evaluate.spent().items()},
             direction=taken,
+            curvature=curvature if params.step == "adaptive" else None,
         )
         trace.iterations.append(record)
         for kind, n in record.passes.items():

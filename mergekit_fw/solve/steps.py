@@ -4,8 +4,10 @@
 pass over the calibration set, the cost that matters. ``phi(0)`` is known (the
 iteration's own loss) and so is its slope ``phi'(0) = <g, d>`` (minus the LMO's
 gain): the quadratic rule uses both and usually needs two passes where the
-golden-section search needs eight. Every searched rule returns the best point it saw
-with gamma = 0 among them, so a step never raises the loss.
+golden-section search needs eight; the adaptive rule places its first trial by the
+curvature of the last step and often needs one. Every searched rule
+returns the best point it saw with gamma = 0 among them, so a step never raises the
+loss.
 """
 
 from __future__ import annotations
@@ -77,3 +79,46 @@ def quadratic(phi: Phi, f0: float, slope: float, evaluations: int, top: float = 
             break
         gamma /= 2.0
     return f.best()
+
+
+def adaptive(
+    phi: Phi,
+    f0: float,
+    slope: float,
+    sq_norm: float,
+    curvature: float | None,
+    evaluations: int,
+    top: float = 1.0,
+    *,
+    tolerance: float = 0.25,
+) -> tuple[Searched, float | None]:
+    """The quadratic rule with its first trial placed by the curvature carried from
+    the last step (after Pedregosa, Negiar, Askari and Jaggi 2020's adaptive step).
+
+    ``curvature`` ``L`` is per unit of ``|d|^2`` (``sq_norm``), so it carries over
+    between directions of different lengths: the first trial is the minimiser of
+    ``f0 + gamma slope + L gamma^2 |d|^2 / 2``. The parabola through ``(0, f0)`` with
+    slope ``slope`` and that trial is fitted; when the trial lowered the loss and lies
+    within ``tolerance`` of the fit's minimiser (then it has at least
+    ``1 - tolerance^2`` of the parabola's decrease) it is taken after one forward pass.
+    Otherwise the fit's minimiser is tried next and halved while the loss does not fall,
+    as the quadratic rule does. Where there is no estimate yet the first trial is
+    ``top``, which is the quadratic rule itself. Returns the searched result and the
+    curvature of the last fit, to carry (None where the loss curved down)."""
+    f = _Memo(phi, f0)
+    if slope >= 0 or evaluations < 1 or sq_norm <= 0:
+        return f.best(), curvature
+    known = curvature is not None and math.isfinite(curvature) and curvature > 0
+    trial = min(top, -slope / (curvature * sq_norm)) if known else top  # type: ignore[operator]
+    value = f(trial)
+    bend = (value - f0 - slope * trial) / (trial * trial)
+    fitted = min(top, -slope / (2 * bend)) if bend > 0 else top
+    carried = 2.0 * bend / sq_norm if bend > 0 else None
+    if value < f0 and abs(fitted - trial) <= tolerance * trial:
+        return f.best(), carried
+    gamma = fitted
+    while len(f.seen) - 1 < evaluations and gamma > 0:
+        if f(gamma) < f0:
+            break
+        gamma /= 2.0
+    return f.best(), carried

@@ -152,3 +152,20 @@ def test_task_arithmetic_picks_lambda_once_per_cell(tiny_pool, work, monkeypatch
     assert first[0] in methods.TA_LAMBDAS and first[0] == max(first[1], key=lambda lam: (first[1][lam], -lam))
     monkeypatch.setattr(methods, "weighted_sum_model", lambda *a: pytest.fail("picked lambda again"))
     assert methods.calibrated_lambda(cell, work) == first
+
+
+def test_the_defaults_row_runs_what_a_user_gets_with_nothing_set(monkeypatch):
+    """Result tables label one row 'at its defaults'; it is read from the config class,
+    so it follows a change of defaults (the paper's row kept that label for a while
+    after issue 17 changed them)."""
+    from mergekit_fw.config import FrankWolfeParameters
+    from evals.methods import PAPER_FW, defaults_row, method, row_settings
+
+    fields = FrankWolfeParameters.model_fields
+    row = defaults_row()
+    assert row is not None
+    settings = row_settings(method(row).produce.settings)
+    for name in (*PAPER_FW, "constraint", "variant", "lmo"):
+        assert settings.get(name, fields[name].default) == fields[name].default, name
+    monkeypatch.setattr(fields["direction"], "default", "frank_wolfe")  # another default: another row
+    assert defaults_row() != row
