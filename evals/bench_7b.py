@@ -178,6 +178,53 @@ def stages(measured: Measured, trace: dict) -> List[dict]:
     return rows
 
 
+def compare_outputs(first: Path, second: Path) -> dict:
+    """Why two outputs differ, if they do: their solves (the coefficient tables), and
+    tensor by tensor (streamed, one at a time) which differ and by how much."""
+    from safetensors import safe_open
+
+    tables = [json.loads((folder / "fw_table.json").read_text()) for folder in (first, second)]
+    same_table = tables[0]["coefficients"] == tables[1]["coefficients"]
+    table_diff = max((abs(a - b) for name in tables[0]["coefficients"]
+                      for a, b in zip(tables[0]["coefficients"][name], tables[1]["coefficients"].get(name, []))),
+                     default=0.0)
+
+    def where(folder: Path) -> Dict[str, Path]:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            return {n: folder / f for n, f in json.loads(index.read_text())["weight_map"].items()}
+        return {n: folder / "model.safetensors" for n in _keys(folder / "model.safetensors")}
+
+    a, b = where(first), where(second)
+    differ, largest = [], 0.0
+    for name in sorted(a):
+        with safe_open(str(a[name]), "pt") as fa, safe_open(str(b[name]), "pt") as fb:
+            x, y = fa.get_tensor(name), fb.get_tensor(name)
+        if x.dtype != y.dtype or not torch.equal(x, y):
+            differ.append(name)
+            largest = max(largest, float((x.float() - y.float()).abs().max()))
+    return {"same_names": set(a) == set(b), "same_shards": {n: p.name for n, p in a.items()}
+            == {n: p.name for n, p in b.items()}, "same_tables": same_table, "table_max_diff": table_diff,
+            "tensors_differing": len(differ), "tensors": len(a), "first_differing": differ[:5],
+            "max_abs_diff": largest}
+
+
+def compared(comparison: Optional[dict]) -> str:
+    if not comparison:
+        return ""
+    c = comparison
+    return (f" (coefficient tables {'equal' if c['same_tables'] else 'differ by up to %.3g' % c['table_max_diff']}; "
+            f"{c['tensors_differing']} of {c['tensors']} tensors differ, by up to {c['max_abs_diff']:.3g}; "
+            f"shard layout {'the same' if c['same_shards'] else 'different'})")
+
+
+def _keys(path: Path) -> List[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return list(handle.keys())
+
+
 def fw_config(base: Path, adapters: List[Path], calibration: Path, iterations: int) -> dict:
     """The user's config: defaults but for a 2-iteration cap, so the run fits this machine."""
     return {
@@ -203,6 +250,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--mergekit-adapters", type=int, default=None,
                         help="pool size for mergekit's task_arithmetic (default: the largest this disk holds; 0: skip)")
+    parser.add_argument("--no-stock", action="store_true", help="skip mergekit's task_arithmetic")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default evals/results)")
     args = parser.parse_args()
 
@@ -241,6 +289,8 @@ def main() -> None:
     identical = all(
         subprocess.run(["cmp", "-s", str(f), str(work / "out-yaml" / f.name)]).returncode == 0
         for f in sorted((work / "out-run").glob("*.safetensors")))
+    comparison = compare_outputs(work / "out-run", work / "out-yaml")
+    print(json.dumps(comparison), flush=True)
     for label in commands:
         shutil.rmtree(work / ("out-run" if label == "mergekit-fw run" else "out-yaml"), ignore_errors=True)
 
@@ -248,6 +298,8 @@ def main() -> None:
     free = shutil.disk_usage(root).free
     fits = max(0, int((free - 2 * base_bytes) // base_bytes))
     n_stock = min(args.adapters, fits) if args.mergekit_adapters is None else args.mergekit_adapters
+    if args.no_stock:
+        n_stock = 0
     stock = None
     if n_stock > 0:
         ta = work / "ta.yml"
@@ -267,7 +319,7 @@ def main() -> None:
     target_rss = base_bytes * 1.15 + adapter_bytes + 2**30
     data = {"machine": machine(), "device": args.device, "layers": args.layers, "adapters": args.adapters,
             "iterations": args.iterations, "base_bytes": base_bytes, "adapter_bytes": adapter_bytes,
-            "build_seconds": round(build_seconds), "runs": runs, "identical_outputs": identical,
+            "build_seconds": round(build_seconds), "runs": runs, "identical_outputs": identical, "comparison": comparison,
             "task_arithmetic": stock, "disk_free_before_stock": free,
             "stock_disk_for_all_adapters": args.adapters * base_bytes + base_bytes,
             "target_peak_rss": target_rss}
@@ -308,7 +360,8 @@ def write_report(data: dict, out: Optional[Path]) -> None:
     ratio_t, ratio_m = via_yaml["seconds"] / run["seconds"], via_yaml["peak_rss"] / run["peak_rss"]
     lines += [
         "",
-        f"- Outputs of the two commands byte-identical: {'yes' if data['identical_outputs'] else '**no**'}.",
+        f"- Outputs of the two commands byte-identical: {'yes' if data['identical_outputs'] else '**no**'}"
+        + compared(data.get("comparison")) + ".",
         f"- Peak RSS target (base x 1.15 + adapters + 1 GiB = {mib(target)} MiB): `mergekit-fw run` "
         f"{'met' if run['peak_rss'] <= target else '**missed**'}, `mergekit-yaml` "
         f"{'met' if via_yaml['peak_rss'] <= target else '**missed**'}.",

@@ -129,17 +129,19 @@ def test_kernel_kwargs_with_mergekit_defaults_are_not_taken_as_given():
 @pytest.mark.parametrize(
     ("given", "direction"),
     [
-        ({}, "pairwise"),
-        ({"step": "line_search"}, "pairwise"),
+        ({}, "projected_pairwise"),
+        ({"step": "line_search"}, "projected_pairwise"),
+        ({"step": "adaptive"}, "projected_pairwise"),
         ({"step": "schedule"}, "frank_wolfe"),
         ({"step": "fixed", "gamma": 0.1}, "frank_wolfe"),
         ({"variant": "soft"}, "frank_wolfe"),
         ({"direction": "away"}, "away"),
     ],
 )
-def test_the_default_direction_is_pairwise_where_a_step_is_searched(given, direction):
-    """Issue 17's defaults (box, pairwise, quadratic step, <= 30 iterations, relative gap
-    0.01) must not invalidate a config that sets only a step rule or the soft variant."""
+def test_the_default_direction_is_projected_pairwise_where_a_step_is_searched(given, direction):
+    """Issue 17's defaults (box, projected pairwise, quadratic step, <= 30 iterations,
+    relative gap 0.01) must not invalidate a config that sets only a step rule or the
+    soft variant."""
     params = parse_parameters({"calibration": "c.jsonl", **given})
     assert params.direction == direction
     assert (params.constraint, params.iterations, params.epsilon_relative) == ("box", 30, 0.01)
@@ -176,7 +178,7 @@ def test_settings_added_later_keep_earlier_fingerprints_at_their_old_behaviour()
     assert not {"constraint", "radius", "epsilon_relative", "direction", "solver"} & set(plain)
     # today's defaults are not those, so they cannot reuse a solve cached at the old ones
     defaults = FrankWolfeParameters(calibration="c.jsonl").fingerprint_fields()
-    assert defaults["constraint"] == "box" and defaults["direction"] == "pairwise"
+    assert defaults["constraint"] == "box" and defaults["direction"] == "projected_pairwise"
     assert defaults["epsilon_relative"] == 0.01 and defaults["iterations"] == 30
     box = FrankWolfeParameters(calibration="c.jsonl", constraint="box").fingerprint_fields()
     assert box["constraint"] == "box" and "radius" not in box

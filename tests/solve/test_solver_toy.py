@@ -117,7 +117,7 @@ def test_hard_and_soft_fw_reach_the_qp_optimum_of_the_larger_sets(constraint):
 
 @pytest.mark.parametrize("seed", [3, 4, 5])
 def test_the_defaults_stop_on_the_relative_gap_with_the_gap_as_certificate(seed):
-    """mergekit-fw's defaults (box, pairwise, quadratic step, <= 30 iterations, stop at
+    """mergekit-fw's defaults (box, projected pairwise, quadratic step, <= 30 iterations, stop at
     1% of the first gap) on a target beyond the hull: every iterate in the box, the loss
     never rises, and the last gap bounds how far the result is from the QP's optimum."""
     oracle = QuadraticOracle(5, 2, 6, seed=seed)
@@ -126,7 +126,7 @@ def test_the_defaults_stop_on_the_relative_gap_with_the_gap_as_certificate(seed)
     _, trace = solve(oracle, oracle.table(params.constraint), params, progress=False)
     losses = [r.loss for r in trace.iterations]
     assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))
-    assert any(r.direction == "pairwise" for r in trace.iterations)
+    assert any(r.direction == "projected_pairwise" for r in trace.iterations)
     first, last = trace.iterations[0].gap, trace.iterations[-1].gap
     if len(trace.iterations) < params.iterations:
         assert "epsilon_relative" in trace.stopped and last <= 0.01 * first
