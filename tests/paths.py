@@ -34,15 +34,17 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-def mergekit_fw_run(config: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
-    return _run(["mergekit-fw", "run", str(config), str(out), "--quiet"], env)
+def mergekit_fw_run(config: Path, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return _run(["mergekit-fw", "run", str(config), str(out), "--quiet", *args], env)
 
 
-def mergekit_yaml(config: Path, out: Path, cache: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+def mergekit_yaml(
+    config: Path, out: Path, cache: Path | None = None, *args: str, **env: str
+) -> subprocess.CompletedProcess:
     """``mergekit-yaml``; ``cache`` is mergekit's ``--lora-merge-cache``, which stock
     methods over ``BASE+ADAPTER`` references need and ``frank_wolfe`` does not."""
     cache_args = ["--lora-merge-cache", str(cache)] if cache is not None else []
-    return _run(["mergekit-yaml", str(config), str(out), *cache_args, "--quiet"], env)
+    return _run(["mergekit-yaml", str(config), str(out), *cache_args, "--quiet", *args], env)
 
 
 def replay(folder: Path, out: Path, cache: Path) -> None:

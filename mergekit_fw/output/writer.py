@@ -156,6 +156,15 @@ def _unchanged_source(
     return vertex.index.stored(name) if vertex is not None else None
 
 
+def write_order(names: list[str]) -> list[str]:
+    """The order mergekit's executor writes tensors in, so that shard boundaries and
+    every file are byte for byte those of ``mergekit-yaml``: it schedules by a
+    lexicographic topological sort keyed on each task's group label, which for a
+    tensor is its name. The base's own index order (layer by layer in many hub
+    checkpoints) would put other tensors in each shard once there is more than one."""
+    return sorted(names)
+
+
 def write_merged_model(
     pool: Pool,
     table: CoefficientTable,
@@ -176,7 +185,7 @@ def write_merged_model(
         shutil.rmtree(tmp)
     coefficients = table.coefficient_map()
     merge = merge_function(table.merge_fn, table.density, ties=ties)
-    names = pool.base_index.names()
+    names = write_order(pool.base_index.names())
     specs = [_output_spec(pool.base_index.stored(name), dtype) for name in names]
     writer = ShardedSafetensorsWriter(tmp, specs, max_shard_size)
     try:

@@ -152,3 +152,48 @@ def test_peak_rss_does_not_grow_with_the_pool_beyond_the_adapters_bytes(wide_poo
     # (several times over: factors, their float32 products) and a fifth of one base.
     allowed = 4 * (adapter_bytes[8] - adapter_bytes[2]) + wide_pool["base_bytes"] // 5
     assert grown <= allowed, (peaks, adapter_bytes, wide_pool["base_bytes"])
+
+
+def test_sharded_outputs_are_the_same_files_when_the_base_lists_its_tensors_by_layer(random_pool, tmp_path):
+    """mergekit writes tensors in the order of their names (its scheduler sorts by each
+    task's group label), whatever order the base's index gives; hub checkpoints list
+    theirs layer by layer (layers.2 before layers.10). With several shards the fast path
+    must use mergekit's order, or the same tensors land in other files (found at full
+    depth by ``evals/bench_7b.py``: tables and all 291 tensors equal, shards not)."""
+    import re
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(random_pool["base"]))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=12,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    base = tmp_path / "base"
+    LlamaForCausalLM(config).save_pretrained(str(base), max_shard_size="40KB")
+    tokenizer.save_pretrained(str(base))
+    index_file = base / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+
+    def by_layer(name: str):
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        return (1, int(match.group(1)), name) if match else ((0, 0, name) if "embed" in name else (2, 0, name))
+
+    index["weight_map"] = dict(sorted(index["weight_map"].items(), key=lambda item: by_layer(item[0])))
+    index_file.write_text(json.dumps(index))
+    adapters = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(str(base)),
+                                    LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        peft_model.save_pretrained(str(tmp_path / f"lora{seed}"))
+        adapters.append(f"{base}+{tmp_path / f'lora{seed}'}")
+    pool = {"base": base, "calibration": random_pool["calibration"]}
+    path = write_config(tmp_path / "fw.yml", {**_fw_config(pool, adapters, iterations=1), "dtype": "bfloat16"})
+    cache = str(tmp_path / "fw_cache")
+    mergekit_fw_run(path, tmp_path / "fast", "--out-shard-size", "20K", MERGEKIT_FW_CACHE=cache)
+    mergekit_yaml(path, tmp_path / "yaml", None, "--out-shard-size", "20K", MERGEKIT_FW_CACHE=cache)
+    files = sorted(p.name for p in (tmp_path / "fast").glob("model*.safetensors*"))
+    assert len(files) > 3 and files == sorted(p.name for p in (tmp_path / "yaml").glob("model*.safetensors*"))
+    for name in files:
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "yaml" / name).read_bytes(), name
