@@ -15,7 +15,7 @@ PAPER_FW = "fw_hard_layer"  # the paper's Frank-Wolfe (mergekit-fw's defaults be
 DEFAULT_FW = defaults_row() or PAPER_FW  # merge_method: frank_wolfe with nothing set, today
 RIVALS = ("supervised", "lorahub", "lorahub_cma")  # the goal: FW at its defaults at or above these
 # issue 17's candidates for new defaults (the rest of evals.methods.BEYOND is in experiment 6,
-# on the same cell; one figure tells at most 30 methods apart)
+# on the same cell)
 CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30",
                       "pg_box", "pg_hull", "sfw_box")
 

@@ -133,12 +133,13 @@ def holds(per_seed: Mapping[int, bool]) -> str:
     return f"fails on seed{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of {len(per_seed)}"
 
 
-def styles(titles: Sequence[str]) -> Dict[str, Tuple[str, str]]:
+def styles(titles: Sequence[str], *, labelled: bool = False) -> Dict[str, Tuple[str, str]]:
     """One colour per method of a figure, distinct within it, and a marker (distinct for up
-    to 20 methods; beyond, the colour still tells them apart)."""
-    if len(titles) > len(PALETTE):
+    to 20 methods; beyond, the colour still tells them apart). ``labelled``: every mark
+    carries its method's name (a bar chart's ticks), so colours may repeat."""
+    if len(titles) > len(PALETTE) and not labelled:
         raise ValueError(f"{len(titles)} methods in one figure; at most {len(PALETTE)} colours are distinct")
-    return {t: (PALETTE[i], MARKERS[i % len(MARKERS)]) for i, t in enumerate(titles)}
+    return {t: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, t in enumerate(titles)}
 
 
 def _finish(fig, path: Path) -> None:
@@ -159,7 +160,7 @@ def bar_figure(path: Path, rows: Sequence[Stats], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    style = styles([r.title for r in rows])
+    style = styles([r.title for r in rows], labelled=True)  # each bar is named on the axis
     fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(rows) + 2.5), 4.6))
     for i, r in enumerate(rows):
         colour, marker = style[r.title]

@@ -83,3 +83,6 @@ def test_every_method_of_a_figure_gets_its_own_colour_and_marker(tmp_path):
     assert texts_outside(lines_fig) == [] and texts_outside(bars_fig) == []
     with pytest.raises(ValueError, match="at most"):
         styles([str(i) for i in range(len(PALETTE) + 1)])
+    # a bar chart names every bar on its axis, so more methods than colours is fine there
+    many = styles([str(i) for i in range(len(PALETTE) + 1)], labelled=True)
+    assert len(many) == len(PALETTE) + 1 and many["0"][0] == many[str(len(PALETTE))][0]
