@@ -3,10 +3,11 @@
 Used for full-checkpoint candidates, and for every candidate when the merge
 function is not a plain weighted sum (``ties``). The model's weights hold the
 dense part of the current iterate, ``MergeFn(W0, {delta_j}, {c[j, l]})`` per
-tensor, rebuilt one tensor (and one block of its rows) at a time. After one backward pass the gradient of
-every moved tensor is on its parameter; each candidate's delta is then produced
-a block of rows at a time (read from safetensors, or a LoRA's low-rank
-product) and dotted with it, so resident memory does not grow with the number of candidates.
+tensor, rebuilt one tensor (and one block of its rows) at a time. After one
+backward pass the gradient of every moved tensor is on its parameter; each
+candidate's delta is then produced a block of rows at a time (read from
+safetensors, or a LoRA's low-rank product) and dotted with it, so resident
+memory grows neither with the number of candidates nor with a tensor's size.
 """
 
 from __future__ import annotations
