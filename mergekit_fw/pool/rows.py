@@ -73,7 +73,8 @@ def value_rows(candidate: Candidate, name: str, base_rows: RowReader) -> Iterato
 @contextmanager
 def delta_rows(candidate: Candidate, name: str, base_rows: RowReader, dtype: torch.dtype) -> Iterator[RowReader]:
     """Rows of ``candidate``'s task vector on ``name`` in ``dtype``: a LoRA's
-    ``scale * B[rows] @ A``, or the stored value's rows minus the base's."""
+    ``scale * B[rows] @ A`` (the dense oracle's scores under ``merge_fn: ties``, where
+    every tensor takes the dense path), or the stored value's rows minus the base's."""
     if candidate.is_low_rank(name):
         factors = candidate.factors[name]  # type: ignore[union-attr]  # only LoRAs are low-rank
         A = factors.A.to(dtype)

@@ -73,7 +73,11 @@ def quadratic(phi: Phi, f0: float, slope: float, evaluations: int, top: float = 
         return f.best()
     f_top = f(top)
     curvature = (f_top - f0 - slope * top) / (top * top)
-    gamma = min(top, -slope / (2 * curvature)) if curvature > 0 else top
+    return _halving(f, f0, min(top, -slope / (2 * curvature)) if curvature > 0 else top, evaluations)
+
+
+def _halving(f: _Memo, f0: float, gamma: float, evaluations: int) -> Searched:
+    """Try ``gamma``, halving it while the loss does not fall and evaluations remain."""
     while len(f.seen) - 1 < evaluations and gamma > 0:
         if f(gamma) < f0:
             break
@@ -103,8 +107,9 @@ def adaptive(
     ``1 - tolerance^2`` of the parabola's decrease) it is taken after one forward pass.
     Otherwise the fit's minimiser is tried next and halved while the loss does not fall,
     as the quadratic rule does. Where there is no estimate yet the first trial is
-    ``top``, which is the quadratic rule itself. Returns the searched result and the
-    curvature of the last fit, to carry (None where the loss curved down)."""
+    ``top``, as in the quadratic rule (which then always tries the fit's minimiser too).
+    Returns the searched result and the curvature of the last fit, to carry (None where
+    the loss curved down)."""
     f = _Memo(phi, f0)
     if slope >= 0 or evaluations < 1 or sq_norm <= 0:
         return f.best(), curvature
@@ -116,9 +121,4 @@ def adaptive(
     carried = 2.0 * bend / sq_norm if bend > 0 else None
     if value < f0 and abs(fitted - trial) <= tolerance * trial:
         return f.best(), carried
-    gamma = fitted
-    while len(f.seen) - 1 < evaluations and gamma > 0:
-        if f(gamma) < f0:
-            break
-        gamma /= 2.0
-    return f.best(), carried
+    return _halving(f, f0, fitted, evaluations), carried
