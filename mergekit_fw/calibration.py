@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ class CalibrationExample:
     task: str
     prompt: str
     completion: str
+    where: str = ""  # "file:line", for errors about this row found after reading
 
 
 @dataclass
@@ -69,6 +70,21 @@ class CalibrationSet:
         return sum(int(b.input_ids.shape[0]) for b in self.batches)
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered text lines; bytes that are not UTF-8 are named by line and column
+    (a byte-order mark on the first line is dropped, as editors on Windows write one)."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise CalibrationError(
+                    f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
+            yield number, line
+
+
 def read_jsonl(path: Path, *, labelled: bool = True) -> list[CalibrationExample]:
     """Read and validate every line, so a bad file fails before any model loads.
 
@@ -77,28 +93,30 @@ def read_jsonl(path: Path, *, labelled: bool = True) -> list[CalibrationExample]
     if not path.is_file():
         raise CalibrationError(f"{path}: calibration file not found")
     examples = []
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CalibrationError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise CalibrationError(f"{path}:{number}: expected a JSON object")
-            if not labelled:
-                record.setdefault("completion", "")
-            for key in ("task", "prompt", "completion"):
-                if not isinstance(record.get(key), str):
-                    raise CalibrationError(
-                        f"{path}:{number}: field {key!r} must be a string (got {type(record.get(key)).__name__})"
-                    )
-            if labelled and not record["completion"]:
-                raise CalibrationError(f"{path}:{number}: empty completion")
-            if not labelled and not record["prompt"]:
-                raise CalibrationError(f"{path}:{number}: empty prompt (the entropy objective reads prompts)")
-            examples.append(CalibrationExample(record["task"], record["prompt"], record["completion"]))
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CalibrationError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise CalibrationError(f"{path}:{number}: expected a JSON object")
+        if not labelled:
+            record.setdefault("completion", "")
+        for key in ("task", "prompt", "completion"):
+            if not isinstance(record.get(key), str):
+                raise CalibrationError(
+                    f"{path}:{number}: field {key!r} must be a string (got {type(record.get(key)).__name__})"
+                )
+        if not record["task"].strip():
+            raise CalibrationError(f"{path}:{number}: empty task name")
+        if not record["prompt"].strip():
+            what = "the entropy objective reads prompts" if not labelled else "a completion needs a prompt to follow"
+            raise CalibrationError(f"{path}:{number}: empty or whitespace-only prompt ({what})")
+        if labelled and not record["completion"].strip():
+            raise CalibrationError(f"{path}:{number}: empty or whitespace-only completion")
+        examples.append(CalibrationExample(record["task"], record["prompt"], record["completion"], f"{path}:{number}"))
     if not examples:
         raise CalibrationError(f"{path}: no calibration examples")
     return examples
@@ -119,23 +137,57 @@ def select_per_task(
     return by_task
 
 
-def _encode(tokenizer, example: CalibrationExample, max_length: int, labelled: bool) -> tuple[list[int], int]:
-    """Token ids of prompt(+completion) and the number of prompt tokens.
+def _encode(tokenizer, example: CalibrationExample, max_length: int, labelled: bool) -> tuple[list[int], int] | None:
+    """Token ids of prompt(+completion) and the number of prompt tokens; ``None`` for
+    a row that ``max_length`` cuts away (its completion does not fit beside one
+    prompt token: what the objective would count is not the row's answer).
 
     Prompt and completion are encoded separately so the boundary is exact; the
     prompt is cut from the left when the pair is too long, never the completion.
     """
     prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+    if not prompt_ids:
+        raise CalibrationError(f"{example.where}: prompt {example.prompt[:40]!r} has no tokens")
     if not labelled:
         prompt_ids = prompt_ids[-max_length:]
         return prompt_ids, len(prompt_ids)
     completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
     if not completion_ids:
-        raise CalibrationError(f"task {example.task!r}: completion {example.completion!r} has no tokens")
-    completion_ids = completion_ids[: max_length - 1]
-    keep = max(1, max_length - len(completion_ids))
-    prompt_ids = prompt_ids[-keep:]
+        raise CalibrationError(f"{example.where}: completion {example.completion[:40]!r} has no tokens")
+    if len(completion_ids) > max_length - 1:
+        return None
+    prompt_ids = prompt_ids[-(max_length - len(completion_ids)) :]
     return prompt_ids + completion_ids, len(prompt_ids)
+
+
+def _encoded_rows(
+    tokenizer, task: str, examples: list[CalibrationExample], max_length: int, labelled: bool
+) -> list[tuple[list[int], int]]:
+    """A task's rows, those that ``max_length`` cuts away named and left out; a task
+    with none left is an error naming its rows."""
+    rows, cut = [], []
+    for example in examples:
+        row = _encode(tokenizer, example, max_length, labelled)
+        if row is None:
+            cut.append(example.where)
+        else:
+            rows.append(row)
+    if cut:
+        shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
+        if not rows:
+            raise CalibrationError(
+                f"{shown}: every row of task {task!r} has a completion longer than max_length - 1 = "
+                f"{max_length - 1} tokens, so none is left (raise max_length or shorten the completions)"
+            )
+        LOG.warning(
+            "task %r: %d of %d rows left out, their completions longer than max_length - 1 = %d tokens: %s",
+            task,
+            len(cut),
+            len(examples),
+            max_length - 1,
+            shown,
+        )
+    return rows
 
 
 def pad_token_id(tokenizer) -> int:
@@ -170,7 +222,7 @@ def build_calibration(
     counted = torch.zeros(len(tasks), dtype=torch.float64)
     batches = []
     for task_index, examples in enumerate(by_task.values()):
-        rows = [_encode(tokenizer, example, max_length, labelled) for example in examples]
+        rows = _encoded_rows(tokenizer, tasks[task_index], examples, max_length, labelled)
         # Similar lengths together so padding wastes little compute; deterministic order.
         rows.sort(key=lambda row: len(row[0]))
         for start in range(0, len(rows), batch_size):

@@ -51,7 +51,7 @@ def wrap_run_merge(module: Any) -> None:
         try:
             spec, params = pool_and_parameters(merge_config)
             result = solve(spec, params, progress=not getattr(options, "quiet", False))
-        except ValueError as error:  # a bad pool, config or calibration file: say which, no traceback
+        except (ValueError, OSError) as error:  # a bad pool, config or calibration file, a full disk: no traceback
             raise SystemExit(f"mergekit-fw: error: {error}") from None
         remember_solve(spec, params, result)
         call["merge_config"] = graph_config(merge_config)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mergekit_fw.pool.adapter_config import AdapterConfig, check_module, conv1d_layout, read_adapter_config
 from mergekit_fw.pool.references import PoolError
 from mergekit_fw.pool.safetensors_io import (
     SafetensorsFormatError,
@@ -165,6 +165,7 @@ class LoraCandidate:
     factors: dict[str, LoraFactors]  # keyed by base tensor name
     full: dict[str, str] = field(default_factory=dict)  # base tensor name -> key in the adapter file
     vocab_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # aligned full tensors (tokenizer_source: base)
+    config: AdapterConfig | None = None  # its adapter_config.json, checked against the factors
 
     kind = "lora"
 
@@ -248,14 +249,6 @@ class DenseCandidate:
 Candidate = LoraCandidate | DenseCandidate
 
 
-def _pattern_value(patterns: dict[str, float], module: str) -> float | None:
-    """PEFT's rank/alpha pattern lookup: a key matches a module name suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
-
-
 def _vocab_rows(tensor: str, shape: tuple[int, ...], base_shape: tuple[int, ...]) -> bool:
     """An embedding or output head whose row count is the vocabulary's."""
     return (
@@ -275,8 +268,10 @@ def _aligned_map(name: str, folder: Path, align_to: Path | None, cache: dict[str
 
 
 def load_lora(
-    name: str, adapter_dir: Path, base_index: SafetensorsIndex, align_to: Path | None = None
+    name: str, adapter_dir: Path, base_config: dict, base_index: SafetensorsIndex, align_to: Path | None = None
 ) -> LoraCandidate:
+    """The adapter's factors, after its config has been checked against them
+    (:mod:`mergekit_fw.pool.adapter_config`) and their shapes against the base."""
     config_file = adapter_dir / "adapter_config.json"
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not config_file.is_file():
@@ -287,19 +282,8 @@ def load_lora(
         read_layout(weights_file)
     except SafetensorsFormatError as error:
         raise PoolError(f"candidate {name}: {error}") from None
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise PoolError(f"candidate {name}: {config_file}: not valid JSON ({error.msg})") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise PoolError(f"candidate {name}: {config_file}: peft_type {config.get('peft_type')!r} is not LORA")
-    if config.get("use_dora"):
-        raise PoolError(f"candidate {name}: {config_file}: DoRA adapters are not supported")
-    modules_to_save = list(config.get("modules_to_save") or [])
-    alpha = float(config.get("lora_alpha", 8))
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    config = read_adapter_config(name, config_file)
+    modules_to_save = config.modules_to_save
 
     pairs: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
     full: dict[str, str] = {}
@@ -322,7 +306,12 @@ def load_lora(
                     _check_full_tensor(name, weights_file, key, saved, shape, base_index)
                 full[saved] = key
                 continue
-            if "lora_embedding" in key or "lora_magnitude" in key or match is None:
+            if "lora_embedding" in key:
+                raise PoolError(
+                    f"candidate {name}: {config_file}: target_modules = {config.target_modules!r} puts a LoRA on an "
+                    f"embedding ({key!r} in {weights_file.name}); embedding LoRAs are not supported"
+                )
+            if "lora_magnitude" in key or match is None:
                 raise PoolError(f"candidate {name}: {weights_file}: unsupported adapter tensor {key!r}")
             module, which = match.group(1), match.group(2)
             pairs.setdefault(module, {})[which] = (key, tuple(handle.get_slice(key).get_shape()))
@@ -336,31 +325,42 @@ def load_lora(
             raise PoolError(f"candidate {name}: targets {module}, but the base has no tensor {tensor!r}")
         (key_A, shape_A), (key_B, shape_B) = pair["lora_A"], pair["lora_B"]
         if len(shape_A) != 2 or len(shape_B) != 2:
-            raise PoolError(f"candidate {name}: {module}: LoRA factors must be matrices, got {shape_A} and {shape_B}")
+            kind = "a convolution LoRA" if len(shape_A) > 2 else "LoRA factors that are not matrices"
+            raise PoolError(
+                f"candidate {name}: {config_file}: target_modules = {config.target_modules!r} puts {kind} on {module} "
+                f"(lora_A {shape_A}, lora_B {shape_B} in {weights_file.name}); only linear layers are supported"
+            )
         rank = shape_A[0]
         if shape_B[1] != rank:
             raise PoolError(f"candidate {name}: {module}: lora_A rank {rank} != lora_B rank {shape_B[1]}")
+        conv1d = conv1d_layout(base_config, tensor)
+        check_module(name, config, module, rank, conv1d=conv1d, linear="lm_head" not in module)
         base_shape = base_index.shape(tensor)
         delta_shape = (shape_B[0], shape_A[1])
-        if fan_in_fan_out:
+        if conv1d:
             delta_shape = delta_shape[::-1]
         if tuple(base_shape) != delta_shape:
             raise PoolError(
                 f"candidate {name}: {module}: LoRA delta shape {delta_shape} does not match "
                 f"base weight {tensor} shape {tuple(base_shape)} (adapter for another base?)"
             )
-        module_alpha = _pattern_value(alpha_pattern, module)
-        module_alpha = alpha if module_alpha is None else float(module_alpha)
-        scale = module_alpha / (math.sqrt(rank) if rslora else rank)
         factors[tensor] = LoraFactors(
-            weights_file, key_A, key_B, scale, rank, (int(base_shape[0]), int(base_shape[1])), transpose=fan_in_fan_out
+            weights_file,
+            key_A,
+            key_B,
+            config.scale_of(module, rank),
+            rank,
+            (int(base_shape[0]), int(base_shape[1])),
+            transpose=conv1d,
         )
     if not factors and not full:
         raise PoolError(f"candidate {name}: {weights_file}: no LoRA weights")
     missing = [m for m in modules_to_save if not any(_module_matches(t.rsplit(".", 1)[0], m) for t in full)]
     if missing:
         LOG.warning("candidate %s: modules_to_save %s has no tensors in %s", name, missing, weights_file)
-    return LoraCandidate(name=name, adapter_dir=adapter_dir, factors=factors, full=full, vocab_maps=vocab_maps)
+    return LoraCandidate(
+        name=name, adapter_dir=adapter_dir, factors=factors, full=full, vocab_maps=vocab_maps, config=config
+    )
 
 
 def _module_matches(module: str, pattern: str) -> bool:

@@ -104,7 +104,7 @@ def load_candidate(
             )
         adapter_dir = local_dir(candidate.lora, f"candidate {candidate.name}: adapter")
         adapter_dir = pickle_free(adapter_dir, f"candidate {candidate.name}:", pickles_to)
-        return load_lora(candidate.name, adapter_dir, base_index, base_dir if spec.align_vocab else None)
+        return load_lora(candidate.name, adapter_dir, base_config, base_index, base_dir if spec.align_vocab else None)
     folder = local_dir(candidate.model, f"candidate {candidate.name}:")
     if folder == base_dir:
         raise PoolError(f"candidate {candidate.name}: is the base model itself (its task vector is zero)")

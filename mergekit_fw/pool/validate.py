@@ -141,14 +141,15 @@ def _recorded_base_mismatch(recorded: str | None, base_dir: Path, base_source: s
 
 
 def _describe_lora(check: CandidateCheck, candidate: LoraCandidate) -> None:
-    config = json.loads((candidate.adapter_dir / "adapter_config.json").read_text())
+    config = candidate.config
     ranks = sorted({f.rank for f in candidate.factors.values()})
     check.rank = "/".join(map(str, ranks))
-    check.alpha = str(config.get("lora_alpha", ""))
-    check.rslora = bool(config.get("use_rslora", False))
     check.targets = sorted({name.rsplit(".", 2)[-2] for name in candidate.factors})
-    check.modules_to_save = sorted(config.get("modules_to_save") or [])
-    check.recorded_base = config.get("base_model_name_or_path")
+    if config is not None:
+        check.alpha = f"{config.lora_alpha:g}"
+        check.rslora = config.use_rslora
+        check.modules_to_save = sorted(config.modules_to_save)
+        check.recorded_base = config.base_model_name_or_path
 
 
 def _norms(candidate: Candidate, pool_base: SafetensorsIndex) -> tuple[dict[str, float], float, str | None]:

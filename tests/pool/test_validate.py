@@ -140,6 +140,37 @@ def _calibration_empty(work, pool):
     return {"calibration": path}, str(path), "no calibration examples"
 
 
+def _calibration_not_utf8(work, pool):
+    path = work / "latin1.jsonl"
+    lines = Path(pool["calibration"]).read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2] + ['{"task": "reverse", "prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1")]
+                              + lines[2:]))
+    return {"calibration": path}, f"{path}:3", "not UTF-8 text (byte 0xe9"
+
+
+def _calibration_blank_prompt(work, pool):
+    path = work / "blank.jsonl"
+    lines = Path(pool["calibration"]).read_text().splitlines()
+    path.write_text("\n".join(lines[:1] + ['{"task": "sort", "prompt": "   ", "completion": "= a"}'] + lines[1:]) + "\n")
+    return {"calibration": path}, f"{path}:2", "whitespace-only prompt"
+
+
+def _calibration_cut_away(work, pool):
+    path = work / "long.jsonl"
+    lines = Path(pool["calibration"]).read_text().splitlines()
+    long = json.dumps({"task": "long", "prompt": "sort a b", "completion": " ".join(["a"] * 12)})
+    path.write_text("\n".join(lines + [long, long]) + "\n")
+    n = len(lines)
+    return ({"calibration": path, "parameters": {"max_length": 8}}, f"{path}:{n + 1}, {path}:{n + 2}",
+            "every row of task 'long'")
+
+
+def _adapter_config_contradicts_tensors(work, pool):
+    adapter = _copy(pool["adapters"][0], work / "lora_rank")
+    _edit_json(adapter / "adapter_config.json", r=16)
+    return {"adapter": adapter}, str(adapter / "adapter_config.json"), "r = 16 for model.layers.0"
+
+
 def _top_k_too_large(work, pool):
     return {"parameters": {"variant": "soft", "top_k": 9}}, "top_k", "pool has 2 candidates"
 
@@ -168,6 +199,10 @@ ROWS = {
     "calibration missing": _calibration_missing,
     "calibration malformed": _calibration_malformed,
     "calibration empty": _calibration_empty,
+    "calibration not UTF-8": _calibration_not_utf8,
+    "calibration blank prompt": _calibration_blank_prompt,
+    "calibration cut away by max_length": _calibration_cut_away,
+    "adapter config contradicts its tensors": _adapter_config_contradicts_tensors,
     "top_k larger than the pool": _top_k_too_large,
     "unknown parameter": _typo,
     "vocabulary alignment asked for": _tokenizer_union,
@@ -200,7 +235,8 @@ def test_broken_input_is_refused_naming_the_culprit(row, random_pool, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", ["NaN in an adapter", "calibration malformed"])
+@pytest.mark.parametrize("row", ["NaN in an adapter", "calibration malformed", "calibration not UTF-8",
+                                 "calibration cut away by max_length", "adapter config contradicts its tensors"])
 def test_the_mergekit_path_refuses_the_same_way(row, random_pool, tmp_path):
     import subprocess
 
