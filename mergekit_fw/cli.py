@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from mergekit_fw.config import ConfigError, parameter_descriptions
+from mergekit_fw.interrupts import RESUME_HINT, Interrupted, signals_raise
 
 LOG = logging.getLogger("mergekit_fw")
 
@@ -49,6 +50,13 @@ def _fail(error: Exception) -> None:
     sys.exit(2)
 
 
+def _stopped(stop: Interrupted) -> None:
+    """One line, and the shell's status for the signal (130 SIGINT, 143 SIGTERM):
+    the clean-ups have run by now (lock, hidden output folder), the checkpoint stays."""
+    click.echo(f"mergekit-fw: stopped by {stop.name}; {RESUME_HINT}", err=True)
+    sys.exit(stop.exit_status)
+
+
 @click.group(epilog=_parameters_help())
 def main() -> None:
     """Frank-Wolfe merging of LoRA and full fine-tunes, for mergekit configs."""
@@ -58,6 +66,11 @@ _config_arg = click.argument("config_file", type=click.Path(dir_okay=False, path
 _verbose = click.option("-v", "--verbose", is_flag=True, help="Log progress at INFO level.")
 _threads = click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 _quiet = click.option("--quiet", is_flag=True, help="No progress bars.")
+_trust = click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Load members whose configs ask to run their repository's code (mergekit's option; danger).",
+)
 
 
 @main.command(epilog=_parameters_help())
@@ -68,6 +81,7 @@ _quiet = click.option("--quiet", is_flag=True, help="No progress bars.")
 @_verbose
 @_threads
 @_quiet
+@_trust
 def run(
     config_file: Path,
     out_path: Path,
@@ -76,6 +90,7 @@ def run(
     verbose: bool,
     threads: int | None,
     quiet: bool,
+    trust_remote_code: bool,
 ) -> None:
     """Solve and write the merged model, never expanding LoRAs to full copies.
 
@@ -83,26 +98,31 @@ def run(
     batches are split over the processes and only the first one writes."""
     _setup(verbose, threads)
     try:
-        from mergekit_fw.distributed import current
-        from mergekit_fw.integration.configs import (
-            load_merge_config,
-            parse_size,
-            pool_and_parameters,
-        )
-        from mergekit_fw.integration.stock import solve as solve_cached
-        from mergekit_fw.output.report import summary
-        from mergekit_fw.output.writer import output_lock
+        with signals_raise():
+            from mergekit_fw.distributed import current
+            from mergekit_fw.integration.configs import (
+                load_merge_config,
+                parse_size,
+                pool_and_parameters,
+            )
+            from mergekit_fw.integration.stock import solve as solve_cached
+            from mergekit_fw.output.report import summary
+            from mergekit_fw.output.writer import output_lock
 
-        merge_config = load_merge_config(config_file)
-        spec, params = pool_and_parameters(merge_config, source=str(config_file))
-        shard_size = parse_size(out_shard_size)
-        processes = current()
-        with output_lock(out_path, overwrite=overwrite) if processes.is_main else nullcontext():
-            result = solve_cached(spec, params, progress=not quiet)
-            if processes.is_main:  # the others only lent their share of the calibration batches
-                _write(result, merge_config, out_path, shard_size, quiet)
+            merge_config = load_merge_config(config_file)
+            spec, params = pool_and_parameters(
+                merge_config, source=str(config_file), trust_remote_code=trust_remote_code
+            )
+            shard_size = parse_size(out_shard_size)
+            processes = current()
+            with output_lock(out_path, overwrite=overwrite) if processes.is_main else nullcontext():
+                result = solve_cached(spec, params, progress=not quiet)
+                if processes.is_main:  # the others only lent their share of the calibration batches
+                    _write(result, merge_config, out_path, shard_size, quiet)
     except (ConfigError, ValueError, OSError) as error:
         _fail(error)
+    except Interrupted as stop:
+        _stopped(stop)
     _finish()
     if processes.is_main:
         click.echo(summary(result))
@@ -156,7 +176,8 @@ def report(out_path: Path, target: Path | None) -> None:
 @main.command()
 @_config_arg
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON instead of a table.")
-def inspect(config_file: Path, as_json: bool) -> None:
+@_trust
+def inspect(config_file: Path, as_json: bool, trust_remote_code: bool) -> None:
     """Check the pool without merging: each candidate's kind, rank, alpha, targets,
     modules_to_save, task-vector norm per block, fit to the base, and a verdict.
 
@@ -171,7 +192,7 @@ def inspect(config_file: Path, as_json: bool) -> None:
         from mergekit_fw.solve.runner import cache_root, pickles_folder
 
         merge_config = load_merge_config(config_file)
-        spec, params = pool_and_parameters(merge_config, source=str(config_file))
+        spec, params = pool_and_parameters(merge_config, source=str(config_file), trust_remote_code=trust_remote_code)
         check = check_pool(
             spec,
             exclude_outliers=params.exclude_outliers,
@@ -197,26 +218,34 @@ def inspect(config_file: Path, as_json: bool) -> None:
 @_verbose
 @_threads
 @_quiet
-def solve(config_file: Path, table_path: Path, verbose: bool, threads: int | None, quiet: bool) -> None:
+@_trust
+def solve(
+    config_file: Path, table_path: Path, verbose: bool, threads: int | None, quiet: bool, trust_remote_code: bool
+) -> None:
     """Run only the optimisation and save the coefficient table."""
     _setup(verbose, threads)
     try:
-        from mergekit_fw.distributed import current
-        from mergekit_fw.integration.configs import (
-            load_merge_config,
-            pool_and_parameters,
-        )
-        from mergekit_fw.integration.stock import solve as solve_cached
-        from mergekit_fw.output.report import summary
+        with signals_raise():
+            from mergekit_fw.distributed import current
+            from mergekit_fw.integration.configs import (
+                load_merge_config,
+                pool_and_parameters,
+            )
+            from mergekit_fw.integration.stock import solve as solve_cached
+            from mergekit_fw.output.report import summary
 
-        merge_config = load_merge_config(config_file)
-        spec, params = pool_and_parameters(merge_config, source=str(config_file))
-        processes = current()
-        result = solve_cached(spec, params, progress=not quiet)
-        if processes.is_main:
-            result.table.save(table_path)
+            merge_config = load_merge_config(config_file)
+            spec, params = pool_and_parameters(
+                merge_config, source=str(config_file), trust_remote_code=trust_remote_code
+            )
+            processes = current()
+            result = solve_cached(spec, params, progress=not quiet)
+            if processes.is_main:
+                result.table.save(table_path)
     except (ConfigError, ValueError, OSError) as error:
         _fail(error)
+    except Interrupted as stop:
+        _stopped(stop)
     _finish()
     if processes.is_main:
         click.echo(summary(result))

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mergekit_fw"
 
 # Bottom to top. A module may import its own layer (acyclically) and the layers below.
 LAYERS: List[List[str]] = [
-    ["mergekit_fw", "mergekit_fw.config", "mergekit_fw.files", "mergekit_fw.distributed"],
+    ["mergekit_fw", "mergekit_fw.config", "mergekit_fw.files", "mergekit_fw.distributed", "mergekit_fw.interrupts"],
     ["mergekit_fw.pool"],
     ["mergekit_fw.calibration", "mergekit_fw.objective", "mergekit_fw.merge_fn"],
     ["mergekit_fw.oracle"],

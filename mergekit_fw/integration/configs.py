@@ -50,8 +50,11 @@ def load_merge_config(config_file: Path) -> Any:
         raise ConfigError(f"{config_file}: not a valid mergekit config: {error}") from None
 
 
-def pool_and_parameters(merge_config: Any, source: str = "config") -> tuple[PoolSpec, FrankWolfeParameters]:
-    """The pool and settings a ``frank_wolfe`` config describes, fully validated."""
+def pool_and_parameters(
+    merge_config: Any, source: str = "config", *, trust_remote_code: bool = False
+) -> tuple[PoolSpec, FrankWolfeParameters]:
+    """The pool and settings a ``frank_wolfe`` config describes, fully validated.
+    ``trust_remote_code``: mergekit's option of that name, as the user passed it."""
     where = source
     if merge_config.merge_method != METHOD_NAME:
         raise ConfigError(f"{where}: merge_method is {merge_config.merge_method!r}, expected {METHOD_NAME!r}")
@@ -95,6 +98,7 @@ def pool_and_parameters(merge_config: Any, source: str = "config") -> tuple[Pool
         candidates=tuple(candidates),
         align_vocab=align_vocab,
         dtype=str(torch_dtype(merge_config.dtype)).removeprefix("torch.") if merge_config.dtype else None,
+        trust_remote_code=trust_remote_code,
     ), params
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from mergekit_fw.integration.artifacts import write_artifacts
 from mergekit_fw.integration.configs import pool_and_parameters
 from mergekit_fw.integration.method import remember_solve
 from mergekit_fw.integration.stock import solve
+from mergekit_fw.interrupts import RESUME_HINT, Interrupted, signals_raise
 
 
 def graph_config(merge_config: Any) -> Any:
@@ -48,20 +51,31 @@ def wrap_run_merge(module: Any) -> None:
             return original(merge_config, out_path, *args, **kwargs)
         call = signature.bind(merge_config, out_path, *args, **kwargs).arguments
         options = call.get("options")
+        existed = Path(out_path).exists()
         try:
-            spec, params = pool_and_parameters(merge_config)
-            result = solve(spec, params, progress=not getattr(options, "quiet", False))
-        except (ValueError, OSError) as error:  # a bad pool, config or calibration file, a full disk: no traceback
-            raise SystemExit(f"mergekit-fw: error: {error}") from None
-        remember_solve(spec, params, result)
-        call["merge_config"] = graph_config(merge_config)
-        if options is not None:
-            # mergekit's card would list the base alone; write_artifacts writes its
-            # card for the config as the user wrote it, as the fast path does.
-            call["options"] = options.model_copy(update={"write_model_card": False})
-        started = time.perf_counter()
-        value = original(**call)
-        write_artifacts(Path(out_path), result, merge_config, write_seconds=time.perf_counter() - started)
+            with signals_raise():
+                try:
+                    spec, params = pool_and_parameters(
+                        merge_config, trust_remote_code=bool(getattr(options, "trust_remote_code", False))
+                    )
+                    result = solve(spec, params, progress=not getattr(options, "quiet", False))
+                except (ValueError, OSError) as error:  # a bad pool, config or calibration file, a full disk
+                    raise SystemExit(f"mergekit-fw: error: {error}") from None
+                remember_solve(spec, params, result)
+                call["merge_config"] = graph_config(merge_config)
+                if options is not None:
+                    # mergekit's card would list the base alone; write_artifacts writes its
+                    # card for the config as the user wrote it, as the fast path does.
+                    call["options"] = options.model_copy(update={"write_model_card": False})
+                started = time.perf_counter()
+                value = original(**call)
+                write_artifacts(Path(out_path), result, merge_config, write_seconds=time.perf_counter() - started)
+        except Interrupted as stop:
+            # mergekit writes into the output folder itself: one this run created goes, half-written
+            if not existed:
+                shutil.rmtree(out_path, ignore_errors=True)
+            print(f"mergekit-fw: stopped by {stop.name}; {RESUME_HINT}", file=sys.stderr)
+            raise SystemExit(stop.exit_status) from None
         return value
 
     run_merge._mergekit_fw = True  # type: ignore[attr-defined]

@@ -25,11 +25,13 @@ from mergekit_fw.pool.pickled import PickleRefused
 from mergekit_fw.pool.pickled import pickle_free as _pickle_free
 from mergekit_fw.pool.references import (
     CandidateSpec,
+    ModelSource,
     PoolError,
     PoolSpec,
     check_pool_spec,
     local_dir,
 )
+from mergekit_fw.pool.remote_code import download_patterns, refuse_remote_code
 
 LOG = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Pool:
     base_config: dict
     base_index: SafetensorsIndex
     candidates: list[Candidate]
+    trust_remote_code: bool = False  # the oracle's model and tokenizer may run their repository's code
 
     @property
     def names(self) -> list[str]:
@@ -62,7 +65,9 @@ class Pool:
         """This pool plus one more vertex (the initial merge), checked like the others."""
         if candidate.name in self.names:
             raise PoolError(f"candidate {candidate.name} is already in the pool")
-        return Pool(self.base_dir, self.base_config, self.base_index, [*self.candidates, candidate])
+        return Pool(
+            self.base_dir, self.base_config, self.base_index, [*self.candidates, candidate], self.trust_remote_code
+        )
 
     def files(self) -> list[Path]:
         out = [self.base_dir / "config.json", *self.base_index.weight_files()]
@@ -78,9 +83,17 @@ def pickle_free(folder: Path, what: str, convert_to: Path | None) -> Path:
         raise PoolError(str(error)) from None
 
 
+def fetched(source: ModelSource, spec: PoolSpec, what: str) -> Path:
+    """The reference's local folder (what a merge reads, from the hub when it is an
+    id), refused if it asks to run its own code and the user did not trust it."""
+    folder = local_dir(source, what, patterns=download_patterns(spec.trust_remote_code))
+    refuse_remote_code(folder, what, trusted=spec.trust_remote_code)
+    return folder
+
+
 def open_base(spec: PoolSpec, *, pickles_to: Path | None = None) -> tuple[Path, dict, SafetensorsIndex]:
     """The base's folder, config and tensor index; a :class:`PoolError` if unusable."""
-    base_dir = local_dir(spec.base, "base_model")
+    base_dir = fetched(spec.base, spec, "base_model")
     base_dir = pickle_free(base_dir, "base_model", pickles_to)
     base_config = read_model_config(base_dir, "base_model")
     return base_dir, base_config, SafetensorsIndex(base_dir, "base_model")
@@ -102,10 +115,10 @@ def load_candidate(
                 f"candidate {candidate.name}: its LoRA is applied to {candidate.model}, "
                 f"but base_model is {spec.base}; Frank-Wolfe needs every adapter on the base"
             )
-        adapter_dir = local_dir(candidate.lora, f"candidate {candidate.name}: adapter")
+        adapter_dir = fetched(candidate.lora, spec, f"candidate {candidate.name}: adapter")
         adapter_dir = pickle_free(adapter_dir, f"candidate {candidate.name}:", pickles_to)
         return load_lora(candidate.name, adapter_dir, base_config, base_index, base_dir if spec.align_vocab else None)
-    folder = local_dir(candidate.model, f"candidate {candidate.name}:")
+    folder = fetched(candidate.model, spec, f"candidate {candidate.name}:")
     if folder == base_dir:
         raise PoolError(f"candidate {candidate.name}: is the base model itself (its task vector is zero)")
     folder = pickle_free(folder, f"candidate {candidate.name}:", pickles_to)
@@ -121,7 +134,13 @@ def open_pool(spec: PoolSpec, *, pickles_to: Path | None = None) -> Pool:
     candidates = [
         load_candidate(c, spec, base_dir, base_config, base_index, pickles_to=pickles_to) for c in spec.candidates
     ]
-    pool = Pool(base_dir=base_dir, base_config=base_config, base_index=base_index, candidates=candidates)
+    pool = Pool(
+        base_dir=base_dir,
+        base_config=base_config,
+        base_index=base_index,
+        candidates=candidates,
+        trust_remote_code=spec.trust_remote_code,
+    )
     LOG.info(
         "pool: base %s, %d LoRA and %d dense candidates, %d tensors moved",
         base_dir,

@@ -13,9 +13,6 @@ from pathlib import Path
 LOG = logging.getLogger(__name__)
 
 
-WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py")
-
-
 class PoolError(ValueError):
     """A base or candidate that cannot be merged; the message names it."""
 
@@ -50,10 +47,13 @@ class PoolSpec:
     # the merge's dtype (mergekit's ``dtype:``, a torch name), which ``oracle_dtype: auto``
     # follows; not part of equality for the same reason (the fingerprint has the oracle's)
     dtype: str | None = field(default=None, compare=False)
+    # mergekit's --trust-remote-code: members whose configs ask for their own code are
+    # loaded (and their code downloaded) only then
+    trust_remote_code: bool = field(default=False, compare=False)
 
 
-def local_dir(source: ModelSource, what: str) -> Path:
-    """A local folder for a model reference (downloading it when online)."""
+def local_dir(source: ModelSource, what: str, *, patterns: list[str]) -> Path:
+    """A local folder for a model reference (downloading ``patterns`` when online)."""
     path = Path(source.path).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -65,7 +65,7 @@ def local_dir(source: ModelSource, what: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(source.path, revision=source.revision, allow_patterns=list(WEIGHT_PATTERNS)))
+        return Path(snapshot_download(source.path, revision=source.revision, allow_patterns=patterns))
     except Exception as error:
         raise PoolError(
             f"{what} {source}: not a local folder and could not be fetched from the hub ({error})"

@@ -285,7 +285,13 @@ def check_pool(
         keep.append(candidate)
     found = PoolCheck(str(spec.base), checks)
     if keep:
-        found.pool = Pool(base_dir=base_dir, base_config=base_config, base_index=base_index, candidates=keep)
+        found.pool = Pool(
+            base_dir=base_dir,
+            base_config=base_config,
+            base_index=base_index,
+            candidates=keep,
+            trust_remote_code=spec.trust_remote_code,
+        )
     return found
 
 

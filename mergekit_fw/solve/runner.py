@@ -102,7 +102,7 @@ def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Process
     placed by ``device_map``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(pool.base_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(pool.base_dir), trust_remote_code=pool.trust_remote_code)
     placement = params.device_map
     if placement in ACCELERATE_PLACEMENTS and processes.parallel:
         raise ConfigError(
@@ -115,7 +115,10 @@ def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Process
         else str(torch.device(placement) if placement else processes.device)
     )
     model = AutoModelForCausalLM.from_pretrained(
-        str(pool.base_dir), dtype=getattr(torch, params.oracle_dtype_for(merge_dtype)), device_map=device_map
+        str(pool.base_dir),
+        dtype=getattr(torch, params.oracle_dtype_for(merge_dtype)),
+        device_map=device_map,
+        trust_remote_code=pool.trust_remote_code,
     )
     if params.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
