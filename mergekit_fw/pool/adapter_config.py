@@ -16,7 +16,8 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +255,7 @@ def read_adapter_config(name: str, file: Path) -> AdapterConfig:
     modules_to_save = raw.get("modules_to_save") or []
     if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
         raise reader.refuse("modules_to_save", "must be a list of module names")
-    return AdapterConfig(
+    config = AdapterConfig(
         file=file,
         r=reader.rank("r", raw.get("r", 8)),
         lora_alpha=reader.number("lora_alpha", 8.0),
@@ -269,6 +270,38 @@ def read_adapter_config(name: str, file: Path) -> AdapterConfig:
         modules_to_save=list(modules_to_save),
         base_model_name_or_path=str(raw["base_model_name_or_path"]) if raw.get("base_model_name_or_path") else None,
     )
+    _peft_accepts(name, file, raw)
+    return config
+
+
+def _peft_accepts(name: str, file: Path, raw: dict) -> None:
+    """PEFT's own checks of a config (``LoraConfig.__post_init__``: a regex target with
+    layer indices, ``layers_pattern`` without ``layers_to_transform`` and the like), run
+    on the fields this PEFT knows; its refusal is ours, with its words."""
+    from peft import LoraConfig
+
+    known = {f.name for f in fields(LoraConfig) if f.init and f.name not in ("peft_type", "runtime_config")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            LoraConfig(**{key: value for key, value in raw.items() if key in known})
+        except (TypeError, ValueError, KeyError, AttributeError, ImportError) as error:
+            raise PoolError(f"candidate {name}: {file}: PEFT refuses this config: {error}") from None
+
+
+def with_default_targets(name: str, config: AdapterConfig, base_config: dict) -> AdapterConfig:
+    """A config without ``target_modules`` targets what PEFT picks for the model type."""
+    if config.target_modules is not None:
+        return config
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = base_config.get("model_type")
+    if model_type not in DEFAULTS:
+        raise PoolError(
+            f"candidate {name}: {config.file}: target_modules is not set and PEFT has no default for "
+            f"model_type {model_type!r} (it refuses such an adapter)"
+        )
+    return replace(config, target_modules=list(DEFAULTS[model_type]))
 
 
 def conv1d_layout(base_config: dict, tensor: str) -> bool:
@@ -277,6 +310,33 @@ def conv1d_layout(base_config: dict, tensor: str) -> bool:
     if base_config.get("model_type") not in CONV1D_MODEL_TYPES:
         return False
     return not any(part in tensor for part in ("lm_head", "wte", "wpe", "embed"))
+
+
+def modules_of(tensors: list[str]) -> list[str]:
+    """Every module of a model with these tensors: each tensor's owner and their parents
+    (``model.layers.0.self_attn`` as well as its ``q_proj``), as PEFT walks them."""
+    out: set[str] = set()
+    for tensor in tensors:
+        parts = tensor.split(".")[:-1]
+        out.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
+    return sorted(out)
+
+
+def check_coverage(name: str, config: AdapterConfig, base_tensors: list[str], adapted: set[str]) -> None:
+    """The converse of :func:`check_module`: every module the config targets has
+    factors in the file. PEFT would put a LoRA on such a module anyway (a fresh one, or
+    an error for a module it cannot adapt), so its merge and ours would differ."""
+    linear = {t.rsplit(".", 1)[0] for t in base_tensors if t.endswith(".weight")}
+    for module in modules_of(base_tensors):
+        if module in adapted:
+            continue
+        is_linear = module in linear and not any(p in module for p in ("lm_head", "embed", "wte", "wpe"))
+        if config.targets(module, linear=is_linear):
+            raise PoolError(
+                f"candidate {name}: {config.file}: {config.describe_targets()} covers {module}, but "
+                "adapter_model.safetensors has no LoRA factors for it (PEFT would add an untrained or "
+                "unsupported LoRA there)"
+            )
 
 
 def check_module(

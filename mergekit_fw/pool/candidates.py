@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mergekit_fw.pool.adapter_config import AdapterConfig, check_module, conv1d_layout, read_adapter_config
+from mergekit_fw.pool.adapter_config import (
+    AdapterConfig,
+    check_coverage,
+    check_module,
+    conv1d_layout,
+    read_adapter_config,
+    with_default_targets,
+)
 from mergekit_fw.pool.references import PoolError
 from mergekit_fw.pool.safetensors_io import (
     SafetensorsFormatError,
@@ -282,7 +289,7 @@ def load_lora(
         read_layout(weights_file)
     except SafetensorsFormatError as error:
         raise PoolError(f"candidate {name}: {error}") from None
-    config = read_adapter_config(name, config_file)
+    config = with_default_targets(name, read_adapter_config(name, config_file), base_config)
     modules_to_save = config.modules_to_save
 
     pairs: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
@@ -322,7 +329,9 @@ def load_lora(
             raise PoolError(f"candidate {name}: {weights_file}: module {module} lacks lora_A or lora_B")
         tensor = f"{module}.weight"
         if tensor not in base_index.files:
-            raise PoolError(f"candidate {name}: targets {module}, but the base has no tensor {tensor!r}")
+            raise PoolError(
+                f"candidate {name}: {weights_file}: targets {module}, but the base has no tensor {tensor!r}"
+            )
         (key_A, shape_A), (key_B, shape_B) = pair["lora_A"], pair["lora_B"]
         if len(shape_A) != 2 or len(shape_B) != 2:
             kind = "a convolution LoRA" if len(shape_A) > 2 else "LoRA factors that are not matrices"
@@ -332,7 +341,9 @@ def load_lora(
             )
         rank = shape_A[0]
         if shape_B[1] != rank:
-            raise PoolError(f"candidate {name}: {module}: lora_A rank {rank} != lora_B rank {shape_B[1]}")
+            raise PoolError(
+                f"candidate {name}: {weights_file}: {module}: lora_A rank {rank} != lora_B rank {shape_B[1]}"
+            )
         conv1d = conv1d_layout(base_config, tensor)
         check_module(name, config, module, rank, conv1d=conv1d, linear="lm_head" not in module)
         base_shape = base_index.shape(tensor)
@@ -341,7 +352,7 @@ def load_lora(
             delta_shape = delta_shape[::-1]
         if tuple(base_shape) != delta_shape:
             raise PoolError(
-                f"candidate {name}: {module}: LoRA delta shape {delta_shape} does not match "
+                f"candidate {name}: {weights_file}: {module}: LoRA delta shape {delta_shape} does not match "
                 f"base weight {tensor} shape {tuple(base_shape)} (adapter for another base?)"
             )
         factors[tensor] = LoraFactors(
@@ -355,9 +366,13 @@ def load_lora(
         )
     if not factors and not full:
         raise PoolError(f"candidate {name}: {weights_file}: no LoRA weights")
+    check_coverage(name, config, base_index.names(), {tensor.rsplit(".", 1)[0] for tensor in factors})
     missing = [m for m in modules_to_save if not any(_module_matches(t.rsplit(".", 1)[0], m) for t in full)]
     if missing:
-        LOG.warning("candidate %s: modules_to_save %s has no tensors in %s", name, missing, weights_file)
+        raise PoolError(
+            f"candidate {name}: {config_file}: modules_to_save = {config.modules_to_save!r}, but "
+            f"{weights_file.name} has no tensors for {missing} (PEFT refuses to load it)"
+        )
     return LoraCandidate(
         name=name, adapter_dir=adapter_dir, factors=factors, full=full, vocab_maps=vocab_maps, config=config
     )

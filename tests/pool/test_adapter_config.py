@@ -61,6 +61,12 @@ ROWS = {
                        ["target_modules = ['q_proj']", "does not cover model.layers.0.self_attn.v_proj"]),
     "target_modules regex": (lambda f: _edit(f, target_modules=r".*\.q_proj"),
                              ["target_modules = '.*\\\\.q_proj'", "v_proj"]),
+    "target_modules beyond the factors": (lambda f: _edit(f, target_modules=["q_proj", "v_proj", "k_proj"]),
+                                          ["covers model.layers.0.self_attn.k_proj", "no LoRA factors"]),
+    "target_modules regex with layers": (lambda f: _edit(f, target_modules=r".*\.(q|v)_proj", layers_to_transform=[0]),
+                                         ["PEFT refuses this config", "layers_to_transform"]),
+    "modules_to_save": (lambda f: _edit(f, modules_to_save=["lm_head"]),
+                        ["modules_to_save = ['lm_head']", "no tensors for ['lm_head']"]),
     "target_modules type": (lambda f: _edit(f, target_modules=7), ["target_modules = 7", "list of strings"]),
     "exclude_modules": (lambda f: _edit(f, exclude_modules=["v_proj"]),
                         ["exclude_modules = ['v_proj']", "does not cover model.layers.0.self_attn.v_proj"]),
@@ -70,6 +76,8 @@ ROWS = {
                                  ["layers_to_transform = '0'", "integer"]),
     "layers_pattern": (lambda f: _edit(f, layers_to_transform=[0, 1], layers_pattern="blocks"),
                        ["layers_pattern = 'blocks'", "does not cover model.layers.0."]),
+    "layers_pattern alone": (lambda f: _edit(f, layers_pattern="layers"),
+                             ["PEFT refuses this config", "`layers_to_transform` must also be specified"]),
     "lora_alpha": (lambda f: _edit(f, lora_alpha="16"), ["lora_alpha = '16'", "finite number"]),
     "lora_alpha bool": (lambda f: _edit(f, lora_alpha=True), ["lora_alpha = True", "finite number"]),
     "alpha_pattern": (lambda f: _edit(f, alpha_pattern={"q_proj": "x"}), ["alpha_pattern['q_proj'] = 'x'"]),
@@ -85,7 +93,7 @@ ROWS = {
     "peft_type": (lambda f: _edit(f, peft_type="IA3"), ["peft_type = 'IA3'"]),
     "embedding LoRA": (_embedding_lora, ["target_modules = ['q_proj', 'v_proj', 'embed_tokens']", "embedding",
                                          "lora_embedding_A"]),
-    "convolution LoRA": (_conv_lora, ["target_modules = ['q_proj', 'v_proj']", "convolution",
+    "convolution LoRA": (_conv_lora, ["target_modules = [", "convolution",
                                       "model.layers.0.self_attn.q_proj", "(4, 16, 1, 1)"]),
 }
 
@@ -134,6 +142,7 @@ def _peft_deltas(base_dir: Path, folder: Path) -> dict[str, torch.Tensor]:
     {"rank_pattern": {"v_proj": 4}, "alpha_pattern": {"v_proj": 3}},
     {"target_modules": r".*\.(q_proj|v_proj)", "lora_alpha": 5.5},
     {"layers_to_transform": [0, 1], "layers_pattern": "layers", "use_rslora": True},
+    {"target_modules": None},  # PEFT's default for llama: q_proj and v_proj, what adapter 0 has
 ])
 def test_a_consistent_config_gives_peft_merge(changes, random_pool, base, tmp_path):
     """Patterns, a regex target and layer indices read PEFT's way: the deltas are
