@@ -156,7 +156,7 @@ class FrankWolfeParameters(BaseModel):
         "not, so iterations becomes a cap.",
     )
     step: Literal["line_search", "quadratic", "adaptive", "schedule", "fixed"] = Field(
-        "quadratic",
+        "adaptive",
         description="Hard FW step size: 'line_search' (golden-section search of gamma in [0, 1] on "
         "the calibration loss; never increases it), 'quadratic' (a parabola through the known loss "
         "and slope at gamma = 0 and the loss at gamma = 1, its minimiser tried next, halved until the "

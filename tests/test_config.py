@@ -139,12 +139,14 @@ def test_kernel_kwargs_with_mergekit_defaults_are_not_taken_as_given():
     ],
 )
 def test_the_default_direction_is_projected_pairwise_where_a_step_is_searched(given, direction):
-    """Issue 17's defaults (box, projected pairwise, quadratic step, <= 30 iterations,
+    """Issue 17's defaults (box, projected pairwise, adaptive step, <= 30 iterations,
     relative gap 0.01) must not invalidate a config that sets only a step rule or the
     soft variant."""
     params = parse_parameters({"calibration": "c.jsonl", **given})
     assert params.direction == direction
     assert (params.constraint, params.iterations, params.epsilon_relative) == ("box", 30, 0.01)
+    if not given:
+        assert params.step == "adaptive"
 
 
 def test_a_solver_s_unread_settings_stay_out_of_its_fingerprint():
