@@ -32,7 +32,7 @@ def arguments() -> argparse.Namespace:
                         help="only redraw the results from the per-seed records in evals/results/seeds/")
     parser.add_argument("--tasks-only", action="store_true",
                         help="build only the tasks' own adapters (the same ones, from the same seeds): enough for "
-                             "experiments 3 and 9, and on the full testbed about half the build")
+                             "experiments 2, 3 and 9, and on the full testbed about half the build")
     parser.add_argument("--methods", default="",
                         help="comma-separated method names: compute only their missing records; other methods' "
                              "records are read back where recorded and their rows kept from the per-seed results "

@@ -92,7 +92,8 @@ class Context:
 
 # Experiments whose cells hold only the tasks' own adapters: they can run on a pool built
 # without the duplicates, the noisy members (and their second base) and the full fine-tunes.
-TASK_ADAPTERS_ONLY = ("exp3_relevant", "exp9_relevant_all")
+# experiment 2 adds other tasks' own LoRAs as the irrelevant members: the tasks' adapters are enough too
+TASK_ADAPTERS_ONLY = ("exp2_irrelevant", "exp3_relevant", "exp9_relevant_all")
 
 
 def open_context(size: str, seed: int, work: Optional[Path] = None, quick: Optional[bool] = None,
