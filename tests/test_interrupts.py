@@ -134,3 +134,14 @@ def test_mergekit_yaml_ends_cleanly_on_sigterm_mid_solve(testbed, tmp_path):
     _stopped(process, signal.SIGTERM)
     assert not out.exists()
     assert _checkpointed(cache) >= 2
+
+
+@pytest.mark.slow
+def test_mergekit_yaml_ends_cleanly_on_sigint_mid_write(testbed, tmp_path):
+    """mergekit writes into the output folder itself: one the run created is removed."""
+    config, cache, out = _config(testbed, tmp_path / "fw.yml", iterations=2), tmp_path / "cache", tmp_path / "out"
+    process = _start(["mergekit-yaml", str(config), str(out), "--quiet", "--out-shard-size", "1K"], cache)
+    _signal_when(process, lambda: any(out.glob("*.safetensors")), signal.SIGINT)
+    _stopped(process, signal.SIGINT)
+    assert not out.exists()
+    assert list(cache.glob("*/fw_table.json"))  # the finished solve is kept for the rerun
