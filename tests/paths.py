@@ -29,6 +29,18 @@ def _run(argv, env: dict) -> subprocess.CompletedProcess:
     return done
 
 
+def checkpointed_iterations(cache: Path) -> int:
+    """Iterations in a solve's checkpoint under ``cache`` (0 while none is readable)."""
+    import json
+
+    for checkpoint in Path(cache).glob("*/fw_checkpoint.json"):
+        try:
+            return len(json.loads(checkpoint.read_text())["trace"]["iterations"])
+        except (ValueError, KeyError):
+            return 0
+    return 0
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -18,7 +18,7 @@ import yaml
 
 from mergekit_fw.interrupts import RESUME_HINT, Interrupted, signals_raise
 from tests.conftest import subprocess_env
-from tests.paths import mergekit_fw_run, write_config
+from tests.paths import checkpointed_iterations, mergekit_fw_run, write_config
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -41,15 +41,6 @@ def _config(testbed, path: Path, **parameters) -> Path:
     config = yaml.safe_load((testbed.root / "fw.yml").read_text())
     config["parameters"].update(parameters)
     return write_config(path, config)
-
-
-def _checkpointed(cache: Path) -> int:
-    for checkpoint in cache.glob("*/fw_checkpoint.json"):
-        try:
-            return len(json.loads(checkpoint.read_text())["trace"]["iterations"])
-        except (ValueError, KeyError):
-            return 0
-    return 0
 
 
 def _writing(out: Path) -> bool:
@@ -98,10 +89,10 @@ def _clean(out: Path) -> None:
 def test_a_signal_mid_solve_ends_cleanly_and_the_same_command_resumes(signum, testbed, tmp_path):
     config, cache, out = _config(testbed, tmp_path / "fw.yml", iterations=6), tmp_path / "cache", tmp_path / "out"
     process = _start(["mergekit-fw", "run", str(config), str(out), "--quiet"], cache)
-    _signal_when(process, lambda: _checkpointed(cache) >= 2, signum)
+    _signal_when(process, lambda: checkpointed_iterations(cache) >= 2, signum)
     _stopped(process, signum)
     _clean(out)
-    kept = _checkpointed(cache)
+    kept = checkpointed_iterations(cache)
     assert kept >= 2  # the finished iterations stay
 
     mergekit_fw_run(config, out, MERGEKIT_FW_CACHE=str(cache))
@@ -130,10 +121,10 @@ def test_a_signal_mid_write_leaves_no_partial_output_and_the_rerun_reuses_the_so
 def test_mergekit_yaml_ends_cleanly_on_sigterm_mid_solve(testbed, tmp_path):
     config, cache, out = _config(testbed, tmp_path / "fw.yml", iterations=6), tmp_path / "cache", tmp_path / "out"
     process = _start(["mergekit-yaml", str(config), str(out), "--quiet"], cache)
-    _signal_when(process, lambda: _checkpointed(cache) >= 2, signal.SIGTERM)
+    _signal_when(process, lambda: checkpointed_iterations(cache) >= 2, signal.SIGTERM)
     _stopped(process, signal.SIGTERM)
     assert not out.exists()
-    assert _checkpointed(cache) >= 2
+    assert checkpointed_iterations(cache) >= 2
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import subprocess_env
-from tests.paths import mergekit_fw_run, tensors, write_config
+from tests.paths import checkpointed_iterations, mergekit_fw_run, tensors, write_config
 
 
 def _config(testbed, path, **parameters):
@@ -56,15 +56,6 @@ def _killed_after_two_checkpoints(module, monkeypatch, run):
     return calls
 
 
-def _checkpointed_iterations(cache) -> int:
-    for checkpoint in cache.glob("*/fw_checkpoint.json"):
-        try:
-            return len(json.loads(checkpoint.read_text())["trace"]["iterations"])
-        except (ValueError, KeyError):
-            return 0
-    return 0
-
-
 @pytest.mark.slow
 def test_sigkill_mid_solve_then_the_same_command_resumes_to_the_uninterrupted_table(testbed, tmp_path):
     config = _config(testbed, tmp_path / "fw.yml", iterations=12)
@@ -78,7 +69,7 @@ def test_sigkill_mid_solve_then_the_same_command_resumes_to_the_uninterrupted_ta
         assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read()[-2000:]}"
         assert time.monotonic() < deadline
         time.sleep(0.05)
-        seen = _checkpointed_iterations(killed_cache)
+        seen = checkpointed_iterations(killed_cache)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     process.stderr.close()
