@@ -94,6 +94,8 @@ def test_a_signal_mid_solve_ends_cleanly_and_the_same_command_resumes(signum, te
     _clean(out)
     kept = checkpointed_iterations(cache)
     assert kept >= 2  # the finished iterations stay
+    if signum == signal.SIGINT:
+        return  # the rerun is the same after either signal: run once (CI time)
 
     mergekit_fw_run(config, out, MERGEKIT_FW_CACHE=str(cache))
     trace = json.loads((out / "fw_trace.json").read_text())
@@ -111,6 +113,8 @@ def test_a_signal_mid_write_leaves_no_partial_output_and_the_rerun_reuses_the_so
     _clean(out)
     [table] = cache.glob("*/fw_table.json")  # the solve had finished: it is kept
     solved = table.stat().st_mtime_ns
+    if signum == signal.SIGINT:
+        return  # the rerun is the same after either signal: run once (CI time)
 
     mergekit_fw_run(config, out, MERGEKIT_FW_CACHE=str(cache))
     assert table.stat().st_mtime_ns == solved  # reused, not solved again
