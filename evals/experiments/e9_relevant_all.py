@@ -13,7 +13,7 @@ from evals.experiments.cli import main
 from evals.experiments.common import Context, records_of, run_cells, write_experiment
 from evals.experiments.e3_relevant import PROBES, task_order
 from evals.experiments.seeds import Stats, collect, holds, line_figure, series, series_table
-from evals.methods import BEYOND, SCALING, method
+from evals.methods import BEYOND, SCALING, defaults_row, method
 
 STEM = "exp9_relevant_all"
 WATCHED = ("fw_hard_layer", "supervised", "task_arithmetic")
@@ -49,12 +49,15 @@ def summarize(per_seed: Dict[int, dict], figure: Path) -> Tuple[str, List[Stats]
     some = per_seed[min(per_seed)]
     rows = series(stats)
     lines = []
-    for name in WATCHED:
+    current = defaults_row()  # merge_method: frank_wolfe with nothing set, today
+    for name in (*([current] if current and current not in WATCHED else []), *WATCHED):
         row = rows.get(method(name).title, {})
         if ks[0] in row and ks[-1] in row:
             first, last = row[ks[0]].by_seed(), row[ks[-1]].by_seed()
             rises = {s: last[s] > first[s] for s in first if s in last}
-            lines.append(f"- {method(name).title}: {row[ks[0]].mean:.1f} -> {row[ks[-1]].mean:.1f}; rises with the "
+            per_seed = ", ".join(f"seed {s}: {first[s]:.1f} -> {last[s]:.1f}" for s in sorted(rises))
+            label = f"at mergekit-fw's defaults, {method(name).title}" if name == current else method(name).title
+            lines.append(f"- {label}: {row[ks[0]].mean:.1f} -> {row[ks[-1]].mean:.1f} ({per_seed}); rises with the "
                          f"pool: {holds(rises)}")
     text = (f"# Experiment 9: all {len(some['asked'])} tasks asked, their adapters added {ks[0]} -> {ks[-1]}\n\n"
             f"Adapters added in this order: {', '.join(some['order'][:ks[-1]])}. Calibration: every task's rows.\n\n"
