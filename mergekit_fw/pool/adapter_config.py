@@ -179,20 +179,27 @@ class _Reader:
             raise self.refuse(key, "must be true or false")
         return value
 
-    def names(self, key: str, *, regex: bool) -> str | list[str] | None:
+    def names(self, key: str, *, regex: bool, regex_items: bool = False) -> str | list[str] | None:
+        """A string (a regular expression when ``regex``) or a list of names (each one
+        put into PEFT's regular expressions when ``regex_items``)."""
         value = self.raw.get(key)
         if value is None:
             return None
         if isinstance(value, str):
             if regex:
-                try:
-                    re.compile(value)
-                except re.error as error:
-                    raise self.refuse(key, f"not a valid regular expression ({error})") from None
+                self.compiles(key, value)
             return value
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            for item in value if regex_items else ():
+                self.compiles(key, item)
             return list(value)
         raise self.refuse(key, "must be a string or a list of strings")
+
+    def compiles(self, key: str, pattern: str) -> None:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise self.refuse(key, f"{pattern!r} is not a valid regular expression ({error})") from None
 
     def pattern(self, key: str, value_kind: str) -> dict:
         value = self.raw.get(key) or {}
@@ -200,10 +207,7 @@ class _Reader:
             raise self.refuse(key, "must be an object mapping module names to values")
         out: dict = {}
         for module, item in value.items():
-            try:
-                re.compile(module)
-            except re.error as error:
-                raise self.refuse(key, f"key {module!r} is not a valid regular expression ({error})") from None
+            self.compiles(key, module)
             if value_kind == "rank":
                 out[module] = self.rank(f"{key}[{module!r}]", item)
             elif isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
@@ -255,6 +259,8 @@ def read_adapter_config(name: str, file: Path) -> AdapterConfig:
     modules_to_save = raw.get("modules_to_save") or []
     if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
         raise reader.refuse("modules_to_save", "must be a list of module names")
+    for module in modules_to_save:  # PEFT puts each into a regular expression
+        reader.compiles("modules_to_save", module)
     config = AdapterConfig(
         file=file,
         r=reader.rank("r", raw.get("r", 8)),
@@ -266,7 +272,7 @@ def read_adapter_config(name: str, file: Path) -> AdapterConfig:
         target_modules=reader.names("target_modules", regex=True),
         exclude_modules=reader.names("exclude_modules", regex=True),
         layers_to_transform=layers,
-        layers_pattern=reader.names("layers_pattern", regex=True),
+        layers_pattern=reader.names("layers_pattern", regex=True, regex_items=True),
         modules_to_save=list(modules_to_save),
         base_model_name_or_path=str(raw["base_model_name_or_path"]) if raw.get("base_model_name_or_path") else None,
     )
