@@ -31,7 +31,7 @@ _line = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lines=st.lists(_line, max_size=8), labelled=st.booleans())
 def test_calibration_reader_accepts_or_names_the_line(lines, labelled):
     with tempfile.TemporaryDirectory() as folder:
