@@ -5,9 +5,9 @@ factors', a target list that does not name the modules it has factors for, a
 ``lora_alpha`` that is a string) is refused by PEFT when it loads, or loaded at a
 scale one of the two got wrong. Every field that decides the maths is read here,
 typed, and checked against the tensors before any maths; each refusal names the
-adapter, the file, the field and both values. The matching rules (suffix match for
-a list of targets, full regex match for a string, the layer index for
-``layers_to_transform``, the rank and alpha patterns) are PEFT's own.
+adapter, the file, the field and both values. Which modules a config targets and
+which rank and alpha pattern applies are decided by PEFT's own functions
+(``check_target_module_exists``, ``get_pattern_key``), not a copy of their rules.
 """
 
 from __future__ import annotations
@@ -85,33 +85,22 @@ class AdapterConfig:
         key = _pattern_key(self.rank_pattern, module)
         return "r" if key is None else f"rank_pattern[{key!r}]"
 
+    # PEFT's matcher reads these attributes; LoRA on raw parameters is refused when read
+    target_parameters = None
+
     def targets(self, module: str, *, linear: bool) -> bool:
         """Whether PEFT puts a LoRA layer on ``module`` (its name in the model, e.g.
-        ``model.layers.0.self_attn.q_proj``). ``linear``: a linear layer other than the
-        output head, what ``all-linear`` means."""
-        if _listed(self.exclude_modules, module) or any(
-            re.match(rf"(^|.*\.){m}($|\..*)", module) for m in self.modules_to_save
-        ):
+        ``model.layers.0.self_attn.q_proj``): PEFT's own matcher. ``linear``: a linear
+        layer other than the output head, what ``all-linear`` expands to."""
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        if self.target_modules is None:
             return False
-        targets = self.target_modules
-        if targets is None:
-            return False
-        if isinstance(targets, str):
-            if targets == "all-linear":
-                return linear
-            return re.fullmatch(targets, module) is not None
-        if module in targets:
-            return True
-        if not any(module.endswith(f".{target}") for target in targets):
-            return False
-        if self.layers_to_transform is None or self.layers_to_transform == []:
-            return True
-        index = _layer_index(module, self.layers_pattern)
-        if index is None:
-            return False
-        if isinstance(self.layers_to_transform, int):
-            return index == self.layers_to_transform
-        return index in self.layers_to_transform
+        if self.target_modules == "all-linear":
+            # PEFT expands it to the layers' short names, so layers_to_transform still applies
+            short = module.rsplit(".", 1)[-1]
+            return linear and bool(check_target_module_exists(replace(self, target_modules=[short]), module))
+        return bool(check_target_module_exists(self, module))
 
     def describe_targets(self) -> str:
         parts = [f"target_modules = {self.target_modules!r}"]
@@ -123,30 +112,11 @@ class AdapterConfig:
 
 
 def _pattern_key(patterns: dict, module: str) -> str | None:
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+    """PEFT's pattern lookup (``get_pattern_key``), ``None`` where no key matches."""
+    from peft.utils.other import get_pattern_key
 
-
-def _listed(names: str | list[str] | None, module: str) -> bool:
-    if not names:
-        return False
-    if isinstance(names, str):
-        return re.fullmatch(names, module) is not None
-    return module in names or any(module.endswith(f".{name}") for name in names)
-
-
-def _layer_index(module: str, layers_pattern: str | list[str] | None) -> int | None:
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    else:
-        match = None
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
-            if match is not None:
-                break
-    return int(match.group("idx")) if match else None
+    key = get_pattern_key(list(patterns), module)
+    return key if key in patterns else None
 
 
 class _Reader:
