@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
 
-    from mergekit_fw.calibration import build_calibration
+    from mergekit_fw.calibration.batches import build_calibration
     from mergekit_fw.distributed import Processes
     from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
     from mergekit_fw.objective import batch_loss, position_weights

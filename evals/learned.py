@@ -33,7 +33,7 @@ from typing import Dict, List
 
 import torch
 
-from mergekit_fw.calibration import CalibrationBatch, CalibrationSet, build_calibration, pad_token_id
+from mergekit_fw.calibration.batches import CalibrationBatch, CalibrationSet, build_calibration, pad_token_id
 from mergekit_fw.solve.stochastic import step_batches
 from testbed.sanity import pool_spec, write_coefficients
 

@@ -206,6 +206,61 @@ def inspect(config_file: Path, as_json: bool, trust_remote_code: bool) -> None:
         sys.exit(1)
 
 
+def _source_help(name: str) -> str:
+    from mergekit_fw.calibration.sources import TaskSource
+
+    return f"{TaskSource.model_fields[name].description} Repeat as TASK=VALUE for one task."
+
+
+@main.command()
+@click.argument("out_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    required=True,
+    metavar="NAME=DATASET[:CONFIG]:SPLIT",
+    help="A task and where its rows come from: a hub dataset id, a save_to_disk folder, or a json, "
+    "jsonl, csv or parquet file (split train). Repeat for each task.",
+)
+@click.option("--prompt-field", multiple=True, help=_source_help("prompt_field"))
+@click.option("--completion-field", multiple=True, help=_source_help("completion_field"))
+@click.option("--messages-field", multiple=True, help=_source_help("messages_field"))
+@click.option("--prompt-template", multiple=True, help=_source_help("prompt_template"))
+@click.option("--completion-template", multiple=True, help=_source_help("completion_template"))
+@click.option(
+    "--samples-per-task", default=100, show_default=True, type=click.IntRange(min=1), help="Rows sampled per task."
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the shuffle each task's rows are drawn in.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_FILE if it exists.")
+@_verbose
+def calibration(
+    out_file: Path,
+    tasks: tuple[str, ...],
+    samples_per_task: int,
+    seed: int,
+    overwrite: bool,
+    verbose: bool,
+    **mappings: tuple[str, ...],
+) -> None:
+    """Write a calibration JSONL from Hugging Face datasets: SAMPLES_PER_TASK rows of
+    each task's split, in a seeded shuffle, as prompt/completion or chat rows.
+
+    Offline (HF_DATASETS_OFFLINE=1 or HF_HUB_OFFLINE=1) hub datasets are read from the
+    local cache; local folders and files always work."""
+    _setup(verbose, None)
+    try:
+        from mergekit_fw.calibration.sources import format_report, task_sources, write_calibration
+
+        if out_file.exists() and not overwrite:
+            raise FileExistsError(f"{out_file} exists (give --overwrite to replace it)")
+        sources = task_sources(tasks, mappings)
+        report = write_calibration(out_file, sources, samples_per_task, seed)
+    except (ValueError, OSError) as error:
+        _fail(error)
+    click.echo(format_report(report, out_file, seed))
+
+
 @main.command(epilog=_parameters_help())
 @_config_arg
 @click.option(

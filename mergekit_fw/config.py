@@ -30,6 +30,7 @@ _ADDED_LATER: dict[str, Any] = {
     "epsilon_relative": 0.0,
     "direction": "frank_wolfe",
     "solver": "frank_wolfe",
+    "assistant_turns": "last",
 }
 # The settings that belong to one solver or another, and which each solver reads: a
 # solver's setting given to a solver that does not read it is an error naming it.
@@ -64,8 +65,10 @@ class FrankWolfeParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     calibration: str = Field(
-        description='Path to the calibration JSONL: one {"task", "prompt", "completion"} '
-        "object per line; a relative path is taken from the working directory."
+        description='Path to the calibration JSONL: one {"task", "prompt", "completion"} or '
+        '{"task", "messages": [{"role", "content"}, ...]} object per line (chat rows are rendered '
+        "with the base tokenizer's chat template; `mergekit-fw calibration` writes such a file from "
+        "Hugging Face datasets); a relative path is taken from the working directory."
     )
     samples_per_task: int = Field(
         100, ge=1, description="Calibration samples used per task (the first N of each task)."
@@ -90,6 +93,12 @@ class FrankWolfeParameters(BaseModel):
         description="objective entropy with entropy_positions answer: answer positions counted per "
         "row; 1 is the prediction of the answer's first token, k > 1 adds the k - 1 tokens that the "
         "starting point decodes greedily (decoded once, so the objective stays one fixed function).",
+    )
+    assistant_turns: Literal["last", "all"] = Field(
+        "last",
+        description="objective cross_entropy, chat rows: the assistant turns whose tokens count. 'last': "
+        "the final answer only (earlier turns are context); 'all': every assistant turn of the "
+        "conversation, each given the turns before it.",
     )
     solver: Literal["frank_wolfe", "projected_gradient", "stochastic_frank_wolfe"] = Field(
         "frank_wolfe",
@@ -316,6 +325,7 @@ class FrankWolfeParameters(BaseModel):
             "radius": ("constraint", "scaled_hull", "only the scaled hull has a radius"),
             "entropy_positions": ("objective", "entropy", "only the entropy objective picks positions"),
             "answer_tokens": ("objective", "entropy", "only the entropy objective picks positions"),
+            "assistant_turns": ("objective", "cross_entropy", "the entropy objective reads no answers"),
         }
         wrong = sorted(n for n in SOLVER_SPECIFIC - set(SOLVER_SETTINGS[self.solver]) if n in given)
         if wrong:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
-def write_json_atomic(path: Path, data: object) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write to a sibling temporary file, fsync, then rename: readers (and a run
     resumed after a kill or a power cut) never see half a file."""
     path = Path(path)
@@ -19,7 +19,7 @@ def write_json_atomic(path: Path, data: object) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1)
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -27,6 +27,10 @@ def write_json_atomic(path: Path, data: object) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def file_fingerprint(paths: Iterable[Path], small_limit: int = 1 << 20) -> list[tuple[str, str]]:

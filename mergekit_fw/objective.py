@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mergekit_fw.calibration import IGNORE_INDEX, CalibrationBatch, CalibrationSet
+from mergekit_fw.calibration.batches import IGNORE_INDEX, CalibrationBatch, CalibrationSet
 
 OBJECTIVES = ("cross_entropy", "entropy")
 

@@ -1,4 +1,5 @@
-"""Fuzzing the two things users hand us by hand: the calibration JSONL and the
+"""Fuzzing the two things users hand us by hand: the calibration JSONL (prompt and
+completion rows, chat rows, and what is neither) and the
 ``parameters:`` block. Whatever comes in, the answer is a valid result or our own
 error naming the file (and line) or the field; never a crash from deeper down."""
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mergekit_fw.calibration import CalibrationError, read_jsonl
+from mergekit_fw.calibration.rows import CalibrationError, read_jsonl
 from mergekit_fw.config import (
     ConfigError,
     FrankWolfeParameters,
@@ -22,10 +23,19 @@ from mergekit_fw.config import (
 
 _text = st.text(max_size=12)
 _scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), _text)
-_record = st.dictionaries(st.sampled_from(["task", "prompt", "completion", "extra"]), _scalar, max_size=4)
+_turn = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", ""]), "content": _text}),
+    st.dictionaries(st.sampled_from(["role", "content", "from", "value"]), _scalar, max_size=3),
+    _scalar,
+)
+_messages = st.one_of(st.lists(_turn, max_size=4), _scalar)
+_record = st.dictionaries(
+    st.sampled_from(["task", "prompt", "completion", "extra", "messages"]), st.one_of(_scalar, _messages), max_size=4
+)
 _line = st.one_of(
     _record.map(json.dumps),
     st.fixed_dictionaries({"task": _text, "prompt": _text, "completion": _text}).map(json.dumps),
+    st.fixed_dictionaries({"task": _text, "messages": _messages}).map(json.dumps),
     st.lists(_scalar, max_size=3).map(json.dumps),
     _text,  # not JSON at all, or blank
 )
@@ -51,7 +61,12 @@ def test_calibration_reader_accepts_or_names_the_line(lines, labelled):
         assert examples
         for example in examples:
             assert isinstance(example.task, str) and isinstance(example.prompt, str)
-            assert example.completion if labelled else example.prompt
+            if example.is_chat:  # a conversation the objective can read
+                roles = [m.role for m in example.messages]
+                assert roles[-1] == "assistant" if labelled else set(roles) != {"assistant"}
+                assert all(isinstance(m.content, str) for m in example.messages)
+            else:
+                assert example.completion if labelled else example.prompt
 
 
 _names = list(FrankWolfeParameters.model_fields)

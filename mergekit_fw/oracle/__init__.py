@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergekit_fw.calibration import CalibrationSet, with_answers
+from mergekit_fw.calibration.batches import CalibrationSet, with_answers
 from mergekit_fw.distributed import Processes
 from mergekit_fw.merge_fn import MergeFunction
 from mergekit_fw.objective import batch_loss, position_weights

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from mergekit_fw.pool.references import PoolError
 
-# what a merge reads from a hub repository: weights, configs and tokenizer files
-READ_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
+# what a merge reads from a hub repository: weights, configs and tokenizer files (chat
+# templates included: transformers 5 saves them as chat_template.jinja)
+READ_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
 CODE_PATTERNS = ("*.py",)
 
 

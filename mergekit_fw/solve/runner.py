@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from mergekit_fw import __version__
-from mergekit_fw.calibration import build_calibration, pad_token_id, read_jsonl
+from mergekit_fw.calibration.batches import build_calibration, encode, pad_token_id
+from mergekit_fw.calibration.rows import CalibrationExample, read_jsonl, select_per_task
 from mergekit_fw.config import ConfigError, FrankWolfeParameters
 from mergekit_fw.distributed import Processes, current
 from mergekit_fw.files import file_fingerprint, fingerprint, write_json_atomic
@@ -66,6 +67,14 @@ def pickles_folder(params: FrankWolfeParameters) -> Path | None:
     return cache_root(params) / "converted" if params.allow_pickle else None
 
 
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The files that decide how the calibration rows tokenise (vocabulary, special
+    tokens, chat template): a changed tokenizer is a different objective."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+    found = [folder / name for name in names if (folder / name).is_file()]
+    return found + sorted(folder.glob("*.jinja")) + sorted(folder.glob("chat_template.json"))
+
+
 def run_fingerprint(
     spec: PoolSpec, pool: Pool, params: FrankWolfeParameters, calibration: Path, init: Path | None
 ) -> str:
@@ -78,6 +87,7 @@ def run_fingerprint(
             {"align_vocab": True} if spec.align_vocab else {},
             file_fingerprint(pool.files()),
             file_fingerprint([calibration]),
+            file_fingerprint(tokenizer_files(pool.base_dir)),
             file_fingerprint([init]) if init is not None else "base",
         ]
     )
@@ -97,12 +107,28 @@ def _file_lock(path: Path) -> Iterator[None]:
 ACCELERATE_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+def load_tokenizer(pool: Pool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(pool.base_dir), trust_remote_code=pool.trust_remote_code)
+
+
+def check_chat_rows(rows: list[CalibrationExample], tokenizer, params: FrankWolfeParameters) -> None:
+    """Render every chat row that the solve will read with the base's template, so
+    a base without one, or a conversation its template refuses, fails before the model loads."""
+    labelled = params.objective == "cross_entropy"
+    for bucket in select_per_task(rows, params.samples_per_task, warn=False).values():
+        for row in bucket:
+            if row.is_chat:
+                encode(tokenizer, row, params.max_length, labelled, params.assistant_turns)
+
+
 def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Processes, merge_dtype: str | None = None):
     """The oracle's model, in ``oracle_dtype`` (``auto``: the merge's ``merge_dtype``),
     placed by ``device_map``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(pool.base_dir), trust_remote_code=pool.trust_remote_code)
+    tokenizer = load_tokenizer(pool)
     placement = params.device_map
     if placement in ACCELERATE_PLACEMENTS and processes.parallel:
         raise ConfigError(
@@ -140,7 +166,7 @@ def solve_cached(
     ``upstream``: mergekit's TIES kernel and stock merges, needed for ``merge_fn: ties``
     and ``init: other.yml`` (:data:`mergekit_fw.integration.stock.UPSTREAM`)."""
     calibration = params.resolved_calibration()
-    read_jsonl(calibration, labelled=params.objective == "cross_entropy")  # fails before the pool opens
+    rows = read_jsonl(calibration, labelled=params.objective == "cross_entropy")  # fails before the pool opens
     if params.objective == "entropy" and params.init == "base":
         # Measured: from the base, FW lowers the entropy by making the answer confident, not
         # right; from task arithmetic at 0.3 it did better (evals/results/exp8_entropy_quick.md).
@@ -162,6 +188,8 @@ def solve_cached(
         cache=cache_root(params) / "checks",
     )
     LOG.info("pool checked: %d candidates", len(pool.candidates))  # a stage mark (evals/bench_7b.py reads it)
+    if any(row.is_chat for row in rows):  # the base's template renders them: checked before any maths
+        check_chat_rows(rows, load_tokenizer(pool), params)
     vertices = 1 + len(pool.candidates)
     if params.variant == "soft" and params.top_k > vertices:
         raise ConfigError(
@@ -231,6 +259,7 @@ def _solve(
         objective=params.objective,
         entropy_positions=params.entropy_positions,
         answer_tokens=params.answer_tokens,
+        assistant_turns=params.assistant_turns,
     )
     resumed = processes.broadcast(load_checkpoint(folder / CHECKPOINT_FILE) if processes.is_main else None)
     users_pool = pool  # without the initial merge's vertex

@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from mergekit_fw.calibration import build_calibration
+from mergekit_fw.calibration.batches import build_calibration
 from mergekit_fw.integration.stock import ties_merge_function
 from mergekit_fw.merge_fn import merge_function
 from mergekit_fw.objective import batch_loss, position_weights

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_fw.calibration import pad_token_id
+from mergekit_fw.calibration.batches import pad_token_id
 from mergekit_fw.objective import batch_loss, position_weights
 from tests.oracle.helpers import brute_force, make_oracle, merged_dense_model, pool_spec
 

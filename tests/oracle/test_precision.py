@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from mergekit_fw.calibration import build_calibration
+from mergekit_fw.calibration.batches import build_calibration
 from mergekit_fw.config import FrankWolfeParameters
 from mergekit_fw.distributed import Processes
 from mergekit_fw.oracle import Oracle

@@ -21,8 +21,12 @@ from tests.paths import write_config
 
 def test_code_is_downloaded_only_when_trusted():
     assert "*.py" not in download_patterns(False) and "*.py" in download_patterns(True)
-    for needed in ("*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"):
+    for needed in ("*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"):
         assert needed in download_patterns(False)
+    # the chat template transformers 5 saves beside the tokenizer, read for chat calibration rows
+    from fnmatch import fnmatch
+
+    assert any(fnmatch("chat_template.jinja", pattern) for pattern in download_patterns(False))
 
 
 @pytest.mark.parametrize("trusted", [False, True])

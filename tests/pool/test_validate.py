@@ -165,6 +165,23 @@ def _calibration_cut_away(work, pool):
             "every row of task 'long'")
 
 
+def _calibration_chat_without_template(work, pool):
+    path = work / "chat.jsonl"
+    lines = Path(pool["calibration"]).read_text().splitlines()
+    chat = json.dumps({"task": "reverse", "messages": [{"role": "user", "content": "reverse a b"},
+                                                       {"role": "assistant", "content": "= b a"}]})
+    path.write_text("\n".join(lines[:3] + [chat] + lines[3:]) + "\n")
+    return {"calibration": path}, f"{path}:4", "has no chat template"
+
+
+def _calibration_chat_ends_with_user(work, pool):
+    path = work / "chat_user.jsonl"
+    lines = Path(pool["calibration"]).read_text().splitlines()
+    path.write_text("\n".join(lines + [json.dumps({"task": "sort", "messages": [{"role": "user", "content": "sort a"}]})])
+                    + "\n")
+    return {"calibration": path}, f"{path}:{len(lines) + 1}", "the last turn must be the assistant's"
+
+
 def _adapter_config_contradicts_tensors(work, pool):
     adapter = _copy(pool["adapters"][0], work / "lora_rank")
     _edit_json(adapter / "adapter_config.json", r=16)
@@ -202,6 +219,8 @@ ROWS = {
     "calibration not UTF-8": _calibration_not_utf8,
     "calibration blank prompt": _calibration_blank_prompt,
     "calibration cut away by max_length": _calibration_cut_away,
+    "calibration chat row, base without a chat template": _calibration_chat_without_template,
+    "calibration chat row ending with the user": _calibration_chat_ends_with_user,
     "adapter config contradicts its tensors": _adapter_config_contradicts_tensors,
     "top_k larger than the pool": _top_k_too_large,
     "unknown parameter": _typo,

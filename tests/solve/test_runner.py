@@ -166,3 +166,19 @@ def test_a_killed_projected_gradient_solve_resumes_with_its_moments(random_pool,
     assert torch.equal(resumed.table.weights, clean.table.weights)
     assert resumed.trace.passes == pytest.approx(clean.trace.passes)
     assert clean.trace.final_loss <= clean.trace.initial_loss
+
+
+def test_the_base_tokenizer_and_its_chat_template_enter_the_fingerprint(random_pool, tmp_path):
+    """The tokens every row is scored on come from the base's tokenizer files: a new
+    chat template (or vocabulary) is a new objective, not a cached solve."""
+    from mergekit_fw.files import file_fingerprint
+    from mergekit_fw.solve.runner import tokenizer_files
+    from tests.calibration.helpers import PLAIN_TEMPLATE, with_template
+
+    base = with_template(random_pool["base"], tmp_path / "base", PLAIN_TEMPLATE)
+    names = {path.name for path in tokenizer_files(base)}
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= names
+    assert "model.safetensors" not in names and "config.json" not in names
+    before = file_fingerprint(tokenizer_files(base))
+    (base / "chat_template.jinja").write_text(PLAIN_TEMPLATE + "{{ eos_token }}")
+    assert file_fingerprint(tokenizer_files(base)) != before

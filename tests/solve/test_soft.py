@@ -28,7 +28,7 @@ def _soft(testbed, **overrides):
 
 @pytest.mark.parametrize("overrides", [{}, {"top_k_per": "task", "inner_weights": "task", "lmo": "task"}])
 def test_soft_fw_never_raises_the_loss_and_stays_feasible(testbed, overrides):
-    from mergekit_fw.calibration import build_calibration
+    from mergekit_fw.calibration.batches import build_calibration
     from mergekit_fw.distributed import Processes
     from mergekit_fw.oracle import Oracle
     from mergekit_fw.pool.pool import open_pool
