@@ -31,6 +31,8 @@ def data(tmp_path_factory):
              for row in QUESTIONS[:12]]
     datasets.Dataset.from_list(chats).to_parquet(str(root / "chat.parquet"))
     datasets.Dataset.from_list(QUESTIONS[:8]).to_csv(str(root / "qa.csv"), index=False)
+    (root / "repo").mkdir()  # a dataset repository's layout, read by the same call as a hub id
+    (root / "repo" / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in QUESTIONS[:6]))
     return root
 
 
@@ -80,6 +82,17 @@ def test_the_sample_is_the_seeded_shuffle_and_rows_without_answers_are_skipped(d
     other = tmp_path / "other.jsonl"
     assert _run(str(other), *[("6" if a == "5" else a) for a in args]).exit_code == 0  # another seed
     assert _rows(other) != _rows(out)
+
+
+def test_a_json_file_and_a_repository_folder(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "calib.jsonl"
+    result = _run(str(out), "--task", f"file={data / 'repo' / 'train.jsonl'}:train", "--task", f"repo={data / 'repo'}:train",
+                  "--prompt-field", "question", "--completion-field", "answer")
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    assert [r["task"] for r in rows] == ["file"] * 6 + ["repo"] * 6
+    assert [r["prompt"] for r in rows[:6]] == [r["prompt"] for r in rows[6:]]
 
 
 def test_sharegpt_turns_become_chat_messages(data, tmp_path):
