@@ -78,6 +78,21 @@ _trust = click.option(
 @click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out-shard-size", default="5B", show_default=True, help="Largest output shard (e.g. 500M, 5B).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it exists (only once the new model is complete).")
+@click.option(
+    "--output-format",
+    type=click.Choice(["model", "adapter"]),
+    default="model",
+    show_default=True,
+    help="'model': the merged weights; 'adapter': a PEFT LoRA adapter for the base (LoRA deltas as stacked "
+    "factors, dense deltas as modules_to_save), a few megabytes instead of a model.",
+)
+@click.option(
+    "--adapter-rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --output-format adapter: truncate each module's merged delta to this rank by SVD (default: "
+    "exact); the relative error per tensor goes in fw_trace.json.",
+)
 @_verbose
 @_threads
 @_quiet
@@ -87,6 +102,8 @@ def run(
     out_path: Path,
     out_shard_size: str,
     overwrite: bool,
+    output_format: str,
+    adapter_rank: int | None,
     verbose: bool,
     threads: int | None,
     quiet: bool,
@@ -109,6 +126,8 @@ def run(
             from mergekit_fw.output.report import summary
             from mergekit_fw.output.writer import output_lock
 
+            if adapter_rank is not None and output_format != "adapter":
+                raise ConfigError("--adapter-rank needs --output-format adapter")
             merge_config = load_merge_config(config_file)
             spec, params = pool_and_parameters(
                 merge_config, source=str(config_file), trust_remote_code=trust_remote_code
@@ -117,7 +136,9 @@ def run(
             processes = current()
             with output_lock(out_path, overwrite=overwrite) if processes.is_main else nullcontext():
                 result = solve_cached(spec, params, progress=not quiet)
-                if processes.is_main:  # the others only lent their share of the calibration batches
+                if processes.is_main and output_format == "adapter":
+                    _write_adapter(result, merge_config, spec, out_path, adapter_rank, quiet)
+                elif processes.is_main:  # the others only lent their share of the calibration batches
                     _write(result, merge_config, out_path, shard_size, quiet)
     except (ConfigError, ValueError, OSError) as error:
         _fail(error)
@@ -126,7 +147,7 @@ def run(
     _finish()
     if processes.is_main:
         click.echo(summary(result))
-        click.echo(f"merged model written to {out_path}")
+        click.echo(f"{'PEFT adapter' if output_format == 'adapter' else 'merged model'} written to {out_path}")
 
 
 def _write(result, merge_config, out_path: Path, shard_size: int, quiet: bool) -> None:
@@ -147,6 +168,31 @@ def _write(result, merge_config, out_path: Path, shard_size: int, quiet: bool) -
             folder, result, merge_config, write_seconds=time.perf_counter() - started, name=out_path.name
         ),
         ties=ties_merge_function,
+    )
+
+
+def _write_adapter(result, merge_config, spec, out_path: Path, rank: int | None, quiet: bool) -> None:
+    from mergekit_fw.integration.artifacts import write_artifacts
+    from mergekit_fw.integration.configs import output_dtype
+    from mergekit_fw.output.adapter import write_merged_adapter
+
+    started = time.perf_counter()
+    write_merged_adapter(
+        result.pool,
+        result.table,
+        out_path,
+        base_reference=spec.base.path,
+        rank=rank,
+        dtype=output_dtype(merge_config),
+        progress=not quiet,
+        extra_writer=lambda folder, report: write_artifacts(
+            folder,
+            result,
+            merge_config,
+            write_seconds=time.perf_counter() - started,
+            name=out_path.name,
+            extra_trace={"adapter": report.to_json()},
+        ),
     )
 
 

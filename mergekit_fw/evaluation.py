@@ -26,16 +26,19 @@ def lm_eval_scores(
     metric: str | Mapping[str, str] = "exact_match",
     batch_size: int = 64,
     device: str = "cpu",
+    peft: Path | None = None,
 ) -> dict[str, float]:
     """``metric`` per task for an HF model folder, via ``lm_eval.simple_evaluate``; one
     call for every task, so the model is loaded once. ``metric``: one name for every
     task, or a name per task (generation tasks report exact match, multiple-choice
-    ones accuracy)."""
+    ones accuracy). ``peft``: an adapter folder loaded on ``model_dir`` (lm-eval's own
+    ``peft=`` model argument)."""
     import lm_eval
 
+    adapter = f",peft={peft}" if peft is not None else ""
     results = lm_eval.simple_evaluate(
         model="hf",
-        model_args=f"pretrained={model_dir},dtype=float32",
+        model_args=f"pretrained={model_dir},dtype=float32{adapter}",
         tasks=list(tasks),
         task_manager=task_manager(str(include_path)),
         batch_size=batch_size,

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 def merges(testbed, tmp_path_factory):
     work = tmp_path_factory.mktemp("merges")
     mergekit_fw_run(testbed.root / "fw.yml", work / "fast")
+    mergekit_fw_run(testbed.root / "fw.yml", work / "adapter", "--output-format", "adapter")  # the solve reused
     mergekit_yaml(testbed.root / "fw.yml", work / "yaml")
     replay(work / "yaml", work / "replay", work / "cache")
     mergekit_yaml(testbed.root / "ta.yml", work / "ta", work / "cache")
@@ -74,6 +75,9 @@ def test_frank_wolfe_beats_task_arithmetic_under_lm_eval(merges, testbed):
     fw = lm_eval_scores(merges / "fast", tasks, testbed.lm_eval_dir)
     ta = lm_eval_scores(merges / "ta", tasks, testbed.lm_eval_dir)
     assert sum(fw.values()) > sum(ta.values()) + 0.2, (fw, ta)
+    # the same merge as a PEFT adapter on the base, as lm-eval users load one (peft=)
+    adapter = lm_eval_scores(testbed.base, tasks, testbed.lm_eval_dir, peft=merges / "adapter")
+    assert adapter == fw, (adapter, fw)
 
 
 def test_pool_behaves_like_real_loras(testbed):

@@ -19,6 +19,7 @@ def write_artifacts(
     merge_config: Any | None,
     write_seconds: float | None = None,
     name: str | None = None,
+    extra_trace: dict | None = None,
 ) -> None:
     """Table, trace, replay config, plots and the model card (see :func:`mergekit_fw.output.report.write_artifacts`)."""
     report.write_artifacts(
@@ -28,4 +29,5 @@ def write_artifacts(
         write_seconds=write_seconds,
         name=name,
         mergekit_card=(lambda card_name: mergekit_card(merge_config, card_name)) if merge_config is not None else None,
+        extra_trace=extra_trace,
     )

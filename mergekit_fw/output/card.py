@@ -105,6 +105,23 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
         *(f"| `{name}` | {value:.3f} |" for value, name in means[:top]),
         "",
     ]
+    adapter = trace.get("adapter")
+    if adapter:
+        ranks = sorted(set(adapter.get("ranks", {}).values()))
+        how = "exact" if adapter.get("rank") is None else f"truncated to rank {adapter['rank']} by SVD"
+        lines += [
+            f"**Written as a PEFT LoRA adapter** ({how}; ranks {ranks or 'none'}; largest relative error "
+            f"{adapter.get('max_relative_error', 0.0):.2e}). Load it on `{table.base_model}` with PEFT "
+            "(`PeftModel.from_pretrained(base, THIS_FOLDER)`) or lm-eval "
+            "(`--model hf --model_args pretrained=BASE,peft=THIS_FOLDER`).",
+            "",
+        ]
+        if adapter.get("modules_to_save"):
+            lines += [
+                "Modules with a dense delta (a full fine-tune, a LoRA's `modules_to_save`, the initial merge) are "
+                "saved whole as `modules_to_save`: " + ", ".join(f"`{m}`" for m in adapter["modules_to_save"]),
+                "",
+            ]
     excluded = trace.get("excluded") or {}
     if excluded:
         lines += ["**Left out as outliers:** " + "; ".join(f"`{n}` ({why})" for n, why in excluded.items()), ""]

@@ -35,12 +35,14 @@ def write_artifacts(
     write_seconds: float | None = None,
     name: str | None = None,
     mergekit_card: Callable[[str], tuple[str, str]] | None = None,
+    extra_trace: dict | None = None,
 ) -> None:
     """Table, trace, replay config, plots and the model card's Frank-Wolfe section.
 
     ``replay``: the stock mergekit documents (built and checked by the integration
     layer); ``name``: the output folder's final name (``out_path`` may be a
-    temporary one); ``mergekit_card``: mergekit's own card, for a folder it did not write."""
+    temporary one); ``mergekit_card``: mergekit's own card, for a folder it did not write;
+    ``extra_trace``: fields the writer adds to the trace (an adapter's ranks and errors)."""
     out_path.mkdir(parents=True, exist_ok=True)
     result.table.save(out_path / TABLE_FILE)
     trace = result.trace.to_json()
@@ -50,6 +52,7 @@ def write_artifacts(
     if result.check is not None:
         trace["excluded"] = result.check.exclusions()
         trace["warnings"] = {c.name: c.warnings for c in result.check.candidates if c.warnings}
+    trace.update(extra_trace or {})
     write_json_atomic(out_path / TRACE_FILE, trace)
     write_replay(replay, out_path / REPLAY_FILE)
     draw_report(out_path)

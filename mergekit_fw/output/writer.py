@@ -205,8 +205,8 @@ def write_merged_model(
         _copy_side_files(pool.base_dir, tmp, floating[0] if floating else None)
         if extra_writer is not None:
             extra_writer(tmp)
-        _sync_tree(tmp)
-        _replace_folder(tmp, out_path)
+        sync_tree(tmp)
+        replace_folder(tmp, out_path)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -259,7 +259,7 @@ def _copy_side_files(base_dir: Path, target: Path, dtype: torch.dtype | None) ->
     (target / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _replace_folder(tmp: Path, out_path: Path) -> None:
+def replace_folder(tmp: Path, out_path: Path) -> None:
     if out_path.exists():
         old = out_path.parent / f".{out_path.name}.old-{os.getpid()}"
         os.replace(out_path, old)
@@ -270,7 +270,7 @@ def _replace_folder(tmp: Path, out_path: Path) -> None:
     fsync_folder(out_path.parent)
 
 
-def _sync_tree(folder: Path) -> None:
+def sync_tree(folder: Path) -> None:
     """fsync every file and the folder itself, so the rename publishes complete data."""
     for item in folder.iterdir():
         if item.is_file():

@@ -310,7 +310,7 @@ def load_lora(
                 ):
                     vocab_maps[saved] = _aligned_map(name, adapter_dir, align_to, shared)
                 else:
-                    _check_full_tensor(name, weights_file, key, saved, shape, base_index)
+                    _check_full_tensor(name, weights_file, key, saved, shape, base_index, base_config)
                 full[saved] = key
                 continue
             if "lora_embedding" in key:
@@ -396,8 +396,21 @@ def _saved_module_tensor(key: str, modules_to_save: Sequence[str]) -> str | None
 
 
 def _check_full_tensor(
-    name: str, weights_file: Path, key: str, tensor: str, shape: tuple[int, ...], base_index: SafetensorsIndex
+    name: str,
+    weights_file: Path,
+    key: str,
+    tensor: str,
+    shape: tuple[int, ...],
+    base_index: SafetensorsIndex,
+    base_config: dict,
 ) -> None:
+    if tensor not in base_index.files and tensor.endswith("lm_head.weight") and base_config.get("tie_word_embeddings"):
+        raise PoolError(
+            f"candidate {name}: {weights_file}: modules_to_save retrains {tensor.removesuffix('.weight')} alone, but the "
+            "base ties it to the input embeddings (tie_word_embeddings: true; it stores no lm_head.weight). PEFT "
+            "merges such an adapter by untying the two; mergekit-fw does not untie a base: leave lm_head out of "
+            "the adapter, or merge on a copy of the base saved with tie_word_embeddings: false"
+        )
     if tensor not in base_index.files:
         raise PoolError(
             f"candidate {name}: {weights_file}: modules_to_save tensor {key!r} has no counterpart {tensor!r} in the base"

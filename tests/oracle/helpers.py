@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_fw.calibration.batches import build_calibration
 from mergekit_fw.integration.stock import ties_merge_function
@@ -34,7 +34,7 @@ def pool_spec(random_pool, kinds=("lora", "dense")) -> PoolSpec:
 def peft_deltas(base_dir, adapter_dir) -> Dict[str, torch.Tensor]:
     """Each targeted weight's delta as PEFT itself computes it (modules_to_save:
     the saved copy minus the original)."""
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float64), str(adapter_dir))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float64), str(adapter_dir))
     out = {}
     for name, module in model.named_modules():
         key = name.removeprefix("base_model.model.") + ".weight"
@@ -47,13 +47,13 @@ def peft_deltas(base_dir, adapter_dir) -> Dict[str, torch.Tensor]:
 
 
 def all_deltas(random_pool, spec: PoolSpec) -> List[Dict[str, torch.Tensor]]:
-    base = LlamaForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64).state_dict()
     deltas = []
     for candidate in spec.candidates:
         if candidate.lora is not None:
             deltas.append(peft_deltas(random_pool["base"], candidate.lora.path))
         else:
-            sd = LlamaForCausalLM.from_pretrained(candidate.model.path, dtype=torch.float64).state_dict()
+            sd = AutoModelForCausalLM.from_pretrained(candidate.model.path, dtype=torch.float64).state_dict()
             deltas.append({k: sd[k] - base[k] for k in base})
     return deltas
 
@@ -66,7 +66,7 @@ def make_oracle(random_pool, spec: PoolSpec, batch_size: int = 4, objective: str
         **positions,
     )
     pool = open_pool(spec)
-    model = LlamaForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64)
+    model = AutoModelForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64)
     merge = merge_function(merge_fn, density, ties=ties_merge_function) if merge_fn != "convex" else None
     return Oracle(model, pool, calibration, merge=merge), pool, calibration
 
@@ -76,7 +76,7 @@ def merged_dense_model(random_pool, spec, tensors, coefficients, *, merge_fn: st
     from mergekit.merge_methods.api import merge_tensors
 
     deltas = all_deltas(random_pool, spec)
-    model = LlamaForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64)
+    model = AutoModelForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for l, tensor in enumerate(tensors):
