@@ -46,6 +46,15 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+def lora_config(path: Path, base: Path, adapters, calibration: Path, **parameters) -> Path:
+    """A ``frank_wolfe`` config over ``BASE+ADAPTER`` members, float32, the given parameters."""
+    return write_config(path, {
+        "merge_method": "frank_wolfe", "base_model": str(base), "dtype": "float32",
+        "models": [{"model": f"{base}+{adapter}"} for adapter in adapters],
+        "parameters": {"calibration": str(calibration), **parameters},
+    })
+
+
 def mergekit_fw_run(config: Path, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return _run(["mergekit-fw", "run", str(config), str(out), "--quiet", *args], env)
 

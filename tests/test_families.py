@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from mergekit_fw.cli import main
 from tests.oracle.helpers import all_deltas, assert_scores_match_brute_force, pool_spec
-from tests.paths import tensors, write_config
+from tests.paths import lora_config, tensors
 
 # family: (config class, its settings, the attention modules its adapters target)
 FAMILIES = {
@@ -85,11 +85,7 @@ def test_the_output_is_peft_at_the_tables_weights_with_ties_kept(family, familie
     pool = families[family]
     monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
     base = pool["base"]
-    config = write_config(tmp_path / "fw.yml", {
-        "merge_method": "frank_wolfe", "base_model": str(base), "dtype": "float32",
-        "models": [{"model": f"{base}+{adapter}"} for adapter in pool["adapters"]],
-        "parameters": {"calibration": str(pool["calibration"]), "iterations": 3},
-    })
+    config = lora_config(tmp_path / "fw.yml", base, pool["adapters"], pool["calibration"], iterations=3)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["run", str(config), str(out), "--quiet"])
     assert result.exit_code == 0, result.output
@@ -147,11 +143,8 @@ def test_an_adapter_retraining_a_tied_lm_head_is_refused_with_the_reason(familie
                                       init_lora_weights=False))
     model.save_pretrained(str(tmp_path / "lora_head"))
     monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
-    config = write_config(tmp_path / "fw.yml", {
-        "merge_method": "frank_wolfe", "base_model": str(base), "dtype": "float32",
-        "models": [{"model": f"{base}+{tmp_path / 'lora_head'}"}, {"model": f"{base}+{pool['adapters'][0]}"}],
-        "parameters": {"calibration": str(pool["calibration"]), "iterations": 2},
-    })
+    config = lora_config(tmp_path / "fw.yml", base, [tmp_path / "lora_head", pool["adapters"][0]], pool["calibration"],
+                         iterations=2)
     result = CliRunner().invoke(main, ["run", str(config), str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "ties it to the input embeddings (tie_word_embeddings: true" in result.output, result.output

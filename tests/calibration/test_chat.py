@@ -17,7 +17,7 @@ from mergekit_fw.calibration.batches import IGNORE_INDEX, build_calibration, enc
 from mergekit_fw.calibration.rows import CalibrationError, read_jsonl
 from mergekit_fw.cli import main
 from tests.calibration.helpers import MARKED_TEMPLATE, PLAIN_TEMPLATE, ROW, as_chat, with_template, write_rows
-from tests.paths import write_config
+from tests.paths import lora_config
 from testbed.build import SIX, build_tokenizer
 
 CONVERSATION = [
@@ -151,11 +151,7 @@ def test_a_mixed_file_solves_exactly_as_its_prompt_completion_twin(random_pool, 
     mixed = write_rows(tmp_path / "mixed.jsonl", [as_chat(row) if i % 2 else row for i, row in enumerate(rows)])
     tables = {}
     for name, calibration in (("plain", random_pool["calibration"]), ("mixed", mixed)):
-        config = write_config(tmp_path / f"{name}.yml", {
-            "merge_method": "frank_wolfe", "base_model": str(base), "dtype": "float32",
-            "models": [{"model": f"{base}+{adapter}"} for adapter in random_pool["adapters"][:2]],
-            "parameters": {"calibration": str(calibration), "iterations": 2},
-        })
+        config = lora_config(tmp_path / f"{name}.yml", base, random_pool["adapters"][:2], calibration, iterations=2)
         table = tmp_path / f"{name}.json"
         result = CliRunner().invoke(main, ["solve", str(config), "--table", str(table), "--quiet"])
         assert result.exit_code == 0, result.output

@@ -4,7 +4,6 @@ not UTF-8, blank prompts and completions, chat rows that the objective cannot re
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

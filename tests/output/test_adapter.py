@@ -20,7 +20,7 @@ from mergekit_fw.output.writer import write_merged_model
 from mergekit_fw.pool.pool import open_pool
 from mergekit_fw.solve.table import CoefficientTable
 from tests.oracle.helpers import pool_spec
-from tests.paths import tensors, write_config
+from tests.paths import lora_config, tensors
 
 
 DENSE_ON = ("model.norm.weight", "model.layers.1.self_attn.o_proj.weight")
@@ -144,11 +144,7 @@ def test_a_ties_table_is_refused(written, random_pool, tmp_path):
 def test_run_writes_an_adapter_with_the_runs_files(random_pool, tmp_path, monkeypatch):
     monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
     base = random_pool["base"]
-    config = write_config(tmp_path / "fw.yml", {
-        "merge_method": "frank_wolfe", "base_model": str(base), "dtype": "float32",
-        "models": [{"model": f"{base}+{adapter}"} for adapter in random_pool["adapters"]],
-        "parameters": {"calibration": str(random_pool["calibration"]), "iterations": 2},
-    })
+    config = lora_config(tmp_path / "fw.yml", base, random_pool["adapters"], random_pool["calibration"], iterations=2)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["run", str(config), str(out), "--quiet", "--output-format", "adapter",
                                        "--adapter-rank", "2"])
