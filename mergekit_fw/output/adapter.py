@@ -98,7 +98,6 @@ def _lora_pair(
 
 
 def _peft_config(
-    pool: Pool,
     base_reference: str,
     ranks: dict[str, int],
     saved_whole: list[str],
@@ -188,7 +187,7 @@ def write_merged_adapter(
     tmp.mkdir(parents=True)
     try:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        _peft_config(pool, base_reference, report.ranks, report.saved_whole, fan_in_fan_out).save_pretrained(str(tmp))
+        _peft_config(base_reference, report.ranks, report.saved_whole, fan_in_fan_out).save_pretrained(str(tmp))
         if extra_writer is not None:
             extra_writer(tmp, report)
         sync_tree(tmp)

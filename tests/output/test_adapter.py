@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from mergekit_fw.cli import main
 from mergekit_fw.output.adapter import write_merged_adapter
@@ -40,13 +40,13 @@ def _table(pool, seed: int = 0, merge_fn: str = "convex", dense_on=DENSE_ON) -> 
 
 
 def _merged_by_peft(base_dir, adapter_dir) -> dict[str, torch.Tensor]:
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
                                       str(adapter_dir))
     return {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
 
 
 def _largest_difference(merged: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    assert merged.keys() == reference.keys()
+    assert set(reference) <= set(merged)  # a tied model's state also names lm_head, which no file stores
     return max(float((merged[k].to(torch.float64) - reference[k].to(torch.float64)).abs().max()) for k in reference)
 
 
@@ -159,3 +159,35 @@ def test_run_writes_an_adapter_with_the_runs_files(random_pool, tmp_path, monkey
     assert "PEFT LoRA adapter" in (out / "README.md").read_text()
     refused = CliRunner().invoke(main, ["run", str(config), str(tmp_path / "o2"), "--adapter-rank", "2"])
     assert refused.exit_code == 2 and "--adapter-rank needs --output-format adapter" in refused.output
+
+
+def test_a_conv1d_base_gets_a_fan_in_fan_out_adapter(tmp_path):
+    """GPT-2 stores its projections as Conv1D (in x out): the adapter's pair is that of
+    the transpose and its config says fan_in_fan_out, as PEFT's own GPT-2 adapters do."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mergekit_fw.pool.references import CandidateSpec, ModelSource, PoolSpec
+    from testbed.build import SIX, build_tokenizer
+
+    base = tmp_path / "base"
+    tokenizer = build_tokenizer(base, list(SIX))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
+        str(base))
+    adapters = []
+    for index, targets in enumerate([["c_attn"], ["c_fc", "c_proj"]]):
+        torch.manual_seed(5 + index)
+        model = get_peft_model(GPT2LMHeadModel.from_pretrained(str(base)),
+                               LoraConfig(r=2, lora_alpha=4, target_modules=targets, fan_in_fan_out=True,
+                                          init_lora_weights=False))
+        model.save_pretrained(str(tmp_path / f"lora{index}"))
+        adapters.append(tmp_path / f"lora{index}")
+    pool = open_pool(PoolSpec(ModelSource(str(base)), tuple(
+        CandidateSpec(f"lora{i}", ModelSource(str(base)), ModelSource(str(a))) for i, a in enumerate(adapters))))
+    table = _table(pool)
+    write_merged_model(pool, table, tmp_path / "model", progress=False)
+    report = write_merged_adapter(pool, table, tmp_path / "adapter", base_reference=str(base), progress=False)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert report.ranks["transformer.h.0.attn.c_attn"] == 2 and report.ranks["transformer.h.0.attn.c_proj"] == 2
+    assert _largest_difference(_merged_by_peft(base, tmp_path / "adapter"), tensors(tmp_path / "model")) < 1e-6
