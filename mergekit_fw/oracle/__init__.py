@@ -22,6 +22,7 @@ from mergekit_fw.distributed import Processes
 from mergekit_fw.merge_fn import MergeFunction
 from mergekit_fw.objective import batch_loss, position_weights
 from mergekit_fw.oracle.dense import DenseMix
+from mergekit_fw.oracle.half_backward import route_linear_backward
 from mergekit_fw.oracle.lora import LoraGates, input_device
 from mergekit_fw.pool.pool import Pool
 from mergekit_fw.pool.rows import delta_norm
@@ -57,6 +58,7 @@ class Oracle:
         _keep_checkpointing(self.model)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        route_linear_backward(self.model)
         self.pool = pool
         self.calibration = calibration
         self.processes = processes or Processes()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mergekit_fw.oracle.half_backward import matmul
 from mergekit_fw.pool.candidates import LoraCandidate
 
 
@@ -30,12 +31,12 @@ class _GatedLowRank(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, per_rank, A, B = ctx.saved_tensors
-        v = grad_out @ B  # (..., R)
+        v = matmul(grad_out, B)  # (..., R)
         grad_per_rank = None
         if ctx.needs_input_grad[1]:
             u = x @ A.T
             grad_per_rank = (v.to(per_rank.dtype) * u.to(per_rank.dtype)).reshape(-1, u.shape[-1]).sum(dim=0)
-        grad_x = (v * per_rank.to(v.dtype)) @ A if ctx.needs_input_grad[0] else None
+        grad_x = matmul(v * per_rank.to(v.dtype), A) if ctx.needs_input_grad[0] else None
         return grad_x, grad_per_rank, None, None
 
 

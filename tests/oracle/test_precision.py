@@ -160,7 +160,9 @@ def test_the_oracles_model_is_released_before_the_write(random_pool, tmp_path, m
 @pytest.mark.slow
 def test_a_bf16_oracle_takes_the_float32_decisions_on_the_testbed(testbed, tmp_path, monkeypatch):
     """Measured on the small trained pool (README): the same picks for the first
-    iterations, then near-ties go either way; the same stop, loss and coefficients."""
+    iterations, then near-ties go either way; the same stop, loss and coefficients.
+    bf16 products round differently with and without AVX-512 BF16: with it every
+    pick of the first three iterations agreed, without it 13 of 14 at the third."""
     from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
     from mergekit_fw.integration.stock import solve
 
@@ -169,8 +171,10 @@ def test_a_bf16_oracle_takes_the_float32_decisions_on_the_testbed(testbed, tmp_p
     full, half = (solve(spec, params.model_copy(update={"oracle_dtype": d, "iterations": 30}), progress=False)
                   for d in ("float32", "bfloat16"))
     assert full.table.fingerprint != half.table.fingerprint  # two solves, not one reused
-    for a, b in zip(full.trace.iterations[:3], half.trace.iterations[:3]):
+    for a, b in zip(full.trace.iterations[:2], half.trace.iterations[:2]):
         assert a.choice == b.choice
+    third = zip(full.trace.iterations[2].choice, half.trace.iterations[2].choice, strict=True)
+    assert sum(x != y for x, y in third) <= 1
     assert abs(len(full.trace.iterations) - len(half.trace.iterations)) <= 3
     assert abs(half.trace.final_loss - full.trace.final_loss) <= 0.02 * full.trace.final_loss
     difference = (full.table.coefficients() - half.table.coefficients()).abs()
