@@ -59,6 +59,21 @@ def mergekit_fw_run(config: Path, out: Path, *args: str, **env: str) -> subproce
     return _run(["mergekit-fw", "run", str(config), str(out), "--quiet", *args], env)
 
 
+def mergekit_fw_here(config: Path, out: Path, *args: str, **env: str) -> str:
+    """``mergekit-fw run`` inside the test process: the command's own code, options
+    and output, without a Python start-up (a subprocess costs about 8 s here, most of
+    it importing mergekit and PEFT: CI time). The subprocess stays where the process
+    itself is under test: signals, kills, the start-up hook, memory, the entry point."""
+    from click.testing import CliRunner
+
+    from mergekit_fw.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(config), str(out), "--quiet", *args], env=env or None)
+    if result.exit_code != 0:
+        raise AssertionError(f"mergekit-fw run {config} {out} failed ({result.exit_code}):\n{result.output[-4000:]}")
+    return result.output
+
+
 def mergekit_yaml(
     config: Path, out: Path, cache: Path | None = None, *args: str, **env: str
 ) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from tests.conftest import subprocess_env
-from tests.paths import assert_same_tensors, mergekit_fw_run, tensors, write_config
+from tests.paths import assert_same_tensors, mergekit_fw_here, tensors, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_two_processes_write_the_single_process_table(testbed, tmp_path):
     assert "process 1 of 2" in done.stderr and "process 0 of 2" in done.stderr
     assert done.stdout.count("merged model written") == 1  # only the main process wrote
 
-    mergekit_fw_run(fw, tmp_path / "single", MERGEKIT_FW_CACHE=str(tmp_path / "cache_s"))
+    mergekit_fw_here(fw, tmp_path / "single", MERGEKIT_FW_CACHE=str(tmp_path / "cache_s"))
     parallel = json.loads((tmp_path / "parallel" / "fw_table.json").read_text())
     single = json.loads((tmp_path / "single" / "fw_table.json").read_text())
     assert parallel["candidates"] == single["candidates"]

@@ -11,6 +11,7 @@ from testbed.build import greedy_scores as exact_match
 from testbed.data import read_rows as read_jsonl
 from tests.paths import (
     assert_same_tensors,
+    mergekit_fw_here,
     mergekit_fw_run,
     mergekit_yaml,
     replay,
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.slow
 def merges(testbed, tmp_path_factory):
     work = tmp_path_factory.mktemp("merges")
     mergekit_fw_run(testbed.root / "fw.yml", work / "fast")
-    mergekit_fw_run(testbed.root / "fw.yml", work / "adapter", "--output-format", "adapter")  # the solve reused
+    mergekit_fw_here(testbed.root / "fw.yml", work / "adapter", "--output-format", "adapter")  # the solve reused
     mergekit_yaml(testbed.root / "fw.yml", work / "yaml")
     replay(work / "yaml", work / "replay", work / "cache")
     mergekit_yaml(testbed.root / "ta.yml", work / "ta", work / "cache")

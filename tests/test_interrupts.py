@@ -18,7 +18,7 @@ import yaml
 
 from mergekit_fw.interrupts import RESUME_HINT, Interrupted, signals_raise
 from tests.conftest import subprocess_env
-from tests.paths import checkpointed_iterations, mergekit_fw_run, write_config
+from tests.paths import checkpointed_iterations, mergekit_fw_here, write_config
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -97,7 +97,7 @@ def test_a_signal_mid_solve_ends_cleanly_and_the_same_command_resumes(signum, te
     if signum == signal.SIGINT:
         return  # the rerun is the same after either signal: run once (CI time)
 
-    mergekit_fw_run(config, out, MERGEKIT_FW_CACHE=str(cache))
+    mergekit_fw_here(config, out, MERGEKIT_FW_CACHE=str(cache))
     trace = json.loads((out / "fw_trace.json").read_text())
     assert trace["resumed_at"] == [kept] and len(trace["iterations"]) == 6
 
@@ -116,7 +116,7 @@ def test_a_signal_mid_write_leaves_no_partial_output_and_the_rerun_reuses_the_so
     if signum == signal.SIGINT:
         return  # the rerun is the same after either signal: run once (CI time)
 
-    mergekit_fw_run(config, out, MERGEKIT_FW_CACHE=str(cache))
+    mergekit_fw_here(config, out, MERGEKIT_FW_CACHE=str(cache))
     assert table.stat().st_mtime_ns == solved  # reused, not solved again
     assert json.loads((out / "fw_table.json").read_text()) == json.loads(table.read_text())
 

@@ -10,7 +10,7 @@ from mergekit_fw.integration.stock import ties_merge_function
 from mergekit_fw.merge_fn import convex_merge, merge_function, single_vertex
 from tests.paths import (
     assert_same_tensors,
-    mergekit_fw_run,
+    mergekit_fw_here,
     mergekit_yaml,
     replay,
     tensors,
@@ -50,7 +50,7 @@ def test_ties_run_agrees_in_all_three_paths_and_is_marked_off_hull(random_pool, 
         "parameters": {"calibration": str(random_pool["calibration"]), "merge_fn": "ties", "density": 0.5, "iterations": 3},
         "dtype": "float32",
     })
-    mergekit_fw_run(fw, tmp_path / "fast")
+    mergekit_fw_here(fw, tmp_path / "fast")
     mergekit_yaml(fw, tmp_path / "yaml")
     replay(tmp_path / "fast", tmp_path / "replay", tmp_path / "lora_cache")
     assert_same_tensors(tensors(tmp_path / "fast"), tensors(tmp_path / "yaml"), tensors(tmp_path / "replay"))

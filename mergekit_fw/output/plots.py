@@ -124,7 +124,7 @@ def texts_outside(fig) -> list[str]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         FigureCanvasAgg(fig)
-    fig.canvas.draw()
+    fig.draw_without_rendering()  # layout only: the extents, without rasterizing
     renderer = fig.canvas.get_renderer()
     box = fig.bbox
     texts = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tests.conftest import subprocess_env
-from tests.paths import mergekit_fw_run, mergekit_yaml, tensors, write_config
+from tests.paths import mergekit_fw_here, mergekit_yaml, tensors, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def test_graph_config_references_the_base_alone(random_pool, tmp_path):
 def test_no_cache_needed_and_the_output_is_the_fast_paths_byte_for_byte(random_pool, tmp_path):
     path = write_config(tmp_path / "fw.yml", _fw_config(random_pool, _mixed_references(random_pool)))
     cache = str(tmp_path / "fw_cache")
-    mergekit_fw_run(path, tmp_path / "fast", MERGEKIT_FW_CACHE=cache)
+    mergekit_fw_here(path, tmp_path / "fast", MERGEKIT_FW_CACHE=cache)
     mergekit_yaml(path, tmp_path / "yaml", MERGEKIT_FW_CACHE=cache)  # no --lora-merge-cache
     fast, from_yaml = tensors(tmp_path / "fast"), tensors(tmp_path / "yaml")
     assert set(fast) == set(from_yaml)
@@ -191,7 +191,7 @@ def test_sharded_outputs_are_the_same_files_when_the_base_lists_its_tensors_by_l
     pool = {"base": base, "calibration": random_pool["calibration"]}
     path = write_config(tmp_path / "fw.yml", {**_fw_config(pool, adapters, iterations=1), "dtype": "bfloat16"})
     cache = str(tmp_path / "fw_cache")
-    mergekit_fw_run(path, tmp_path / "fast", "--out-shard-size", "20K", MERGEKIT_FW_CACHE=cache)
+    mergekit_fw_here(path, tmp_path / "fast", "--out-shard-size", "20K", MERGEKIT_FW_CACHE=cache)
     mergekit_yaml(path, tmp_path / "yaml", None, "--out-shard-size", "20K", MERGEKIT_FW_CACHE=cache)
     files = sorted(p.name for p in (tmp_path / "fast").glob("model*.safetensors*"))
     assert len(files) > 3 and files == sorted(p.name for p in (tmp_path / "yaml").glob("model*.safetensors*"))

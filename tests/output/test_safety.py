@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from mergekit_fw.cli import main
 from mergekit_fw.output.writer import OutputBusy, output_lock
 from tests.conftest import subprocess_env
-from tests.paths import mergekit_fw_run, mergekit_yaml, tensors, write_config
+from tests.paths import mergekit_fw_here, mergekit_fw_run, mergekit_yaml, tensors, write_config
 
 
 def _config(random_pool, path, dtype="bfloat16", **parameters):
@@ -70,7 +70,7 @@ def test_a_second_run_on_the_same_output_fails_clearly(random_pool, tmp_path, mo
 def test_same_config_and_seed_are_byte_identical_across_runs_and_paths(random_pool, tmp_path):
     config = _config(random_pool, tmp_path / "fw.yml", seed=3)
     mergekit_fw_run(config, tmp_path / "a", MERGEKIT_FW_CACHE=str(tmp_path / "cache_a"))
-    mergekit_fw_run(config, tmp_path / "b", MERGEKIT_FW_CACHE=str(tmp_path / "cache_b"))  # solved again
+    mergekit_fw_here(config, tmp_path / "b", MERGEKIT_FW_CACHE=str(tmp_path / "cache_b"))  # solved again
     mergekit_yaml(config, tmp_path / "yaml", MERGEKIT_FW_CACHE=str(tmp_path / "cache_c"))
     table = (tmp_path / "a" / "fw_table.json").read_bytes()
     assert (tmp_path / "b" / "fw_table.json").read_bytes() == table
@@ -112,7 +112,7 @@ def test_sigkill_while_writing_leaves_no_output_and_a_rerun_succeeds(random_pool
         "models": [{"model": f"{base}+{a}"} for a in adapters],
         "parameters": {"calibration": str(random_pool["calibration"]), "iterations": 2}})
     cache = str(tmp_path / "cache")
-    mergekit_fw_run(config, tmp_path / "first", MERGEKIT_FW_CACHE=cache)  # solve once; the next run only writes
+    mergekit_fw_here(config, tmp_path / "first", MERGEKIT_FW_CACHE=cache)  # solve once; the next run only writes
     out = tmp_path / "out"
     argv = ["mergekit-fw", "run", str(config), str(out), "--quiet", "--out-shard-size", "20M"]
     process = subprocess.Popen(argv, env=subprocess_env(MERGEKIT_FW_CACHE=cache), stdout=subprocess.DEVNULL,
@@ -128,7 +128,7 @@ def test_sigkill_while_writing_leaves_no_output_and_a_rerun_succeeds(random_pool
     assert not out.exists()
     assert list(tmp_path.glob(".out.partial-*"))  # it really was killed mid-write
 
-    mergekit_fw_run(config, out, MERGEKIT_FW_CACHE=cache)
+    mergekit_fw_here(config, out, MERGEKIT_FW_CACHE=cache)
     assert not list(tmp_path.glob(".out.partial-*")) and not list(tmp_path.glob(".out.lock"))
     written, reference = tensors(out), tensors(tmp_path / "first")
     assert written.keys() == reference.keys()

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from tests.paths import (
     assert_same_tensors,
-    mergekit_fw_run,
+    mergekit_fw_here,
     mergekit_yaml,
     tensors,
     write_config,
@@ -29,7 +29,7 @@ def test_dense_and_lora_candidates_merge_the_same_in_both_paths(random_pool, tmp
     }
     path = write_config(tmp_path / "fw.yml", config)
     cache = str(tmp_path / "fw_cache")
-    mergekit_fw_run(path, tmp_path / "fast", MERGEKIT_FW_CACHE=cache)
+    mergekit_fw_here(path, tmp_path / "fast", MERGEKIT_FW_CACHE=cache)
     mergekit_yaml(path, tmp_path / "yaml", MERGEKIT_FW_CACHE=cache)
     fast = tensors(tmp_path / "fast")
     assert_same_tensors(fast, tensors(tmp_path / "yaml"))

@@ -94,9 +94,9 @@ def test_tokenizer_source_base_aligns_and_merges_on_the_base_vocabulary(random_p
 @pytest.mark.slow
 def test_the_mergekit_path_writes_the_same_bytes(random_pool, extended, tmp_path):
     config = _config(random_pool, extended, tmp_path / "fw.yml", tokenizer_source="base")
-    from tests.paths import mergekit_fw_run
+    from tests.paths import mergekit_fw_here
 
-    mergekit_fw_run(config, tmp_path / "fast", MERGEKIT_FW_CACHE=str(tmp_path / "cache"))
+    mergekit_fw_here(config, tmp_path / "fast", MERGEKIT_FW_CACHE=str(tmp_path / "cache"))
     mergekit_yaml(config, tmp_path / "yaml", MERGEKIT_FW_CACHE=str(tmp_path / "cache"))
     fast, slow = tensors(tmp_path / "fast"), tensors(tmp_path / "yaml")
     assert fast.keys() == slow.keys()

@@ -11,7 +11,7 @@ from mergekit_fw.integration.configs import load_merge_config, pool_and_paramete
 from mergekit_fw.integration.stock import solve
 from tests.paths import (
     assert_same_tensors,
-    mergekit_fw_run,
+    mergekit_fw_here,
     mergekit_yaml,
     replay,
     tensors,
@@ -45,7 +45,7 @@ def test_ta_init_is_exactly_mergekits_merge_at_iteration_zero(random_pool, tmp_p
     ta = _ta(random_pool, tmp_path)
     fw = _fw(random_pool, tmp_path, init=str(ta), epsilon=1e9, iterations=1, **constraint)  # stops before any step
     mergekit_yaml(ta, tmp_path / "ta_out", tmp_path / "lora_cache")
-    mergekit_fw_run(fw, tmp_path / "fast")
+    mergekit_fw_here(fw, tmp_path / "fast")
     mergekit_yaml(fw, tmp_path / "yaml")
     expected = tensors(tmp_path / "ta_out")
     for out in ("fast", "yaml"):
@@ -65,7 +65,7 @@ def test_ta_init_is_exactly_mergekits_merge_at_iteration_zero(random_pool, tmp_p
 def test_ta_init_run_agrees_in_all_three_paths(random_pool, tmp_path, constraint):
     ta = _ta(random_pool, tmp_path)
     fw = _fw(random_pool, tmp_path, init=str(ta), iterations=3, **constraint)
-    mergekit_fw_run(fw, tmp_path / "fast")
+    mergekit_fw_here(fw, tmp_path / "fast")
     mergekit_yaml(fw, tmp_path / "yaml")
     replay(tmp_path / "fast", tmp_path / "replay", tmp_path / "lora_cache")
     documents = list(yaml.safe_load_all((tmp_path / "fast" / "fw_mergekit.yml").read_text()))

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import subprocess_env
-from tests.paths import checkpointed_iterations, mergekit_fw_run, tensors, write_config
+from tests.paths import checkpointed_iterations, mergekit_fw_here, mergekit_fw_run, tensors, write_config
 
 
 def _config(testbed, path, **parameters):
@@ -80,7 +80,7 @@ def test_sigkill_mid_solve_then_the_same_command_resumes_to_the_uninterrupted_ta
     assert len(resumed["resumed_at"]) == 1 and resumed["resumed_at"][0] >= seen
     assert not list(killed_cache.glob("*/fw_checkpoint.json"))  # cleaned up after the finished solve
 
-    mergekit_fw_run(config, tmp_path / "clean", MERGEKIT_FW_CACHE=str(tmp_path / "clean_cache"))
+    mergekit_fw_here(config, tmp_path / "clean", MERGEKIT_FW_CACHE=str(tmp_path / "clean_cache"))
     clean = json.loads((tmp_path / "clean" / "fw_trace.json").read_text())
     assert clean["resumed_at"] == []
     assert [it["loss"] for it in resumed["iterations"]] == [it["loss"] for it in clean["iterations"]]

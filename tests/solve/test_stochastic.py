@@ -112,7 +112,7 @@ def test_stochastic_solvers_run_in_all_three_paths(random_pool, tmp_path, solver
     table, the steps in the trace and the solver named on the card."""
     import json
 
-    from tests.paths import assert_same_tensors, mergekit_fw_run, mergekit_yaml, replay, tensors, write_config
+    from tests.paths import assert_same_tensors, mergekit_fw_here, mergekit_yaml, replay, tensors, write_config
 
     base = str(random_pool["base"])
     models = [{"model": f"{base}+{a}"} for a in random_pool["adapters"]] + [{"model": str(random_pool["dense"][0])}]
@@ -121,7 +121,7 @@ def test_stochastic_solvers_run_in_all_three_paths(random_pool, tmp_path, solver
         "parameters": {"calibration": str(random_pool["calibration"]), "solver": solver,
                        "gradient_steps": 12, "constraint": "box", **settings},
     })
-    mergekit_fw_run(fw, tmp_path / "fast")
+    mergekit_fw_here(fw, tmp_path / "fast")
     if solver == "stochastic_frank_wolfe":  # the other paths share its plumbing: once is enough (CI time)
         mergekit_yaml(fw, tmp_path / "yaml")
         replay(tmp_path / "fast", tmp_path / "replay", tmp_path / "lora_cache")
