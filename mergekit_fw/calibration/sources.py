@@ -72,17 +72,20 @@ class Sampled:
 
 
 def parse_task(text: str) -> tuple[str, str, str | None, str]:
-    """``NAME=DATASET[:CONFIG]:SPLIT`` into its parts. The split may slice
-    (``validation[:200]``), and a local path may hold a colon of its own:
-    ``DATASET:CONFIG`` that names an existing path is read as the dataset."""
+    """``NAME=DATASET[:CONFIG]:SPLIT`` into its parts. The split may slice and join
+    (``validation[:200]``, ``train[-3:]+test[:2]``), and a local path may hold a colon
+    of its own: ``DATASET:CONFIG`` that names an existing path is read as the dataset."""
     name, sep, rest = text.partition("=")
-    slicing = rest[rest.rfind("[") :] if rest.endswith("]") and "[" in rest else ""
-    parts = rest[: len(rest) - len(slicing)].rsplit(":", 2)
+    depth, masked = 0, []
+    for char in rest:  # colons inside [...] belong to the split's slices
+        depth += (char == "[") - (char == "]")
+        masked.append("\0" if char == ":" and depth > 0 else char)
+    parts = [part.replace("\0", ":") for part in "".join(masked).rsplit(":", 2)]
     if not sep or not name.strip() or len(parts) < 2 or not all(part.strip() for part in parts):
         raise CalibrationError(
             f"--task {text!r}: expected NAME=DATASET[:CONFIG]:SPLIT, e.g. gsm8k=openai/gsm8k:main:train"
         )
-    split = parts[-1] + slicing
+    split = parts[-1]
     if len(parts) == 2 or Path(f"{parts[0]}:{parts[1]}").expanduser().exists():
         return name.strip(), ":".join(parts[:-1]), None, split
     return name.strip(), parts[0], parts[1], split
@@ -104,6 +107,23 @@ def scoped(values: Sequence[str], tasks: Iterable[str]) -> tuple[str | None, dic
     return everyone, per_task
 
 
+def _read_split(splits: dict, spec: str):
+    """``spec`` read from splits on disk the way ``load_dataset`` reads it from a hub
+    dataset (``train``, ``validation[:200]``, ``train[10%:]``, ``a+b``): datasets'
+    own parser turns it into row ranges."""
+    import datasets
+
+    unknown = [name for name in (part.split("[")[0].strip() for part in spec.split("+")) if name not in splits]
+    if unknown:
+        raise CalibrationError(f"no split {unknown[0]!r} (the folder has {', '.join(splits)})")
+    try:
+        ranges = datasets.ReadInstruction.from_spec(spec).to_absolute({name: len(d) for name, d in splits.items()})
+    except (ValueError, AssertionError) as error:
+        raise CalibrationError(f"split {spec!r}: {error}") from None
+    parts = [splits[part.splitname].select(range(part.from_, part.to)) for part in ranges]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
 def _load_split(source: TaskSource):
     """The split as a ``datasets.Dataset``; every failure is a one-line error naming
     the task and the source (offline, an unknown split, a file that does not parse)."""
@@ -118,12 +138,10 @@ def _load_split(source: TaskSource):
                 )
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
-                if source.split not in loaded:
-                    raise CalibrationError(f"no split {source.split!r} (the folder has {', '.join(loaded)})")
-                return loaded[source.split]
-            if loaded.split is not None and str(loaded.split) != source.split:
-                raise CalibrationError(f"the folder holds split {str(loaded.split)!r}, not {source.split!r}")
-            return loaded
+                return _read_split(dict(loaded), source.split)
+            if loaded.split is None:
+                return loaded
+            return _read_split({str(loaded.split): loaded}, source.split)
         if path.is_file():
             builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:

@@ -84,6 +84,21 @@ def test_the_sample_is_the_seeded_shuffle_and_rows_without_answers_are_skipped(d
     assert _rows(other) != _rows(out)
 
 
+@pytest.mark.parametrize(("split", "expected"), [
+    ("train[:9]", QUESTIONS[:7] + QUESTIONS[8:9]),  # row 7 has no answer
+    ("validation[40%:]", QUESTIONS[2:5]),
+    ("train[-3:]+validation[:2]", QUESTIONS[27:30] + QUESTIONS[:2]),
+])
+def test_a_saved_dataset_is_sliced_as_load_dataset_slices(split, expected, data, tmp_path):
+    """``split`` as a hub dataset takes it (datasets' own split syntax), on a
+    save_to_disk folder; the sample is the whole slice, shuffled."""
+    out = tmp_path / "calib.jsonl"
+    result = _run(str(out), "--task", f"qa={data / 'qa'}:{split}", "--prompt-field", "question",
+                  "--completion-field", "answer", "--samples-per-task", "100")
+    assert result.exit_code == 0, result.output
+    assert sorted(r["prompt"] for r in _rows(out)) == sorted(row["question"] for row in expected)
+
+
 def test_a_json_file_and_a_repository_folder(data, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = tmp_path / "calib.jsonl"
@@ -105,6 +120,8 @@ def test_sharegpt_turns_become_chat_messages(data, tmp_path):
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--task", "qa={qa}:test"], "no split 'test' (the folder has train, validation)"),
+    (["--task", "qa={qa}:train[:5]+test[:1]"], "no split 'test' (the folder has train, validation)"),
+    (["--task", "qa={qa}:train[:x]"], "split 'train[:x]': Unrecognized instruction format"),
     (["--task", "qa={qa}:train", "--prompt-field", "prompt_text"], "no column 'prompt_text' for the prompt"),
     (["--task", "qa={qa}:train", "--prompt-field", "question", "--completion-field", "label"],
      "column 'label' holds int, not text"),
@@ -143,6 +160,7 @@ def test_an_existing_file_needs_overwrite(data, tmp_path):
     ("gsm8k=openai/gsm8k:main:train", ("gsm8k", "openai/gsm8k", "main", "train")),
     ("piqa=piqa:validation[:200]", ("piqa", "piqa", None, "validation[:200]")),
     ("x=/data/set:train", ("x", "/data/set", None, "train")),
+    ("mix=org/set:cfg:train[-3:]+test[10%:20%]", ("mix", "org/set", "cfg", "train[-3:]+test[10%:20%]")),
 ])
 def test_task_specs_parse(text, parts):
     assert parse_task(text) == parts
