@@ -78,14 +78,11 @@ def route_linear_backward(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is not nn.Linear or hasattr(module, "_hf_hook"):
             continue
-        weight = module.weight
-        if slow_half_products(weight.dtype, weight.device):
+        if slow_half_products(module.weight.dtype, module.weight.device):
             module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
             routed += 1
     if routed:
         LOG.info(
-            "this CPU has no native %s products: %d linear layers take their backward in float32",
-            next(m.weight.dtype for m in model.modules() if type(m) is nn.Linear),
-            routed,
+            "this CPU has no native half-precision products: %d linear layers take their backward in float32", routed
         )
     return routed

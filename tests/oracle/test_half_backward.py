@@ -18,11 +18,6 @@ def slow_cpu(monkeypatch):
     monkeypatch.setattr(half_backward, "slow_half_products", lambda dtype, device: dtype in half_backward.HALF)
 
 
-@pytest.fixture
-def fast_cpu(monkeypatch):
-    monkeypatch.setattr(half_backward, "slow_half_products", lambda dtype, device: False)
-
-
 def test_only_half_precision_on_the_cpu_can_be_slow():
     assert not slow_half_products(torch.float32, torch.device("cpu"))
     assert not slow_half_products(torch.bfloat16, torch.device("meta"))
