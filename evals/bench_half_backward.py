@@ -5,7 +5,9 @@ float32 backward products (``mergekit_fw/oracle/half_backward.py``).
     python -m evals.bench_half_backward [--tokens 128] [--repeats 3]
 
 On a CPU without native bf16 products the plain bf16 backward is the reference
-gemm; this prints by how much, and what the routing costs on a CPU that has them.
+gemm; this prints by how much the oracle's routing saves there. (On a CPU with
+native products the oracle routes nothing, and the third column is the same native
+products through the routed function.)
 """
 
 from __future__ import annotations
