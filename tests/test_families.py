@@ -129,9 +129,227 @@ def test_the_output_is_peft_at_the_tables_weights_with_ties_kept(family, familie
     assert all(torch.equal(from_yaml[name], written[name]) for name in written)
 
 
-def test_an_adapter_retraining_a_tied_lm_head_is_refused_with_the_reason(families, tmp_path, monkeypatch):
-    """PEFT merges one by untying lm_head from the embeddings; the base here stores no
-    lm_head at all, so the adapter is refused before any maths, saying so."""
+def _saving_adapter(base: Path, folder: Path, modules_to_save: list[str], seed: int, **settings) -> Path:
+    """A LoRA on q_proj whose ``modules_to_save`` copies are retrained (moved at random)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=modules_to_save,
+                                      init_lora_weights=False, **settings))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+HEAD, EMBEDDINGS = "lm_head.weight", "model.embed_tokens.weight"
+# what each adapter saves whole: the head alone, the embeddings alone, both
+SAVES = {"head": ["lm_head"], "embeddings": ["embed_tokens"], "both": ["embed_tokens", "lm_head"]}
+
+
+@pytest.fixture(scope="module")
+def saving_pools(families, tmp_path_factory) -> dict[str, dict]:
+    """Tied bases (Qwen2, Gemma, Llama-3) with one adapter of each kind in SAVES and
+    a plain LoRA: the pool unties the head, as PEFT's merge of any of them does."""
+    pools = {}
+    for family in ("qwen2", "gemma", "llama3_tied"):
+        root = tmp_path_factory.mktemp(f"{family}_saving")
+        pool = families[family]
+        adapters = [_saving_adapter(pool["base"], root / f"saves_{kind}", modules, seed=20 + i)
+                    for i, (kind, modules) in enumerate(SAVES.items())]
+        pools[family] = {**pool, "adapters": [*adapters, pool["adapters"][0]]}
+    return pools
+
+
+def test_peft_unties_a_tied_head_for_each_kind_of_saving_adapter(saving_pools):
+    """The reference the merge follows, held on the pinned PEFT: merging an adapter that
+    saves either side of a tied pair writes both apart, the unsaved side at the base's values."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pool = saving_pools["qwen2"]
+    for kind, adapter in zip(SAVES, pool["adapters"]):
+        base = AutoModelForCausalLM.from_pretrained(str(pool["base"]))
+        embeddings = base.get_input_embeddings().weight.detach().clone()
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        head, embed = merged.get_output_embeddings().weight, merged.get_input_embeddings().weight
+        assert head.data_ptr() != embed.data_ptr()
+        assert torch.equal(head, embeddings) == (kind == "embeddings")
+        assert torch.equal(embed, embeddings) == (kind == "head")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "llama3_tied"])
+def test_oracle_scores_an_untied_head_against_a_dense_brute_force(family, saving_pools):
+    scores, _ = assert_scores_match_brute_force(saving_pools[family], ("lora",), seed=2, scale=0.5)
+    spec = pool_spec(saving_pools[family], kinds=("lora",))
+    from tests.oracle.helpers import make_oracle
+
+    _, pool, _ = make_oracle(saving_pools[family], spec)
+    tensors = pool.tensor_names()
+    assert HEAD in tensors and EMBEDDINGS in tensors  # one column each
+    head = tensors.index(HEAD)
+    assert float(scores[:, head].abs().max()) > 0  # the head has its own gradient
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "llama3_tied"])
+def test_a_pool_that_saves_a_tied_head_is_merged_untied_as_peft_merges_it(family, saving_pools, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pool = saving_pools[family]
+    monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
+    base = pool["base"]
+    config = lora_config(tmp_path / "fw.yml", base, pool["adapters"], pool["calibration"], iterations=3)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(config), str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "fw_table.json").read_text())
+    assert {HEAD, EMBEDDINGS} <= set(table["coefficients"])
+    written = tensors(out)
+    assert _keys(out) == _keys(base) | {HEAD}  # the head written apart, as PEFT writes it
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    embeddings = tensors(base)[EMBEDDINGS].to(torch.float64)
+    deltas = all_deltas(pool, pool_spec(pool, kinds=("lora",)))
+    for name in written:
+        expected = (embeddings if name == HEAD else tensors(base)[name].to(torch.float64)).clone()
+        for i, delta in enumerate(deltas):
+            if name in delta:  # PEFT's deltas: a saved copy minus the original, the head's original tied
+                expected += table["coefficients"][name][i] * delta[name]
+        torch.testing.assert_close(written[name].to(torch.float64), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(written[HEAD], written[EMBEDDINGS])
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    assert merged.lm_head.weight.data_ptr() != merged.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(merged.lm_head.weight, written[HEAD])
+
+    # as an adapter: PEFT's merge of it on the tied base is the same model
+    adapter = tmp_path / "adapter"
+    result = CliRunner().invoke(main, ["run", str(config), str(adapter), "--quiet", "--output-format", "adapter"])
+    assert result.exit_code == 0, result.output
+    assert {"lm_head", "model.embed_tokens"} <= set(json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"])
+    peft_merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))
+    peft_merged = peft_merged.merge_and_unload()
+    assert peft_merged.lm_head.weight.data_ptr() != peft_merged.get_input_embeddings().weight.data_ptr()
+    for name, value in peft_merged.state_dict().items():
+        torch.testing.assert_close(value, merged.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+    # mergekit-yaml: the same bytes, the head included, where mergekit's architecture has one
+    from tests.paths import mergekit_yaml
+
+    yaml_out = tmp_path / "yaml"
+    if family == "gemma":  # mergekit's gemma architecture lists no lm_head.weight: refused, saying why
+        import subprocess
+
+        from tests.conftest import subprocess_env
+
+        done = subprocess.run(["mergekit-yaml", str(config), str(yaml_out), "--quiet"], capture_output=True, text=True,
+                              env=subprocess_env(MERGEKIT_FW_CACHE=str(tmp_path / "cache")), timeout=600)
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+        assert "mergekit's architecture for this base has no such weight" in done.stderr, done.stderr
+        assert "mergekit-fw run" in done.stderr and not yaml_out.exists()
+        return
+    mergekit_yaml(config, yaml_out, None, MERGEKIT_FW_CACHE=str(tmp_path / "cache"))
+    assert _keys(yaml_out) == _keys(out)
+    assert json.loads((yaml_out / "config.json").read_text())["tie_word_embeddings"] is False
+    from_yaml = tensors(yaml_out)
+    assert all(torch.equal(from_yaml[name], written[name]) for name in written)
+    assert [p.read_bytes() for p in sorted(yaml_out.glob("*.safetensors"))] == [
+        p.read_bytes() for p in sorted(out.glob("*.safetensors"))
+    ]
+
+
+def test_an_adapter_that_keeps_the_tie_moves_the_one_tensor_as_peft_does(families, tmp_path, monkeypatch):
+    """Trained with ``ensure_weight_tying``, an adapter saving lm_head keeps one copy for
+    both sides (PEFT saves it under both names and its merge keeps the tie): the merge
+    keeps the tie too, one tensor written, and its adapter output says so to PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pool = families["qwen2"]
+    base = pool["base"]
+    kept = _saving_adapter(base, tmp_path / "kept", ["lm_head"], seed=30, ensure_weight_tying=True)
+    monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
+    config = lora_config(tmp_path / "fw.yml", base, [kept, pool["adapters"][0]], pool["calibration"], iterations=3)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(config), str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert _keys(out) == _keys(base) and json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    table = json.loads((out / "fw_table.json").read_text())
+    assert HEAD not in table["coefficients"] and table["coefficients"][EMBEDDINGS][0] > 0
+    embeddings = tensors(base)[EMBEDDINGS].to(torch.float64)
+    peft_delta = all_deltas(pool, pool_spec({**pool, "adapters": [kept]}, kinds=("lora",)))[0][EMBEDDINGS]
+    written = tensors(out)[EMBEDDINGS].to(torch.float64)
+    torch.testing.assert_close(written, embeddings + table["coefficients"][EMBEDDINGS][0] * peft_delta,
+                               rtol=1e-5, atol=1e-6)
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    assert merged.lm_head.weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+
+    adapter = tmp_path / "adapter"
+    result = CliRunner().invoke(main, ["run", str(config), str(adapter), "--quiet", "--output-format", "adapter"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((adapter / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    peft_merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))
+    peft_merged = peft_merged.merge_and_unload()
+    for name, value in peft_merged.state_dict().items():
+        torch.testing.assert_close(value, merged.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+def test_members_that_keep_the_tie_move_the_untied_head_with_their_embeddings(families, tmp_path, monkeypatch):
+    """In a pool that unties, a member whose own model keeps the pair tied (a tied full
+    checkpoint, an adapter saved with ensure_weight_tying) moves the head with its
+    embeddings: every output tensor is the base plus the members' own deltas, each
+    member's taken from its own model as PEFT and transformers load it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.paths import write_config
+
+    pool = families["qwen2"]
+    base = pool["base"]
+    unties = _saving_adapter(base, tmp_path / "unties", ["lm_head"], seed=40)
+    kept = _saving_adapter(base, tmp_path / "kept", ["embed_tokens"], seed=41, ensure_weight_tying=True)
+    dense = AutoModelForCausalLM.from_pretrained(str(base))
+    torch.manual_seed(42)
+    with torch.no_grad():
+        for parameter in dense.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    dense.save_pretrained(str(tmp_path / "dense"))
+    assert HEAD not in _keys(tmp_path / "dense")  # a tied checkpoint
+    monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
+    config = write_config(tmp_path / "fw.yml", {
+        "merge_method": "frank_wolfe", "base_model": str(base), "dtype": "float32",
+        "models": [{"model": f"{base}+{unties}"}, {"model": f"{base}+{kept}"}, {"model": str(tmp_path / "dense")}],
+        "parameters": {"calibration": str(pool["calibration"]), "iterations": 3},
+    })
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(config), str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "fw_table.json").read_text())
+
+    def own(model) -> dict[str, torch.Tensor]:
+        return {name: value.detach().to(torch.float64) for name, value in model.state_dict().items()}
+
+    reference = own(AutoModelForCausalLM.from_pretrained(str(base)))
+    members = [own(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(a)).merge_and_unload())
+               for a in (unties, kept)] + [own(AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense")))]
+    written = tensors(out)
+    assert set(written) == set(reference) and HEAD in written
+    for name, value in written.items():
+        weights = table["coefficients"].get(name, [0.0] * 3)
+        expected = reference[name] + sum(w * (m[name] - reference[name]) for w, m in zip(weights, members))
+        torch.testing.assert_close(value.to(torch.float64), expected, rtol=1e-5, atol=1e-6)
+    # the kept-tie members move the head: their weight on it is not idle
+    head = table["coefficients"][HEAD]
+    assert torch.equal(members[1][HEAD], members[1][EMBEDDINGS]) and torch.equal(members[2][HEAD], members[2][EMBEDDINGS])
+    assert any(w != 0 for w in head[1:]), head
+
+
+def test_a_lora_on_a_tied_head_is_refused_with_the_reason(families, tmp_path, monkeypatch):
+    """PEFT merges a LoRA on a tied head into the one shared tensor (embeddings moved
+    too); mergekit-fw refuses it before any maths, saying what to do instead."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -139,13 +357,13 @@ def test_an_adapter_retraining_a_tied_lm_head_is_refused_with_the_reason(familie
     base = pool["base"]
     torch.manual_seed(3)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
-                                      init_lora_weights=False))
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
     model.save_pretrained(str(tmp_path / "lora_head"))
     monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
     config = lora_config(tmp_path / "fw.yml", base, [tmp_path / "lora_head", pool["adapters"][0]], pool["calibration"],
                          iterations=2)
     result = CliRunner().invoke(main, ["run", str(config), str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "ties it to the input embeddings (tie_word_embeddings: true" in result.output, result.output
+    assert "puts a LoRA on lm_head, which the base ties to model.embed_tokens.weight" in result.output, result.output
+    assert "modules_to_save" in result.output
     assert not (tmp_path / "out").exists() and not list((tmp_path / "cache").rglob("fw_table.json"))

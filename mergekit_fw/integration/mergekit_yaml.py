@@ -13,11 +13,13 @@ adapter is expanded, no candidate tensor read twice, no cache needed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,56 @@ def graph_config(merge_config: Any) -> Any:
     from mergekit.config import InputModelDefinition
 
     return merge_config.model_copy(update={"models": [InputModelDefinition(model=merge_config.base_model)]})
+
+
+def _untied_heads(merge_config: Any, options: Any, untied: list[str]) -> set[str]:
+    """The tied names the pool unties (:mod:`mergekit_fw.pool.tied`), checked to be
+    weights of mergekit's architecture for the base; a :class:`ValueError` otherwise."""
+    if not untied:
+        return set()
+    from mergekit.architecture import get_architecture_info
+
+    trust = bool(getattr(options, "trust_remote_code", False))
+    architecture = get_architecture_info(graph_config(merge_config), options)
+    known = {w.name for w in architecture.all_weights(merge_config.base_model.config(trust_remote_code=trust))}
+    missing = sorted(set(untied) - known)
+    if missing:
+        raise ValueError(
+            f"the pool unties {', '.join(missing)} from the input embeddings (an adapter saves one of them with "
+            "modules_to_save, and PEFT's merge writes the two apart), but mergekit's architecture for this base has "
+            "no such weight, so mergekit-yaml cannot write it; the solve is cached: write the merge with "
+            "`mergekit-fw run` on the same config"
+        )
+    return set(untied)
+
+
+@contextlib.contextmanager
+def planning_untied(module: Any, untied: set[str]) -> Iterator[None]:
+    """mergekit plans an optional weight only when some input stores it, and a tied
+    base stores no head: for the duration of one merge, the untied names are planned
+    (mergekit reads the base's values through the weight's tied names) and the output
+    config says the two are apart."""
+    if not untied:
+        yield
+        return
+    planner = module.MergePlanner
+    plan_tensor, out_config = planner.plan_tensor, module._model_out_config
+
+    def plan_untied(self: Any, weight: Any, *args: Any, **kwargs: Any) -> Any:
+        if weight.name in untied:
+            weight = weight.model_copy(update={"optional": False})
+        return plan_tensor(self, weight, *args, **kwargs)
+
+    def untied_config(*args: Any, **kwargs: Any) -> Any:
+        config = out_config(*args, **kwargs)
+        config.tie_word_embeddings = False
+        return config
+
+    planner.plan_tensor, module._model_out_config = plan_untied, untied_config
+    try:
+        yield
+    finally:
+        planner.plan_tensor, module._model_out_config = plan_tensor, out_config
 
 
 def wrap_run_merge(module: Any) -> None:
@@ -59,6 +111,7 @@ def wrap_run_merge(module: Any) -> None:
                         merge_config, trust_remote_code=bool(getattr(options, "trust_remote_code", False))
                     )
                     result = solve(spec, params, progress=not getattr(options, "quiet", False))
+                    untied = _untied_heads(merge_config, options, result.pool.base_index.untied)
                 except (ValueError, OSError) as error:  # a bad pool, config or calibration file, a full disk
                     raise SystemExit(f"mergekit-fw: error: {error}") from None
                 remember_solve(spec, params, result)
@@ -68,7 +121,8 @@ def wrap_run_merge(module: Any) -> None:
                     # card for the config as the user wrote it, as the fast path does.
                     call["options"] = options.model_copy(update={"write_model_card": False})
                 started = time.perf_counter()
-                value = original(**call)
+                with planning_untied(module, untied):
+                    value = original(**call)
                 write_artifacts(Path(out_path), result, merge_config, write_seconds=time.perf_counter() - started)
         except Interrupted as stop:
             # mergekit writes into the output folder itself: one this run created goes, half-written

@@ -24,6 +24,7 @@ from mergekit_fw.objective import batch_loss, position_weights
 from mergekit_fw.oracle.dense import DenseMix
 from mergekit_fw.oracle.half_backward import route_linear_backward
 from mergekit_fw.oracle.lora import LoraGates, input_device
+from mergekit_fw.oracle.tied import untie_head
 from mergekit_fw.pool.pool import Pool
 from mergekit_fw.pool.rows import delta_norm
 
@@ -59,6 +60,8 @@ class Oracle:
         for p in self.model.parameters():
             p.requires_grad_(False)
         route_linear_backward(self.model)
+        if pool.base_index.untied:
+            untie_head(self.model)
         self.pool = pool
         self.calibration = calibration
         self.processes = processes or Processes()

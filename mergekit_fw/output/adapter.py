@@ -102,9 +102,12 @@ def _peft_config(
     ranks: dict[str, int],
     saved_whole: list[str],
     fan_in_fan_out: bool,
+    keep_tied: bool = False,
 ):
     """PEFT's own ``LoraConfig``: the most common rank as ``r``, the others by module
-    (exact names, as escaped patterns), ``lora_alpha`` equal to the rank throughout."""
+    (exact names, as escaped patterns), ``lora_alpha`` equal to the rank throughout.
+    ``keep_tied``: the merge moves embeddings that the base ties to its head and keeps
+    the tie, so PEFT must keep it too (else its merge writes the head apart, unmoved)."""
     from peft import LoraConfig
 
     common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
@@ -122,6 +125,7 @@ def _peft_config(
         base_model_name_or_path=base_reference,
         task_type="CAUSAL_LM",
         inference_mode=True,
+        ensure_weight_tying=keep_tied,
     )
 
 
@@ -174,6 +178,14 @@ def write_merged_adapter(
             base = pool.base_index.get(tensor)
             merged = merged_tensor(pool, coefficients.get(tensor), tensor, base, convex_merge)
             tensors[f"{PREFIX}{tensor}"] = merged.to(dtype).contiguous()
+    # a tied pair the merge moves and keeps tied: PEFT saves (and loads) the one copy under both names
+    kept_tied = {
+        tied: stored
+        for tied, stored in pool.base_index.tied.items()
+        if tied not in pool.base_index.untied and f"{PREFIX}{stored}" in tensors
+    }
+    for tied, stored in kept_tied.items():
+        tensors[f"{PREFIX}{tied}"] = tensors[f"{PREFIX}{stored}"].clone()
     if not report.ranks:  # PEFT loads no adapter without a LoRA module
         why = (
             f"every module it moves has a dense delta ({len(report.saved_whole)} modules, from full checkpoints, "
@@ -187,7 +199,8 @@ def write_merged_adapter(
     tmp.mkdir(parents=True)
     try:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        _peft_config(base_reference, report.ranks, report.saved_whole, fan_in_fan_out).save_pretrained(str(tmp))
+        config = _peft_config(base_reference, report.ranks, report.saved_whole, fan_in_fan_out, bool(kept_tied))
+        config.save_pretrained(str(tmp))
         if extra_writer is not None:
             extra_writer(tmp, report)
         sync_tree(tmp)

@@ -202,7 +202,7 @@ def write_merged_model(
             writer.write(name, merged_tensor(pool, coefficients.get(name), name, base, merge).to(spec.dtype))
         writer.finalize()
         floating = [spec.dtype for spec in specs if spec.dtype.is_floating_point]
-        _copy_side_files(pool.base_dir, tmp, floating[0] if floating else None)
+        _copy_side_files(pool.base_dir, tmp, floating[0] if floating else None, untied=bool(pool.base_index.untied))
         if extra_writer is not None:
             extra_writer(tmp)
         sync_tree(tmp)
@@ -248,11 +248,13 @@ def output_lock(out_path: Path, *, overwrite: bool) -> Iterator[None]:
         handle.close()
 
 
-def _copy_side_files(base_dir: Path, target: Path, dtype: torch.dtype | None) -> None:
+def _copy_side_files(base_dir: Path, target: Path, dtype: torch.dtype | None, *, untied: bool = False) -> None:
     for item in base_dir.iterdir():
         if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and item.name != "config.json":
             shutil.copy2(item, target / item.name)
     config = json.loads((base_dir / "config.json").read_text())
+    if untied:  # lm_head.weight is written apart from the embeddings (mergekit_fw.pool.tied)
+        config["tie_word_embeddings"] = False
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)

@@ -66,6 +66,8 @@ class AdapterConfig:
     layers_to_transform: int | list[int] | None = None
     layers_pattern: str | list[str] | None = None
     modules_to_save: list[str] = field(default_factory=list)
+    # PEFT keeps a tied pair tied through modules_to_save (one copy for both): its merge keeps the tie
+    ensure_weight_tying: bool = False
     base_model_name_or_path: str | None = None  # what it says it was trained on (a warning when not ours)
 
     def rank_of(self, module: str) -> int:
@@ -244,6 +246,7 @@ def read_adapter_config(name: str, file: Path) -> AdapterConfig:
         layers_to_transform=layers,
         layers_pattern=reader.names("layers_pattern", regex=True, regex_items=True),
         modules_to_save=list(modules_to_save),
+        ensure_weight_tying=reader.flag("ensure_weight_tying"),
         base_model_name_or_path=str(raw["base_model_name_or_path"]) if raw.get("base_model_name_or_path") else None,
     )
     _peft_accepts(name, file, raw)

@@ -7,7 +7,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +61,11 @@ class SafetensorsIndex:
             for shard in shards:
                 for name in self._layout(shard):
                     self.files[name] = shard
+        # names this checkpoint does not store because the model ties them to a stored
+        # tensor (a tied lm_head -> its input embeddings): readable under either name, and
+        # listed among the checkpoint's tensors only once a merge unties them
+        self.tied: dict[str, str] = {}
+        self.untied: list[str] = []
 
     def _layout(self, shard: Path) -> dict[str, StoredTensor]:
         """The shard's header, read once; a truncated or corrupt file is named here."""
@@ -72,25 +77,64 @@ class SafetensorsIndex:
         return self._layouts[shard]
 
     def names(self) -> list[str]:
-        return list(self.files)
+        return [*self.files, *self.untied]
+
+    def has(self, name: str) -> bool:
+        """Stored, or tied to a stored tensor."""
+        return name in self.files or name in self.tied
+
+    def tie(self, name: str, stored: str) -> None:
+        """Serve ``stored``'s values under ``name`` too (the model ties the two)."""
+        self.tied[name] = stored
+
+    def untie(self, name: str) -> None:
+        """List a tied name among the tensors: a merge writes it apart from its twin."""
+        if name not in self.tied:
+            raise ValueError(f"{self.what} {self.folder}: {name!r} is not tied to a stored tensor")
+        if name not in self.untied:
+            self.untied.append(name)
+
+    def where(self, name: str) -> tuple[Path, str]:
+        """The file and key holding ``name``'s values."""
+        key = name if name in self.files else self.tied.get(name, name)
+        try:
+            return self.files[key], key
+        except KeyError:
+            raise PoolError(f"{self.what} {self.folder}: has no tensor {name!r}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.stored(name).spec.shape
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            shard = self.files[name]
-        except KeyError:
-            raise PoolError(f"{self.what} {self.folder}: has no tensor {name!r}") from None
+        shard, key = self.where(name)
         with safe_open(str(shard), framework="pt") as handle:
-            return handle.get_tensor(name)
+            return handle.get_tensor(key)
 
     def weight_files(self) -> list[Path]:
         return sorted(set(self.files.values()))
 
     def stored(self, name: str) -> StoredTensor:
-        """Where ``name``'s bytes are in its shard (for copying them unchanged)."""
-        return self._layout(self.files[name])[name]
+        """Where ``name``'s bytes are in its shard (for copying them unchanged); a tied
+        name's are its twin's."""
+        shard, key = self.where(name)
+        stored = self._layout(shard)[key]
+        if key == name:
+            return stored
+        return replace(stored, spec=replace(stored.spec, name=name))
+
+
+HEAD = "lm_head.weight"
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def tie_head(config: dict, index: SafetensorsIndex) -> None:
+    """Read the head of a checkpoint saved with ``tie_word_embeddings: true`` (it
+    stores only the input embeddings) through the embeddings it shares."""
+    if not config.get("tie_word_embeddings") or HEAD in index.files:
+        return
+    embeddings = [name for name in index.files if name.endswith(_EMBEDDINGS)]
+    if len(embeddings) == 1:
+        index.tie(HEAD, embeddings[0])
 
 
 class LoraFactors:
@@ -236,10 +280,10 @@ class DenseCandidate:
         return False
 
     def source_of(self, tensor: str) -> tuple[Path, str]:
-        return self.index.files[tensor], tensor
+        return self.index.where(tensor)
 
     def delta(self, tensor: str, base: torch.Tensor | None) -> torch.Tensor | None:
-        if tensor not in self.index.files:
+        if not self.index.has(tensor):
             return None
         if base is None:
             raise ValueError(f"candidate {self.name}: the delta of dense tensor {tensor} needs the base tensor")
@@ -299,18 +343,21 @@ def load_lora(
     with safe_open(str(weights_file), framework="pt") as handle:
         for key in handle.keys():
             match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+            if config.ensure_weight_tying and key.removeprefix("base_model.model.") in base_index.tied:
+                continue  # the tied head's copy of the saved embeddings: PEFT keeps the two one tensor
+            _refuse_lora_on_tied(name, weights_file, key, base_index)
             saved = _saved_module_tensor(key, modules_to_save)
             if saved is not None:
                 shape = tuple(handle.get_slice(key).get_shape())
                 if (
                     align_to is not None
-                    and saved in base_index.files
+                    and base_index.has(saved)
                     and shape != base_index.shape(saved)
                     and _vocab_rows(saved, shape, base_index.shape(saved))
                 ):
                     vocab_maps[saved] = _aligned_map(name, adapter_dir, align_to, shared)
                 else:
-                    _check_full_tensor(name, weights_file, key, saved, shape, base_index, base_config)
+                    _check_full_tensor(name, weights_file, key, saved, shape, base_index)
                 full[saved] = key
                 continue
             if "lora_embedding" in key:
@@ -329,8 +376,14 @@ def load_lora(
             raise PoolError(f"candidate {name}: {weights_file}: module {module} lacks lora_A or lora_B")
         tensor = f"{module}.weight"
         if tensor not in base_index.files:
+            tied = (
+                f" (the base ties it to {base_index.tied[tensor]} and stores it once; a LoRA on a tied "
+                "weight is not supported: save the module whole with modules_to_save instead)"
+                if tensor in base_index.tied
+                else ""
+            )
             raise PoolError(
-                f"candidate {name}: {weights_file}: targets {module}, but the base has no tensor {tensor!r}"
+                f"candidate {name}: {weights_file}: targets {module}, but the base has no tensor {tensor!r}{tied}"
             )
         (key_A, shape_A), (key_B, shape_B) = pair["lora_A"], pair["lora_B"]
         if len(shape_A) != 2 or len(shape_B) != 2:
@@ -378,6 +431,20 @@ def load_lora(
     )
 
 
+def _refuse_lora_on_tied(name: str, weights_file: Path, key: str, base_index: SafetensorsIndex) -> None:
+    """PEFT saves the base layer of a LoRA'd tied head (``lm_head.base_layer.weight``) and
+    merges the LoRA into the one tensor the two share: the embeddings move with the head."""
+    layer = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.base_layer\.weight", key)
+    module = layer.group(1) if layer else ""
+    twin = base_index.tied.get(f"{module}.weight")
+    if twin is not None:
+        raise PoolError(
+            f"candidate {name}: {weights_file}: puts a LoRA on {module}, which the base ties to "
+            f"{twin} and stores once ({key!r} is saved for it); a LoRA on a tied weight is not "
+            "supported: save the module whole with modules_to_save instead"
+        )
+
+
 def _module_matches(module: str, pattern: str) -> bool:
     """PEFT's rule for modules_to_save entries: the module name or its last part(s)."""
     return module == pattern or module.endswith(f".{pattern}")
@@ -402,16 +469,8 @@ def _check_full_tensor(
     tensor: str,
     shape: tuple[int, ...],
     base_index: SafetensorsIndex,
-    base_config: dict,
 ) -> None:
-    if tensor not in base_index.files and tensor.endswith("lm_head.weight") and base_config.get("tie_word_embeddings"):
-        raise PoolError(
-            f"candidate {name}: {weights_file}: modules_to_save retrains {tensor.removesuffix('.weight')} alone, but the "
-            "base ties it to the input embeddings (tie_word_embeddings: true; it stores no lm_head.weight). PEFT "
-            "merges such an adapter by untying the two; mergekit-fw does not untie a base: leave lm_head out of "
-            "the adapter, or merge on a copy of the base saved with tie_word_embeddings: false"
-        )
-    if tensor not in base_index.files:
+    if not base_index.has(tensor):  # a head the base ties to its embeddings is read through them
         raise PoolError(
             f"candidate {name}: {weights_file}: modules_to_save tensor {key!r} has no counterpart {tensor!r} in the base"
         )
@@ -464,11 +523,12 @@ def load_dense(
                 f"but the base has {base_config.get(key)!r}{hint}"
             )
     index = SafetensorsIndex(folder, f"candidate {name}:")
+    tie_head(config, index)
     touched = []
     vocab_maps: dict[str, torch.Tensor] = {}
     shared: dict[str, torch.Tensor] = {}
     for tensor in index.names():
-        if tensor not in base_index.files:
+        if not base_index.has(tensor):
             raise PoolError(f"candidate {name}: tensor {tensor!r} is not in the base model")
         shape, base_shape = index.shape(tensor), base_index.shape(tensor)
         if shape != base_shape:

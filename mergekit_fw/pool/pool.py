@@ -20,6 +20,7 @@ from mergekit_fw.pool.candidates import (
     load_dense,
     load_lora,
     read_model_config,
+    tie_head,
 )
 from mergekit_fw.pool.pickled import PickleRefused
 from mergekit_fw.pool.pickled import pickle_free as _pickle_free
@@ -32,6 +33,7 @@ from mergekit_fw.pool.references import (
     local_dir,
 )
 from mergekit_fw.pool.remote_code import download_patterns, refuse_remote_code
+from mergekit_fw.pool.tied import untie_heads
 
 LOG = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ LOG = logging.getLogger(__name__)
 @dataclass
 class Pool:
     base_dir: Path
-    base_config: dict
+    base_config: dict  # as the merged model has it (untied by :func:`.tied.untie_heads` where the pool unties)
     base_index: SafetensorsIndex
     candidates: list[Candidate]
     trust_remote_code: bool = False  # the oracle's model and tokenizer may run their repository's code
@@ -96,7 +98,9 @@ def open_base(spec: PoolSpec, *, pickles_to: Path | None = None) -> tuple[Path, 
     base_dir = fetched(spec.base, spec, "base_model")
     base_dir = pickle_free(base_dir, "base_model", pickles_to)
     base_config = read_model_config(base_dir, "base_model")
-    return base_dir, base_config, SafetensorsIndex(base_dir, "base_model")
+    base_index = SafetensorsIndex(base_dir, "base_model")
+    tie_head(base_config, base_index)
+    return base_dir, base_config, base_index
 
 
 def load_candidate(
@@ -136,7 +140,7 @@ def open_pool(spec: PoolSpec, *, pickles_to: Path | None = None) -> Pool:
     ]
     pool = Pool(
         base_dir=base_dir,
-        base_config=base_config,
+        base_config=untie_heads(base_config, base_index, candidates),
         base_index=base_index,
         candidates=candidates,
         trust_remote_code=spec.trust_remote_code,

@@ -47,8 +47,9 @@ def tensor_rows(tensor: torch.Tensor) -> RowReader:
 @contextmanager
 def stored_rows(index: SafetensorsIndex, name: str) -> Iterator[RowReader]:
     """Rows of a checkpoint's stored tensor, read without loading the rest."""
-    with safe_open(str(index.files[name]), framework="pt") as handle:
-        stored = handle.get_slice(name)
+    path, key = index.where(name)
+    with safe_open(str(path), framework="pt") as handle:
+        stored = handle.get_slice(key)
         yield lambda start, stop: stored[start:stop]
 
 

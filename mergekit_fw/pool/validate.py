@@ -30,6 +30,7 @@ from mergekit_fw.pool.candidates import Candidate, LoraCandidate, SafetensorsInd
 from mergekit_fw.pool.pool import Pool, load_candidate, open_base
 from mergekit_fw.pool.references import PoolError, PoolSpec
 from mergekit_fw.pool.rows import delta_norm as candidate_delta_norm
+from mergekit_fw.pool.tied import untie_heads
 
 LOG = logging.getLogger(__name__)
 OUTLIER_RATIO = 4.0
@@ -115,7 +116,7 @@ def _scan_index(index: SafetensorsIndex, names: list[str], what: str) -> str | N
     for name in names:
         bad = _non_finite(index.get(name))
         if bad:
-            return f"{what}: {index.files[name]}: tensor {name} has {bad} NaN/Inf values"
+            return f"{what}: {index.where(name)[0]}: tensor {name} has {bad} NaN/Inf values"
     return None
 
 
@@ -287,7 +288,7 @@ def check_pool(
     if keep:
         found.pool = Pool(
             base_dir=base_dir,
-            base_config=base_config,
+            base_config=untie_heads(base_config, base_index, keep),
             base_index=base_index,
             candidates=keep,
             trust_remote_code=spec.trust_remote_code,

@@ -77,6 +77,9 @@ def merged_dense_model(random_pool, spec, tensors, coefficients, *, merge_fn: st
 
     deltas = all_deltas(random_pool, spec)
     model = AutoModelForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64)
+    if "lm_head.weight" in tensors and "lm_head.weight" not in dict(model.named_parameters()):
+        # a tied head the pool moves apart: PEFT's merge writes it apart from the embeddings
+        model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
     params = dict(model.named_parameters())
     with torch.no_grad():
         for l, tensor in enumerate(tensors):
