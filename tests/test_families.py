@@ -9,6 +9,7 @@ model; and ``mergekit-yaml`` writing the same bytes."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,18 +79,23 @@ def _keys(folder: Path) -> set[str]:
     return keys
 
 
+def _merged(pool: dict, tmp_path: Path, monkeypatch) -> tuple[Path, Path, dict]:
+    """The pool's LoRAs merged by ``mergekit-fw run`` (3 iterations): its config, output and table."""
+    monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
+    config = lora_config(tmp_path / "fw.yml", pool["base"], pool["adapters"], pool["calibration"], iterations=3)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(config), str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return config, out, json.loads((out / "fw_table.json").read_text())
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_output_is_peft_at_the_tables_weights_with_ties_kept(family, families, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     pool = families[family]
-    monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
     base = pool["base"]
-    config = lora_config(tmp_path / "fw.yml", base, pool["adapters"], pool["calibration"], iterations=3)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["run", str(config), str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
-    table = json.loads((out / "fw_table.json").read_text())
+    config, out, table = _merged(pool, tmp_path, monkeypatch)
     written, base_tensors = tensors(out), tensors(base)
     assert _keys(out) == _keys(base)  # a tied lm_head is not written: one tensor, as the base has it
     deltas = all_deltas(pool, pool_spec(pool, kinds=("lora",)))
@@ -201,13 +207,8 @@ def test_a_pool_that_saves_a_tied_head_is_merged_untied_as_peft_merges_it(family
     from transformers import AutoModelForCausalLM
 
     pool = saving_pools[family]
-    monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
     base = pool["base"]
-    config = lora_config(tmp_path / "fw.yml", base, pool["adapters"], pool["calibration"], iterations=3)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["run", str(config), str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
-    table = json.loads((out / "fw_table.json").read_text())
+    config, out, table = _merged(pool, tmp_path, monkeypatch)
     assert {HEAD, EMBEDDINGS} <= set(table["coefficients"])
     written = tensors(out)
     assert _keys(out) == _keys(base) | {HEAD}  # the head written apart, as PEFT writes it
@@ -236,13 +237,18 @@ def test_a_pool_that_saves_a_tied_head_is_merged_untied_as_peft_merges_it(family
     for name, value in peft_merged.state_dict().items():
         torch.testing.assert_close(value, merged.state_dict()[name], rtol=1e-5, atol=1e-6)
 
+    # the card and the replay say the one step stock mergekit needs after it
+    from mergekit_fw.output.export import UNTIE_COMMAND
+
+    assert "**Untied:** This merge writes lm_head.weight apart from model.embed_tokens.weight" in (
+        out / "README.md").read_text()
+    assert UNTIE_COMMAND in (out / "README.md").read_text() and UNTIE_COMMAND in (out / "fw_mergekit.yml").read_text()
+
     # mergekit-yaml: the same bytes, the head included, where mergekit's architecture has one
-    from tests.paths import mergekit_yaml
+    from tests.paths import mergekit_yaml, replay
 
     yaml_out = tmp_path / "yaml"
     if family == "gemma":  # mergekit's gemma architecture lists no lm_head.weight: refused, saying why
-        import subprocess
-
         from tests.conftest import subprocess_env
 
         done = subprocess.run(["mergekit-yaml", str(config), str(yaml_out), "--quiet"], capture_output=True, text=True,
@@ -259,6 +265,16 @@ def test_a_pool_that_saves_a_tied_head_is_merged_untied_as_peft_merges_it(family
     assert [p.read_bytes() for p in sorted(yaml_out.glob("*.safetensors"))] == [
         p.read_bytes() for p in sorted(out.glob("*.safetensors"))
     ]
+
+    # the stock replay (stock mergekit keeps the base's tie flag), then the step: the same model
+    replayed = tmp_path / "replay"
+    replay(out, replayed, tmp_path / "lora_cache")
+    assert json.loads((replayed / "config.json").read_text())["tie_word_embeddings"] is True
+    subprocess.run(UNTIE_COMMAND.replace("OUT/", f"{replayed}/"), shell=True, check=True, timeout=60)
+    from_replay = AutoModelForCausalLM.from_pretrained(str(replayed))
+    assert from_replay.lm_head.weight.data_ptr() != from_replay.get_input_embeddings().weight.data_ptr()
+    for name, value in from_replay.state_dict().items():
+        torch.testing.assert_close(value, merged.state_dict()[name], rtol=1e-5, atol=1e-6)
 
 
 def test_an_adapter_that_keeps_the_tie_moves_the_one_tensor_as_peft_does(families, tmp_path, monkeypatch):

@@ -72,5 +72,5 @@ def checked_replay(table: CoefficientTable, merge_config: Any | None = None) -> 
 def write_checked_replay(table: CoefficientTable, merge_config: Any | None, path: Path) -> list[dict]:
     """Build, check and write the replay config for ``table`` at ``path``."""
     documents = checked_replay(table, merge_config)
-    write_replay(documents, path)
+    write_replay(documents, path, table.untied)
     return documents

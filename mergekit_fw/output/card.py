@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mergekit_fw.config import SOLVER_SETTINGS, SOLVER_SPECIFIC
-from mergekit_fw.output.export import REPLAY_FILE
+from mergekit_fw.output.export import REPLAY_FILE, UNTIE_COMMAND, untie_reason
 from mergekit_fw.solve.table import CoefficientTable
 
 LOG = logging.getLogger(__name__)
@@ -125,12 +125,16 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
     excluded = trace.get("excluded") or {}
     if excluded:
         lines += ["**Left out as outliers:** " + "; ".join(f"`{n}` ({why})" for n, why in excluded.items()), ""]
+    untied = table.untied
+    if untied:
+        lines += [f"**Untied:** {untie_reason(untied)} The replay below sets the flag after mergekit.", ""]
     lines += [
         "The coefficient table is `fw_table.json`, the trace `fw_trace.json`, plots `fw_*.png`. "
         "Replay with stock mergekit (this package not needed):",
         "",
         "```sh",
         f"MERGEKIT_FW_AUTOLOAD=0 {replay}",
+        *([UNTIE_COMMAND] if untied else []),
         "```",
         "",
     ]

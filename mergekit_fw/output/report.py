@@ -54,7 +54,7 @@ def write_artifacts(
         trace["warnings"] = {c.name: c.warnings for c in result.check.candidates if c.warnings}
     trace.update(extra_trace or {})
     write_json_atomic(out_path / TRACE_FILE, trace)
-    write_replay(replay, out_path / REPLAY_FILE)
+    write_replay(replay, out_path / REPLAY_FILE, result.table.untied)
     draw_report(out_path)
     write_model_card(out_path, result.table, trace, name or out_path.name, mergekit_card)
     LOG.info("wrote %s, %s, %s, plots and the model card to %s", TABLE_FILE, TRACE_FILE, REPLAY_FILE, out_path)

@@ -35,7 +35,7 @@ from mergekit_fw.pool.validate import PoolCheck, validated_pool
 from mergekit_fw.solve.init import attach_init, check_init_config, starting_point
 from mergekit_fw.solve.solver import Trace, load_checkpoint, solve
 from mergekit_fw.solve.stochastic import solve_stochastic
-from mergekit_fw.solve.table import CoefficientTable
+from mergekit_fw.solve.table import UNTIED, CoefficientTable
 from mergekit_fw.solve.upstream import Upstream, require
 
 LOG = logging.getLogger(__name__)
@@ -277,6 +277,8 @@ def _solve(
     table.meta.update(
         {"tasks": calib.tasks, "task_samples": samples, "parameters": params.model_dump(), "mergekit_fw": __version__}
     )
+    if pool.base_index.untied:  # the replay and the card say what stock mergekit leaves tied
+        table.meta[UNTIED] = {name: pool.base_index.tied[name] for name in pool.base_index.untied}
     merge = (
         merge_function("ties", params.density, ties=require(upstream, "parameters.merge_fn: ties").ties)
         if params.merge_fn == "ties"

@@ -26,6 +26,9 @@ TABLE_VERSION = 3  # 3: the constraint set (hull, box, scaled_hull with its radi
 READABLE_VERSIONS = (1, 2, 3)
 BASE_VERTEX = "base"
 INIT_VERTEX = "init"
+# meta key: the names the merge writes apart from the tensor the base ties them to
+# (lm_head.weight -> the embeddings; mergekit_fw.pool.tied), which stock mergekit leaves tied
+UNTIED = "untied"
 
 
 class TableError(ValueError):
@@ -45,6 +48,11 @@ class CoefficientTable:
     meta: dict[str, Any] = field(default_factory=dict)  # JSON: tasks, parameters, pool files, ...
     constraint: str = "hull"  # the set the weights live in (tables before version 3: the hull)
     radius: float | None = None  # constraint scaled_hull only
+
+    @property
+    def untied(self) -> dict[str, str]:
+        """Each name the merge unties -> the stored tensor the base ties it to."""
+        return dict(self.meta.get(UNTIED, {}))
 
     @property
     def constraint_set(self) -> ConstraintSet:
