@@ -383,3 +383,27 @@ def test_a_lora_on_a_tied_head_is_refused_with_the_reason(families, tmp_path, mo
     assert "puts a LoRA on lm_head, which the base ties to model.embed_tokens.weight" in result.output, result.output
     assert "modules_to_save" in result.output
     assert not (tmp_path / "out").exists() and not list((tmp_path / "cache").rglob("fw_table.json"))
+
+
+@pytest.mark.slow
+def test_an_untying_pool_started_from_mergekits_merge_is_that_merge_at_iteration_zero(saving_pools, tmp_path,
+                                                                                       monkeypatch):
+    """The initial merge (stock task arithmetic, run by mergekit) stores the head its
+    inputs store; as a vertex its head moves by that head minus the embeddings."""
+    from tests.paths import mergekit_fw_here, mergekit_yaml, write_config
+
+    pool = saving_pools["qwen2"]
+    models = [{"model": f"{pool['base']}+{adapter}"} for adapter in pool["adapters"]]
+    ta = write_config(tmp_path / "ta.yml", {
+        "merge_method": "task_arithmetic", "base_model": str(pool["base"]), "dtype": "float32",
+        "models": [{**model, "parameters": {"weight": 0.3}} for model in models]})
+    fw = write_config(tmp_path / "fw.yml", {
+        "merge_method": "frank_wolfe", "base_model": str(pool["base"]), "models": models, "dtype": "float32",
+        "parameters": {"calibration": str(pool["calibration"]), "init": str(ta), "epsilon": 1e9, "iterations": 1}})
+    monkeypatch.setenv("MERGEKIT_FW_CACHE", str(tmp_path / "cache"))
+    mergekit_yaml(ta, tmp_path / "ta_out", tmp_path / "lora_cache")
+    mergekit_fw_here(fw, tmp_path / "fast")  # stops before any step
+    expected, got = tensors(tmp_path / "ta_out"), tensors(tmp_path / "fast")
+    assert HEAD in expected and set(got) == set(expected)
+    assert [name for name in expected if not torch.equal(got[name], expected[name])] == []
+    assert json.loads((tmp_path / "fast" / "config.json").read_text())["tie_word_embeddings"] is False
