@@ -29,7 +29,8 @@ from evals.common import write_results
 from mergekit_fw.calibration.batches import CalibrationSet, build_calibration
 from mergekit_fw.objective import batch_loss, position_weights
 from mergekit_fw.pool.pool import open_pool
-from mergekit_fw.pool.references import CandidateSpec, ModelSource, PoolSpec
+from testbed.build import SIZES, Pool, _pool_from_manifest
+from testbed.sanity import pool_spec
 
 LOG = logging.getLogger(__name__)
 
@@ -103,22 +104,15 @@ def mean_loss(model: nn.Module, calibration: CalibrationSet) -> float:
         )
 
 
-def exact_match(model: nn.Module, state: dict, tokenizer, pool: Path, tasks: list[str], folder: Path) -> dict:
+def exact_match(state: dict, model: nn.Module, tokenizer, pool: Pool, tasks: list[str], folder: Path) -> dict:
     """lm-eval on the tasks' test rows for the merged weights, normalised by each task's
     own adapter (the experiment's cached individual scores, beside the pool)."""
-    from types import SimpleNamespace
+    from evals.scoring import individual_scores, normalized, test_scores
 
-    from evals.scoring import normalized, test_scores
-
-    original = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    model.load_state_dict(state)
-    try:
-        model.save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
-    finally:
-        model.load_state_dict(original)
-    scores = test_scores(folder, SimpleNamespace(lm_eval_dir=pool / "lm_eval_tasks"), tasks)  # type: ignore[arg-type]
-    individual = {t: json.loads((pool.parent / "individual" / f"{t}.json").read_text())["score"] for t in tasks}
+    model.save_pretrained(str(folder), state_dict=state)
+    tokenizer.save_pretrained(str(folder))
+    scores = test_scores(folder, pool, tasks)
+    individual = individual_scores(pool, tasks, pool.root.parent / "individual")
     return {"normalized": normalized(scores, individual), "scores": scores}
 
 
@@ -157,7 +151,9 @@ def learn(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pool", type=Path, required=True, help="a testbed's pool folder (base, loras, data)")
+    parser.add_argument(
+        "--pool", type=Path, required=True, help="a testbed's pool folder (its manifest.json, base, loras, data)"
+    )
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--name", default="probe_per_rank")
@@ -167,28 +163,25 @@ def main() -> None:
     torch.manual_seed(0)
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    base = args.pool / "base"
-    tasks = sorted(p.name for p in (args.pool / "loras").iterdir())
-    spec = PoolSpec(
-        ModelSource(str(base)),
-        tuple(CandidateSpec(t, ModelSource(str(base)), ModelSource(str(args.pool / "loras" / t))) for t in tasks),
-    )
-    opened = open_pool(spec)
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    manifest = json.loads((args.pool / "manifest.json").read_text())
+    pool = _pool_from_manifest(args.pool.resolve(), SIZES[manifest["size"]["name"]], manifest["seed"], manifest)
+    tasks = sorted(pool.size.tasks)
+    opened = open_pool(pool_spec(pool, [pool.candidate(t) for t in tasks]))
+    tokenizer = AutoTokenizer.from_pretrained(str(pool.base))
+    model = LlamaForCausalLM.from_pretrained(str(pool.base), dtype=torch.float32)
     model.requires_grad_(False)
     with tempfile.TemporaryDirectory() as tmp:
         sets: dict[str, CalibrationSet] = {}
         for split, per_task in (("calib", 100), ("test", 50)):
             rows = Path(tmp) / f"{split}.jsonl"
-            rows.write_text("".join((args.pool / "data" / f"{t}.{split}.jsonl").read_text() for t in tasks))
+            rows.write_text("".join(getattr(pool.files[t], split).read_text() for t in tasks))
             sets[split] = build_calibration(
                 rows, tokenizer, samples_per_task=per_task, batch_size=16, max_length=64, objective="cross_entropy"
             )
         folders = (Path(tmp) / f"merged_{k}" for k in itertools.count())
 
         def score(state: dict) -> dict:
-            return exact_match(model, state, tokenizer, args.pool, tasks, next(folders))
+            return exact_match(state, model, tokenizer, pool, tasks, next(folders))
 
         results = {
             "pool": str(args.pool),
