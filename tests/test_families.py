@@ -383,6 +383,13 @@ def test_a_lora_on_a_tied_head_is_refused_with_the_reason(families, tmp_path, mo
     assert "puts a LoRA on lm_head, which the base ties to model.embed_tokens.weight" in result.output, result.output
     assert "modules_to_save" in result.output
     assert not (tmp_path / "out").exists() and not list((tmp_path / "cache").rglob("fw_table.json"))
+    from tests.conftest import subprocess_env
+
+    done = subprocess.run(["mergekit-yaml", str(config), str(tmp_path / "yaml"), "--quiet"], capture_output=True,
+                          text=True, env=subprocess_env(MERGEKIT_FW_CACHE=str(tmp_path / "cache")), timeout=600)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "puts a LoRA on lm_head, which the base ties to model.embed_tokens.weight" in done.stderr, done.stderr
+    assert not (tmp_path / "yaml").exists()
 
 
 @pytest.mark.slow
