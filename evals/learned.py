@@ -58,15 +58,20 @@ class Objective:
 class _Session:
     """The base model behind mergekit-fw's oracle over the cell's members."""
 
-    def __init__(self, cell, calibration_path: Path, objective: Objective, start: float = 0.0):
+    def __init__(self, cell, calibration_path: Path, objective: Objective, start: float = 0.0,
+                 granularity: str = "candidate"):
         """``start``: the coefficient everywhere at the starting point, where more answer
-        positions than one are decoded (as FW decodes them at its start)."""
+        positions than one are decoded (as FW decodes them at its start); ``granularity``:
+        mergekit-fw's setting of that name (``rank_component``: one row per LoRA rank component)."""
         from transformers import AutoTokenizer, LlamaForCausalLM
 
         from mergekit_fw.oracle import Oracle
+        from mergekit_fw.pool.components import split_rank_components
         from mergekit_fw.pool.pool import open_pool
 
         self.opened = open_pool(pool_spec(cell.pool, cell.entries))
+        if granularity == "rank_component":
+            self.opened = split_rank_components(self.opened)
         tokenizer = AutoTokenizer.from_pretrained(str(cell.pool.base))
         model = LlamaForCausalLM.from_pretrained(str(cell.pool.base), dtype=torch.float32)
         self.calibration: CalibrationSet = build_calibration(
@@ -82,13 +87,15 @@ class _Session:
         return self.oracle.loss(coefficients)
 
     def member_means(self, coefficients: torch.Tensor) -> Dict[str, float]:
-        """Each member's coefficient averaged over the tensors it moves."""
+        """Each member's coefficient averaged over the tensors it moves (and its rank components)."""
+        from mergekit_fw.pool.components import parent_name
+
         tensors = self.opened.tensor_names()
-        out = {}
+        values: Dict[str, List[torch.Tensor]] = {}
         for row, (name, candidate) in enumerate(zip(self.opened.names, self.opened.candidates)):
             own = [column for column, tensor in enumerate(tensors) if tensor in candidate.tensor_names()]
-            out[name] = float(coefficients[row, own].mean())
-        return out
+            values.setdefault(parent_name(name), []).append(coefficients[row, own])
+        return {name: float(torch.cat(parts).mean()) for name, parts in values.items()}
 
     def close(self) -> None:
         self.oracle.close()
@@ -100,11 +107,12 @@ def spend(passes: Dict[str, float], seconds: float) -> Dict[str, float]:
 
 
 def layerwise(cell, calibration_path: Path, out: Path, *, objective: Objective, steps: int, lr: float,
-              init: float = 0.3, seed: int = 0) -> Dict[str, object]:
-    """Learn layer-wise coefficients with Adam, projected on [0, 1] after each step."""
+              init: float = 0.3, seed: int = 0, granularity: str = "candidate") -> Dict[str, object]:
+    """Learn layer-wise coefficients with Adam, projected on [0, 1] after each step
+    (``granularity rank_component``: one per LoRA rank component and tensor)."""
     started = time.perf_counter()
     torch.manual_seed(seed)
-    session = _Session(cell, calibration_path, objective, start=init)
+    session = _Session(cell, calibration_path, objective, start=init, granularity=granularity)
     coefficients = torch.full(session.shape, init, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.Adam([coefficients], lr=lr, betas=(0.9, 0.999))
     losses: List[float] = []
@@ -124,7 +132,7 @@ def layerwise(cell, calibration_path: Path, out: Path, *, objective: Objective, 
         session.close()
     write_coefficients(session.opened, coefficients.detach(), out, str(cell.pool.base))
     return {"optimiser": "adam", "steps": steps, "lr": lr, "init": init, "rows_per_step": ROWS_PER_STEP,
-            **objective.describe(), "loss_initial": initial, "loss_first_steps": losses[:5],
+            **objective.describe(), **({"granularity": granularity} if granularity != "candidate" else {}), "loss_initial": initial, "loss_first_steps": losses[:5],
             "loss_last_steps": losses[-5:], "loss_final": final,
             "mean_coefficients": session.member_means(coefficients.detach()),
             "spend": spend(passes, time.perf_counter() - started)}

@@ -31,6 +31,7 @@ _ADDED_LATER: dict[str, Any] = {
     "direction": "frank_wolfe",
     "solver": "frank_wolfe",
     "assistant_turns": "last",
+    "granularity": "candidate",
 }
 # The settings that belong to one solver or another, and which each solver reads: a
 # solver's setting given to a solver that does not read it is an error naming it.
@@ -136,6 +137,15 @@ class FrankWolfeParameters(BaseModel):
         gt=0.0,
         le=1000.0,
         description="constraint scaled_hull: the largest total coefficient of the candidates on a tensor.",
+    )
+    granularity: Literal["candidate", "rank_component"] = Field(
+        "candidate",
+        description="What one coefficient scales on a tensor: 'candidate' a candidate's whole task vector "
+        "(the paper); 'rank_component' each rank-1 component s * B[:, j] A[j, :] of every LoRA adapter on "
+        "its own (its modules_to_save and full checkpoints stay whole), so a merge keeps an adapter's "
+        "directions that help the asked tasks and drops those that hurt them; the merge is still one "
+        "LoRA pair per module. Meant for constraint box. Stock mergekit weights whole models, so such a "
+        "merge has no replay config.",
     )
     variant: Literal["hard", "soft"] = Field(
         "hard",
@@ -351,6 +361,12 @@ class FrankWolfeParameters(BaseModel):
             raise ValueError(
                 f"init needs radius >= 1 under constraint scaled_hull (got {self.radius:g}): with a smaller "
                 "radius the initial merge lies outside the set"
+            )
+        if self.granularity == "rank_component" and self.merge_fn != "convex":
+            raise ValueError(
+                f"granularity rank_component needs merge_fn: convex ({self.merge_fn} trims and elects signs "
+                "entry by entry over whole task vectors, which rank-1 pieces are not); merge_fn is "
+                f"{self.merge_fn!r}"
             )
         if "answer_tokens" in given and self.entropy_positions != "answer":
             raise ValueError("answer_tokens needs entropy_positions: answer (it counts answer positions)")

@@ -116,6 +116,8 @@ def test_commands_fail_early_naming_the_field(random_pool, tmp_path, parameters,
         ({"solver": "projected_gradient", "lmo_score": "cosine"}, "lmo_score"),
         ({"solver": "stochastic_frank_wolfe", "learning_rate": 0.1}, "learning_rate"),
         ({"solver": "stochastic_frank_wolfe", "step": "quadratic"}, "step"),
+        ({"granularity": "rank"}, "granularity"),
+        ({"granularity": "rank_component", "merge_fn": "ties"}, "granularity"),
     ],
 )
 def test_every_parameter_rejects_bad_values_by_name(raw, field):

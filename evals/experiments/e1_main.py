@@ -17,7 +17,9 @@ RIVALS = ("supervised", "lorahub", "lorahub_cma")  # the goal: FW at its default
 # issue 17's candidates for new defaults (the rest of evals.methods.BEYOND is in experiment 6,
 # on the same cell)
 CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30",
-                      "pg_box", "pg_hull", "sfw_box")
+                      "pg_box", "pg_hull", "sfw_box",
+                      # one coefficient per LoRA rank component (granularity: rank_component)
+                      "fw_rank", "pg_rank", "supervised_rank")
 
 
 def records(ctx: Context) -> list:

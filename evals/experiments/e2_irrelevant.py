@@ -19,7 +19,9 @@ TARGETED = ("fw_hard_layer", "fw_soft_task")
 PROBES = ("fw_hard_layer_30",)
 # Issue 17's candidates for new defaults that can keep irrelevant members out (the box lets
 # any subset in at full strength; the question is whether it still leaves them at 0).
-CANDIDATE_DEFAULTS = ("fw_box", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30", "pg_box", "pg_hull", "sfw_box", "sfw_hull")
+CANDIDATE_DEFAULTS = ("fw_box", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30", "pg_box", "pg_hull", "sfw_box", "sfw_hull",
+                      # one coefficient per LoRA rank component (granularity: rank_component)
+                      "fw_rank", "pg_rank", "supervised_rank")
 
 
 def run(ctx: Context) -> Path:

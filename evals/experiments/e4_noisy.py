@@ -13,7 +13,9 @@ from evals.methods import SCALING, method
 STEM = "exp4_noisy"
 # issue 17's candidates for new defaults: does a set that lets any member in at full strength
 # (the box) still keep the misinitialised adapters out?
-CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30", "pg_box", "sfw_box")
+CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30", "pg_box", "sfw_box",
+                      # one coefficient per LoRA rank component (granularity: rank_component)
+                      "fw_rank", "pg_rank", "supervised_rank")
 
 
 def run(ctx: Context) -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mergekit_fw.output.export import INIT_MERGE_NAME, write_replay
+from mergekit_fw.output.export import INIT_MERGE_NAME, no_replay_reason, write_replay
 from mergekit_fw.solve.table import INIT_VERTEX, CoefficientTable
 
 
@@ -25,8 +25,12 @@ def replay_documents(table: CoefficientTable, merge_config: Any | None = None) -
 
     mergekit's ``filter:`` is a substring match where the first match wins, so full
     tensor names are listed longest first (no name can then be shadowed by a shorter
-    one that it contains), closed by a catch-all weight of 0.
+    one that it contains), closed by a catch-all weight of 0. A table that stock mergekit cannot express
+    (:func:`~mergekit_fw.output.export.no_replay_reason`) is a ValueError that says why.
     """
+    reason = no_replay_reason(table.granularity)
+    if reason is not None:
+        raise ValueError(f"no stock mergekit replay for this table: {reason}")
     coefficients = table.coefficients()
     order = sorted(range(len(table.tensors)), key=lambda l: (-len(table.tensors[l]), table.tensors[l]))
     models = []
@@ -64,6 +68,10 @@ def validate_replay(documents: list[dict]) -> None:
 
 
 def checked_replay(table: CoefficientTable, merge_config: Any | None = None) -> list[dict]:
+    """The replay documents, checked against mergekit's schema; [] for a table
+    with no stock replay (the card says why)."""
+    if no_replay_reason(table.granularity) is not None:
+        return []
     documents = replay_documents(table, merge_config)
     validate_replay(documents)
     return documents
@@ -71,6 +79,7 @@ def checked_replay(table: CoefficientTable, merge_config: Any | None = None) -> 
 
 def write_checked_replay(table: CoefficientTable, merge_config: Any | None, path: Path) -> list[dict]:
     """Build, check and write the replay config for ``table`` at ``path``."""
-    documents = checked_replay(table, merge_config)
+    documents = replay_documents(table, merge_config)
+    validate_replay(documents)
     write_replay(documents, path, table.untied)
     return documents

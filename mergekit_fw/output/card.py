@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mergekit_fw.config import SOLVER_SETTINGS, SOLVER_SPECIFIC
-from mergekit_fw.output.export import REPLAY_FILE, UNTIE_COMMAND, untie_reason
+from mergekit_fw.output.export import REPLAY_FILE, UNTIE_COMMAND, no_replay_reason, untie_reason
+from mergekit_fw.pool.components import parent_name
 from mergekit_fw.solve.table import CoefficientTable
 
 LOG = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ _SETTINGS = (
     "solver",
     "constraint",
     "radius",
+    "granularity",
     "variant",
     "lmo",
     "lmo_score",
@@ -51,6 +53,8 @@ def _shown(key: str, parameters: dict) -> bool:
     solver = parameters.get("solver", "frank_wolfe")
     if key == "radius":
         return parameters.get("constraint") == "scaled_hull"
+    if key == "granularity":
+        return parameters.get(key) != "candidate"
     if key == "solver":
         return solver != "frank_wolfe"
     return key not in SOLVER_SPECIFIC or key in SOLVER_SETTINGS.get(solver, ())
@@ -64,13 +68,22 @@ _HOW = {
 }
 
 
+def mean_coefficients(table: CoefficientTable) -> dict[str, float]:
+    """Each candidate's mean coefficient over the tensors; under granularity
+    rank_component, over its components too (the share of its directions kept)."""
+    coefficients = table.coefficients()
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(table.candidates):
+        rows.setdefault(parent_name(name) if table.granularity == "rank_component" else name, []).append(i)
+    return {name: float(coefficients[index].mean()) for name, index in rows.items()}
+
+
 def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> str:
     meta = table.meta
     parameters = meta.get("parameters", {})
     tasks: list[str] = list(meta.get("tasks", []))
     sizes: list[int] = list(meta.get("task_samples", []))
-    coefficients = table.coefficients()
-    means = sorted(((float(coefficients[i].mean()), name) for i, name in enumerate(table.candidates)), reverse=True)
+    means = sorted(((value, name) for name, value in mean_coefficients(table).items()), reverse=True)
     multi = table.init is not None
     replay = (
         f"mergekit-multi {REPLAY_FILE} -I WORK/ --out-path OUT/ --lora-merge-cache CACHE/"
@@ -81,8 +94,10 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
         SECTION_TITLE,
         "",
         f"This model was merged by {_HOW[parameters.get('solver', 'frank_wolfe')]}"
-        + f" over a pool of {len(table.pool_candidates)} candidates on the base `{table.base_model}`, choosing per-tensor "
-        "coefficients that minimise a calibration loss.",
+        + f" over a pool of {len({parent_name(n) for n in table.pool_candidates})} candidates on the base `{table.base_model}`, choosing per-tensor "
+        "coefficients"
+        + (" of each LoRA's rank-1 components" if table.granularity == "rank_component" else "")
+        + " that minimise a calibration loss.",
         "",
         "**Calibration tasks:** "
         + (
@@ -125,6 +140,14 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
     excluded = trace.get("excluded") or {}
     if excluded:
         lines += ["**Left out as outliers:** " + "; ".join(f"`{n}` ({why})" for n, why in excluded.items()), ""]
+    no_replay = no_replay_reason(table.granularity)
+    if no_replay is not None:
+        lines += [
+            "The coefficient table is `fw_table.json`, the trace `fw_trace.json`, plots `fw_*.png`. "
+            f"**No replay config:** {no_replay}",
+            "",
+        ]
+        return "\n".join(lines)
     untied = table.untied
     if untied:
         lines += [f"**Untied:** {untie_reason(untied)} The replay below sets the flag after mergekit.", ""]

@@ -33,6 +33,18 @@ def untie_reason(untied: dict[str, str]) -> str:
     )
 
 
+def no_replay_reason(granularity: str) -> str | None:
+    """Why a table has no stock replay, or None when it has one."""
+    if granularity == "rank_component":
+        return (
+            "Its coefficients scale each LoRA's rank-1 components apart (granularity: rank_component), and "
+            "stock mergekit weights whole models per tensor, so no stock mergekit config reproduces it. "
+            "Without mergekit-fw, use it written as a PEFT adapter (`mergekit-fw run --output-format adapter`), "
+            "which is exact."
+        )
+    return None
+
+
 def write_replay(documents: list[dict], path: Path, untied: dict[str, str] | None = None) -> None:
     """One document: a ``mergekit-yaml`` config; two: the initial merge then the
     weighted merge that uses it, for ``mergekit-multi``. ``untied``: the table's

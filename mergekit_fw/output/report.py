@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mergekit_fw.files import write_json_atomic
-from mergekit_fw.output.card import write_model_card
+from mergekit_fw.output.card import mean_coefficients, write_model_card
 from mergekit_fw.output.export import REPLAY_FILE, write_replay
 from mergekit_fw.output.plots import draw_report
 from mergekit_fw.solve.runner import TABLE_FILE, TRACE_FILE, SolveResult
@@ -40,7 +40,7 @@ def write_artifacts(
     """Table, trace, replay config, plots and the model card's Frank-Wolfe section.
 
     ``replay``: the stock mergekit documents (built and checked by the integration
-    layer); ``name``: the output folder's final name (``out_path`` may be a
+    layer; empty when the table has none); ``name``: the output folder's final name (``out_path`` may be a
     temporary one); ``mergekit_card``: mergekit's own card, for a folder it did not write;
     ``extra_trace``: fields the writer adds to the trace (an adapter's ranks and errors)."""
     out_path.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,8 @@ def write_artifacts(
         trace["warnings"] = {c.name: c.warnings for c in result.check.candidates if c.warnings}
     trace.update(extra_trace or {})
     write_json_atomic(out_path / TRACE_FILE, trace)
-    write_replay(replay, out_path / REPLAY_FILE, result.table.untied)
+    if replay:  # none for a table stock mergekit cannot express; the card says why
+        write_replay(replay, out_path / REPLAY_FILE, result.table.untied)
     draw_report(out_path)
     write_model_card(out_path, result.table, trace, name or out_path.name, mergekit_card)
     LOG.info("wrote %s, %s, %s, plots and the model card to %s", TABLE_FILE, TRACE_FILE, REPLAY_FILE, out_path)
@@ -68,7 +69,6 @@ def summary(result: SolveResult) -> str:
     last = trace.iterations[-1] if trace.iterations else None
     if last is not None:
         lines.append(f"last FW gap {last.gap:.4g}")
-    coefficients = result.table.coefficients()
-    for i, name in enumerate(result.table.candidates):
-        lines.append(f"  mean coefficient {float(coefficients[i].mean()):.3f}  {name}")
+    for name, value in mean_coefficients(result.table).items():
+        lines.append(f"  mean coefficient {value:.3f}  {name}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ lazily read task vectors.
 * :mod:`.vocab`: candidates with another vocabulary aligned to the base's by token;
 * :mod:`.candidates`: LoRA factors kept resident, dense checkpoints streamed;
 * :mod:`.pool`: the opened pool, structurally checked against the base;
+* :mod:`.components`: LoRAs split into rank-1 candidates (``granularity: rank_component``);
 * :mod:`.validate`: the one numeric pass before any maths (NaN, norms, outliers).
 
 Nothing here knows of calibration, the solver, the output or mergekit.

@@ -7,7 +7,9 @@
   exactly the tensors mergekit wrote for that config.
 * ``init: previous/fw_table.json``: continue a previous run: same pool, same
   merge function, its vertex weights as the starting point (and its initial
-  merge, if it had one, as a vertex again).
+  merge, if it had one, as a vertex again). A table solved per candidate also
+  continues per rank component (``granularity: rank_component``, in the box):
+  each component starts at its candidate's coefficient, the same model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +28,11 @@ from mergekit_fw import METHOD_NAME
 from mergekit_fw.config import ConfigError, FrankWolfeParameters
 from mergekit_fw.files import file_fingerprint, fingerprint
 from mergekit_fw.pool.candidates import load_dense
+from mergekit_fw.pool.components import parent_name
 from mergekit_fw.pool.pool import Pool
 from mergekit_fw.pool.references import PoolError, PoolSpec
 from mergekit_fw.solve.constraints import constraint_set
-from mergekit_fw.solve.table import INIT_VERTEX, CoefficientTable, TableError
+from mergekit_fw.solve.table import GRANULARITY, INIT_VERTEX, CoefficientTable, TableError
 from mergekit_fw.solve.upstream import Upstream, require
 
 LOG = logging.getLogger(__name__)
@@ -45,7 +48,8 @@ class Start:
 
 
 def pool_files_fingerprint(pool: Pool) -> str:
-    return fingerprint([pool.names, file_fingerprint(pool.files())])
+    """The user's candidates (a split pool's by the candidates it was split from) and their files."""
+    return fingerprint([list(dict.fromkeys(parent_name(n) for n in pool.names)), file_fingerprint(pool.files())])
 
 
 def check_init_config(path: Path, spec: PoolSpec, upstream: Upstream | None) -> dict:
@@ -144,6 +148,38 @@ def starting_point(
     return Start(pool, table)
 
 
+def _per_component(
+    previous: CoefficientTable, pool: Pool, params: FrankWolfeParameters, path: Path
+) -> CoefficientTable:
+    """A table solved per candidate, continued per rank component: every component
+    starts at its candidate's coefficient, which is the same model. Only in the box,
+    where each coefficient is bounded on its own; in a hull the components' total
+    would be the rank times the candidate's weight."""
+    if (previous.granularity, params.granularity) != ("candidate", "rank_component"):
+        raise ConfigError(
+            f"{path}: init: table was solved with granularity {previous.granularity!r}, this run uses "
+            f"{params.granularity!r}; only a table per candidate continues per rank component"
+        )
+    if previous.constraint != "box" or params.constraint != "box":
+        raise ConfigError(
+            f"{path}: init: a table per candidate continues per rank component only in constraint box (each "
+            f"component starts at its candidate's coefficient; in a hull their total would be the rank times it); "
+            f"the table's constraint is {previous.constraint!r}, this run's {params.constraint!r}"
+        )
+    names = [*pool.names, *([INIT_VERTEX] if previous.init is not None else [])]
+    known = {name: row for row, name in enumerate(previous.candidates)}
+    strangers = sorted({parent_name(n) for n in names} - set(known))
+    if strangers or len(known) != len({parent_name(n) for n in names}):
+        raise ConfigError(
+            f"{path}: init: table's candidates {previous.pool_candidates} differ from the pool's "
+            f"{sorted({parent_name(n) for n in pool.names})}"
+        )
+    rows = torch.tensor([1 + known[parent_name(n)] for n in names], dtype=torch.long)
+    coefficients = previous.weights[rows]
+    weights = torch.cat([1.0 - coefficients.sum(dim=0, keepdim=True), coefficients], dim=0)
+    return replace(previous, candidates=names, weights=weights, meta={**previous.meta, GRANULARITY: params.granularity})
+
+
 def _continue(
     path: Path,
     params: FrankWolfeParameters,
@@ -161,6 +197,8 @@ def _continue(
         raise ConfigError(
             f"{path}: init: table is for base {previous.base_model!r}, the pool's base is {str(spec.base)!r}"
         )
+    if previous.granularity != params.granularity:
+        previous = _per_component(previous, pool, params, path)
     if previous.pool_candidates != pool.names:
         raise ConfigError(
             f"{path}: init: table's candidates {previous.pool_candidates} differ from the pool's {pool.names}"

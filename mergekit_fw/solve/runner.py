@@ -29,13 +29,14 @@ from mergekit_fw.config import ConfigError, FrankWolfeParameters
 from mergekit_fw.distributed import Processes, current
 from mergekit_fw.files import file_fingerprint, fingerprint, write_json_atomic
 from mergekit_fw.merge_fn import merge_function
+from mergekit_fw.pool.components import split_rank_components
 from mergekit_fw.pool.pool import Pool
 from mergekit_fw.pool.references import PoolSpec, check_pool_spec
 from mergekit_fw.pool.validate import PoolCheck, validated_pool
 from mergekit_fw.solve.init import attach_init, check_init_config, starting_point
 from mergekit_fw.solve.solver import Trace, load_checkpoint, solve
 from mergekit_fw.solve.stochastic import solve_stochastic
-from mergekit_fw.solve.table import UNTIED, CoefficientTable
+from mergekit_fw.solve.table import GRANULARITY, UNTIED, CoefficientTable
 from mergekit_fw.solve.upstream import Upstream, require
 
 LOG = logging.getLogger(__name__)
@@ -188,6 +189,9 @@ def solve_cached(
         cache=cache_root(params) / "checks",
     )
     LOG.info("pool checked: %d candidates", len(pool.candidates))  # a stage mark (evals/bench_7b.py reads it)
+    if params.granularity == "rank_component":
+        pool = split_rank_components(pool)
+        LOG.info("granularity rank_component: %d vertices besides the base", len(pool.candidates))
     if any(row.is_chat for row in rows):  # the base's template renders them: checked before any maths
         check_chat_rows(rows, load_tokenizer(pool), params)
     vertices = 1 + len(pool.candidates)
@@ -277,6 +281,8 @@ def _solve(
     table.meta.update(
         {"tasks": calib.tasks, "task_samples": samples, "parameters": params.model_dump(), "mergekit_fw": __version__}
     )
+    if params.granularity != "candidate":  # the replay and the card read it
+        table.meta[GRANULARITY] = params.granularity
     if pool.base_index.untied:  # the replay and the card say what stock mergekit leaves tied
         table.meta[UNTIED] = {name: pool.base_index.tied[name] for name in pool.base_index.untied}
     merge = (

@@ -29,6 +29,8 @@ INIT_VERTEX = "init"
 # meta key: the names the merge writes apart from the tensor the base ties them to
 # (lm_head.weight -> the embeddings; mergekit_fw.pool.tied), which stock mergekit leaves tied
 UNTIED = "untied"
+# meta key: what one coefficient scales (the granularity parameter; absent: a whole candidate)
+GRANULARITY = "granularity"
 
 
 class TableError(ValueError):
@@ -53,6 +55,12 @@ class CoefficientTable:
     def untied(self) -> dict[str, str]:
         """Each name the merge unties -> the stored tensor the base ties it to."""
         return dict(self.meta.get(UNTIED, {}))
+
+    @property
+    def granularity(self) -> str:
+        """'candidate' (a row per candidate) or 'rank_component' (a row per rank-1
+        component of each LoRA: :mod:`mergekit_fw.pool.components`)."""
+        return str(self.meta.get(GRANULARITY, "candidate"))
 
     @property
     def constraint_set(self) -> ConstraintSet:

@@ -91,6 +91,24 @@ def test_adamerging_starts_at_task_arithmetic_and_descends_the_entropy(tiny_pool
     assert info["spend"]["gradient"] == pytest.approx(15.0)
 
 
+def test_supervised_per_rank_component_learns_one_coefficient_per_component(tiny_pool, work, tmp_path):
+    """The same recipe over the split pool: at its start (every component at 0.3) it is the
+    layer-wise start, loss and written model, and training lowers the loss."""
+    cell = lora_cell(tiny_pool)
+    start = layerwise(cell, work.calibration(cell), tmp_path / "s0", objective=Objective(), steps=0, lr=0.05)
+    ranked = layerwise(cell, work.calibration(cell), tmp_path / "r0", objective=Objective(), steps=0, lr=0.05,
+                       granularity="rank_component")
+    assert abs(ranked["loss_initial"] - start["loss_initial"]) < 1e-6 * start["loss_initial"]
+    trained = layerwise(cell, work.calibration(cell), tmp_path / "r", objective=Objective(), steps=20, lr=0.05,
+                        granularity="rank_component")
+    assert trained["granularity"] == "rank_component" and trained["loss_final"] < trained["loss_initial"]
+    assert set(trained["mean_coefficients"]) == set(start["mean_coefficients"])  # reported per member
+    written, reference = tensors(tmp_path / "r0"), tensors(tmp_path / "s0")
+    assert set(written) == set(reference)
+    for name, value in reference.items():
+        torch.testing.assert_close(written[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_supervised_layerwise_lowers_the_cross_entropy_fw_minimises(tiny_pool, work, tmp_path):
     cell = lora_cell(tiny_pool)
     info = layerwise(cell, work.calibration(cell), tmp_path / "sup", objective=Objective(), steps=20, lr=0.05)

@@ -71,11 +71,13 @@ def make_oracle(random_pool, spec: PoolSpec, batch_size: int = 4, objective: str
     return Oracle(model, pool, calibration, merge=merge), pool, calibration
 
 
-def merged_dense_model(random_pool, spec, tensors, coefficients, *, merge_fn: str = "convex", density: float = 0.5):
-    """The merge at ``coefficients`` built densely in float64 from PEFT's own deltas."""
+def merged_dense_model(random_pool, spec, tensors, coefficients, *, merge_fn: str = "convex", density: float = 0.5,
+                       deltas=None):
+    """The merge at ``coefficients`` built densely in float64 from PEFT's own deltas
+    (``deltas``: other rows, one dict of tensors per row of ``coefficients``)."""
     from mergekit.merge_methods.api import merge_tensors
 
-    deltas = all_deltas(random_pool, spec)
+    deltas = all_deltas(random_pool, spec) if deltas is None else deltas
     model = AutoModelForCausalLM.from_pretrained(str(random_pool["base"]), dtype=torch.float64)
     if "lm_head.weight" in tensors and "lm_head.weight" not in dict(model.named_parameters()):
         # a tied head the pool moves apart: PEFT's merge writes it apart from the embeddings
@@ -96,11 +98,12 @@ def merged_dense_model(random_pool, spec, tensors, coefficients, *, merge_fn: st
     return model
 
 
-def brute_force(random_pool, spec, tensors, coefficients, calibration, *, merge_fn: str = "convex", density: float = 0.5):
+def brute_force(random_pool, spec, tensors, coefficients, calibration, *, merge_fn: str = "convex", density: float = 0.5,
+                deltas=None):
     """Loss, scores <dL/dW_l, delta_i[l]> and per-task scores, with the merge built
     densely in W (for ties: mergekit's ties over every full tensor, zero weights included)."""
-    model = merged_dense_model(random_pool, spec, tensors, coefficients, merge_fn=merge_fn, density=density)
-    deltas = all_deltas(random_pool, spec)
+    deltas = all_deltas(random_pool, spec) if deltas is None else deltas
+    model = merged_dense_model(random_pool, spec, tensors, coefficients, merge_fn=merge_fn, density=density, deltas=deltas)
     params = dict(model.named_parameters())
     weights = position_weights(calibration)
     n_tasks = len(calibration.tasks)

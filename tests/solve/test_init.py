@@ -141,3 +141,34 @@ def test_missing_init_file_and_mismatched_table_are_named(random_pool, tmp_path)
         _fw(random_pool, tmp_path, "box.yml", constraint="box", init=str(tmp_path / "convex_table.json"))))
     with pytest.raises(ConfigError, match="constraint 'hull', this run uses 'box'"):
         solve(spec, params, progress=False)
+
+
+def test_a_table_per_candidate_continues_per_rank_component_from_the_same_model(random_pool, tmp_path):
+    """In the box, each component starts at its candidate's coefficient: the first loss
+    is the finished run's last, and the components then move apart."""
+    first = solve(*pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, iterations=2))), progress=False)
+    first.table.save(tmp_path / "table.json")
+    spec, params = pool_and_parameters(load_merge_config(
+        _fw(random_pool, tmp_path, "rank.yml", iterations=2, granularity="rank_component",
+            init=str(tmp_path / "table.json"))))
+    result = solve(spec, params, progress=False)
+    assert result.table.granularity == "rank_component" and len(result.table.candidates) == 4 + 2 + 3 + 1
+    assert abs(result.trace.initial_loss - first.trace.final_loss) < 1e-9 * abs(first.trace.final_loss)
+    assert result.trace.final_loss < result.trace.initial_loss
+    c = result.table.coefficients()
+    assert float(c[:4].std(dim=0).max()) > 0  # the first adapter's components no longer move together
+    # in a hull the components' total would be the rank times the candidate's weight: refused
+    hull = solve(*pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, "h.yml", iterations=1,
+                                                             constraint="hull"))), progress=False)
+    hull.table.save(tmp_path / "hull.json")
+    spec, params = pool_and_parameters(load_merge_config(
+        _fw(random_pool, tmp_path, "rank_hull.yml", granularity="rank_component", constraint="hull",
+            init=str(tmp_path / "hull.json"))))
+    with pytest.raises(ConfigError, match="only in constraint box"):
+        solve(spec, params, progress=False)
+    # and back the other way: refused, naming both
+    result.table.save(tmp_path / "rank.json")
+    spec, params = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, "back.yml",
+                                                             init=str(tmp_path / "rank.json"))))
+    with pytest.raises(ConfigError, match="granularity 'rank_component', this run uses 'candidate'"):
+        solve(spec, params, progress=False)
