@@ -20,6 +20,7 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#ffd92f", "#4daf4a", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
            "#dbdb8d", "#9edae5", "#393b79")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8", "H", "1", "2", "3", "4", "x")
+DISTINCT_STYLES = math.lcm(len(PALETTE), len(MARKERS))
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -134,11 +135,12 @@ def holds(per_seed: Mapping[int, bool]) -> str:
 
 
 def styles(titles: Sequence[str], *, labelled: bool = False) -> Dict[str, Tuple[str, str]]:
-    """One colour per method of a figure, distinct within it, and a marker (distinct for up
-    to 20 methods; beyond, the colour still tells them apart). ``labelled``: every mark
-    carries its method's name (a bar chart's ticks), so colours may repeat."""
-    if len(titles) > len(PALETTE) and not labelled:
-        raise ValueError(f"{len(titles)} methods in one figure; at most {len(PALETTE)} colours are distinct")
+    """A colour and a marker per method of a figure: colours distinct for up to 30 methods,
+    markers for up to 20, and the pair distinct for up to 60 (the two cycles' least common
+    multiple). ``labelled``: every mark carries its method's name (a bar chart's ticks), so
+    styles may repeat."""
+    if len(titles) > DISTINCT_STYLES and not labelled:
+        raise ValueError(f"{len(titles)} methods in one figure; at most {DISTINCT_STYLES} colour-marker pairs are distinct")
     return {t: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, t in enumerate(titles)}
 
 

@@ -7,6 +7,7 @@ import statistics
 import pytest
 
 from evals.experiments.seeds import (
+    DISTINCT_STYLES,
     PALETTE,
     bar_figure,
     bar_table,
@@ -82,7 +83,9 @@ def test_every_method_of_a_figure_gets_its_own_colour_and_marker(tmp_path):
 
     assert texts_outside(lines_fig) == [] and texts_outside(bars_fig) == []
     with pytest.raises(ValueError, match="at most"):
-        styles([str(i) for i in range(len(PALETTE) + 1)])
+        styles([str(i) for i in range(DISTINCT_STYLES + 1)])
+    # past the palette, the colour-marker pairs stay distinct
+    assert len(set(styles([str(i) for i in range(DISTINCT_STYLES)]).values())) == DISTINCT_STYLES > len(PALETTE)
     # a bar chart names every bar on its axis, so more methods than colours is fine there
     many = styles([str(i) for i in range(len(PALETTE) + 1)], labelled=True)
     assert len(many) == len(PALETTE) + 1 and many["0"][0] == many[str(len(PALETTE))][0]
