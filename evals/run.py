@@ -65,6 +65,8 @@ def main() -> None:
     lines = [f"# Evidence run ({size}, seeds {', '.join(map(str, args.seeds))})", "",
              "A record read back costs nothing here: it was made by an earlier run (then this is not a fresh timing) "
              "or by an earlier experiment sharing the cell.", ""]
+    if args.methods:  # this file describes the last invocation only: say which rows it made
+        lines += [f"Methods computed: {args.methods.replace(',', ', ')} (every other row read back).", ""]
     for seed in args.seeds:
         started = time.perf_counter()
         ctx = open_context(size, seed, args.work / f"{size}_{seed}" if args.work else None, tasks_only=args.tasks_only)
