@@ -563,6 +563,12 @@ BEYOND: Dict[str, Method] = {
                fw_method(variant="hard", lmo="layer", constraint="box", direction="projected_pairwise",
                          step="adaptive", iterations=30, epsilon_relative=0.01, granularity="rank_component"),
                "FW box, projected pairwise, adaptive, <= 30 it., per rank component"),
+        # Added after fw_rank hit its 30-iteration cap on every cell, 6-12 points under the
+        # supervised recipe per component: the same with twice the iterations
+        Method("fw_rank_60", "frank-wolfe",
+               fw_method(variant="hard", lmo="layer", constraint="box", direction="projected_pairwise",
+                         step="adaptive", iterations=60, epsilon_relative=0.01, granularity="rank_component"),
+               "FW box, projected pairwise, adaptive, <= 60 it., per rank component"),
         Method("pg_rank", "data-informed",
                fw_method(solver="projected_gradient", constraint="box", granularity="rank_component"),
                "mergekit-fw projected gradient, box, per rank component"),
