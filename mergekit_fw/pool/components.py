@@ -24,6 +24,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+from safetensors import safe_open
+
 from mergekit_fw.pool.candidates import Candidate, LoraCandidate, LoraFactors
 from mergekit_fw.pool.pool import Pool
 
@@ -53,11 +56,18 @@ class RankComponent(LoraFactors):
         self.index = index
 
     def _load(self) -> None:
-        super()._load()
+        """Row j of A and column j of B through safetensors' slices, not the whole pair
+        (the oracle fills its bank component by component); copied into storage of their
+        own, so nothing keeps a larger buffer alive beside the bank."""
         j = self.index
-        assert self._A is not None and self._B is not None
-        # copies: a view would keep the whole pair alive beside the oracle's bank
-        self._A, self._B = self._A[j : j + 1].clone(), self._B[:, j : j + 1].clone()
+        with safe_open(str(self.source), framework="pt") as handle:
+            if self.transpose:  # fan_in_fan_out: A is the transpose of lora_B, B of lora_A
+                A = handle.get_slice(self.key_B)[:, j : j + 1].T
+                B = handle.get_slice(self.key_A)[j : j + 1].T
+            else:
+                A = handle.get_slice(self.key_A)[j : j + 1]
+                B = handle.get_slice(self.key_B)[:, j : j + 1]
+        self._A, self._B = A.to(torch.float32).clone(), B.to(torch.float32).clone()
 
 
 def split_candidate(candidate: LoraCandidate) -> list[LoraCandidate]:

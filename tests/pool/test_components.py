@@ -59,13 +59,21 @@ def test_the_components_are_peft_s_rank_one_terms_and_sum_to_its_delta(random_po
     )
 
 
-def test_a_component_reads_only_its_own_row_and_column_from_the_file(random_pool):
+def test_a_component_reads_only_its_own_row_and_column_from_the_file(random_pool, monkeypatch):
+    from mergekit_fw.pool.candidates import LoraFactors
+
     pool = open_pool(pool_spec(random_pool, kinds=("lora",)))
     whole = pool.candidates[0]
     tensor = next(iter(whole.factors))
     part = split_rank_components(pool).candidates[1].factors[tensor]
     assert not part.loaded
+
+    def whole_pair(self):
+        raise AssertionError("a component read its adapter's whole factor pair")
+
+    monkeypatch.setattr(LoraFactors, "_load", whole_pair)
     A, B = part.A, part.B
+    monkeypatch.undo()
     assert A.shape == (1, whole.factors[tensor].shape[1]) and B.shape == (whole.factors[tensor].shape[0], 1)
     assert A.untyped_storage().nbytes() == A.numel() * A.element_size()  # a copy, not a view of the whole pair
     torch.testing.assert_close(A, whole.factors[tensor].A[1:2])
@@ -188,3 +196,35 @@ def test_a_rank_component_merge_is_the_tables_sum_in_every_output(random_pool, t
     from_yaml = tensors(tmp_path / "yaml")
     assert set(from_yaml) == set(written) and all(torch.equal(from_yaml[n], written[n]) for n in written)
     assert not (tmp_path / "yaml" / "fw_mergekit.yml").exists()
+
+
+def test_a_fan_in_fan_out_adapter_splits_into_its_transposed_terms(tmp_path):
+    """GPT-2's Conv1D stores (in x out) and its adapters' factors are those of the
+    transpose: each component, sliced in the file, is the whole pair's j-th term."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mergekit_fw.pool.references import CandidateSpec, ModelSource, PoolSpec
+    from testbed.build import SIX, build_tokenizer
+
+    base = tmp_path / "base"
+    tokenizer = build_tokenizer(base, list(SIX))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(
+        str(base))
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(str(base)),
+                           LoraConfig(r=3, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                      init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "lora"))
+    pool = open_pool(PoolSpec(ModelSource(str(base)), (CandidateSpec("lora", ModelSource(str(base)),
+                                                                      ModelSource(str(tmp_path / "lora"))),)))
+    whole = pool.candidates[0]
+    parts = split_rank_components(pool).candidates
+    assert len(parts) == 3
+    for tensor, factors in whole.factors.items():
+        assert factors.transpose
+        for j, part in enumerate(parts):
+            term = factors.scale * factors.B[:, j : j + 1].double() @ factors.A[j : j + 1].double()
+            torch.testing.assert_close(part.factors[tensor].delta(torch.float64), term)
+        total = sum(part.factors[tensor].delta(torch.float64) for part in parts)
+        torch.testing.assert_close(total, factors.delta(torch.float64))
