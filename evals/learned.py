@@ -133,7 +133,7 @@ def layerwise(cell, calibration_path: Path, out: Path, *, objective: Objective, 
     write_coefficients(session.opened, coefficients.detach(), out, str(cell.pool.base))
     return {"optimiser": "adam", "steps": steps, "lr": lr, "init": init, "rows_per_step": ROWS_PER_STEP,
             **objective.describe(), **({"granularity": granularity} if granularity != "candidate" else {}),
-            "loss_initial": initial, "loss_first_steps": losses[:5],
+            "coefficients": int(coefficients.numel()), "loss_initial": initial, "loss_first_steps": losses[:5],
             "loss_last_steps": losses[-5:], "loss_final": final,
             "mean_coefficients": session.member_means(coefficients.detach()),
             "spend": spend(passes, time.perf_counter() - started)}

@@ -49,7 +49,6 @@ import torch
 import yaml
 
 from evals.common import THREADS, child_env
-from mergekit_fw.pool.components import parent_name
 from testbed.build import Pool, train_mtl
 from testbed.data import calibration_file, read_rows
 
@@ -340,14 +339,12 @@ def defaults_row() -> Optional[str]:
 
 
 def _mean_coefficients(table: dict) -> Dict[str, float]:
-    """Each candidate's coefficient averaged over tensors (a one-number summary); under
-    granularity rank_component, over its components too."""
-    columns = list(table["coefficients"].values())
-    rows: Dict[str, List[int]] = {}
-    for i, name in enumerate(table["candidates"]):
-        rows.setdefault(parent_name(name), []).append(i)
-    return {name: sum(col[i] for col in columns for i in index) / (len(columns) * len(index))
-            for name, index in rows.items()}
+    """Each candidate's coefficient averaged over tensors (and its rank components), as
+    the model card reports it."""
+    from mergekit_fw.output.card import mean_coefficients
+    from mergekit_fw.solve.table import CoefficientTable
+
+    return mean_coefficients(CoefficientTable.from_json(table))
 
 
 # ---------------------------------------------------------------- learned on the oracle

@@ -102,6 +102,7 @@ def test_supervised_per_rank_component_learns_one_coefficient_per_component(tiny
     trained = layerwise(cell, work.calibration(cell), tmp_path / "r", objective=Objective(), steps=20, lr=0.05,
                         granularity="rank_component")
     assert trained["granularity"] == "rank_component" and trained["loss_final"] < trained["loss_initial"]
+    assert ranked["coefficients"] > start["coefficients"]  # one per component, not per member
     assert set(trained["mean_coefficients"]) == set(start["mean_coefficients"])  # reported per member
     written, reference = tensors(tmp_path / "r0"), tensors(tmp_path / "s0")
     assert set(written) == set(reference)
