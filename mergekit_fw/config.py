@@ -185,17 +185,14 @@ class FrankWolfeParameters(BaseModel):
         "'schedule' (gamma = 2 / (t + 2)) "
         "or 'fixed' (gamma_t = gamma / (t + 2), the authors' published rule).",
     )
-    direction: Literal["frank_wolfe", "away", "pairwise", "projected_pairwise", "boosted"] = Field(
+    direction: Literal["frank_wolfe", "away", "pairwise", "projected_pairwise"] = Field(
         "projected_pairwise",
         description="Hard FW: 'frank_wolfe' steps towards the LMO's point (the paper); 'away' may "
         "instead step away from the worst point in use, taking an early pick back; 'pairwise' moves "
         "weight straight from that point to the LMO's. Both converge linearly where plain FW "
         "zig-zags. 'projected_pairwise' follows the pairwise direction along the set's projection, "
         "so a coefficient that reaches its bound stops there and the others go on (in the box the "
-        "straight step stops at the first bound, and with many asked tasks the solve stalls). 'boosted' "
-        "calls the LMO again on what the direction leaves of the negative gradient (Combettes and "
-        "Pokutta 2020), so each coefficient moves by its own gradient instead of all at one rate: for "
-        "thousands of coefficients (granularity: rank_component). All but "
+        "straight step stops at the first bound, and with many asked tasks the solve stalls). All but "
         "'frank_wolfe' need a searched step "
         "(line_search, quadratic or adaptive), so where the step is 'schedule' or 'fixed', or the variant "
         "'soft', the default is 'frank_wolfe'.",

@@ -278,13 +278,13 @@ def solve(
             stop = "soft step found no decrease" if inner.loss >= loss else None
             table.weights = inner.weights  # a mix of feasible points: feasible as it is
         else:
-            move = choose(params.direction, constraint, table.weights, vscores, rank_of, best)
+            move = choose(params.direction, constraint, table.weights, vscores, rank_of(vscores), best)
             if params.step in SEARCHED_STEPS:
                 gamma, loss_after, searched, curvature = _search(
                     evaluate, constraint, table.weights, move, loss, params, curvature
                 )
                 if gamma == 0.0 and move.kind != "frank_wolfe":  # the away point gave nothing: plain FW decides
-                    move = choose("frank_wolfe", constraint, table.weights, vscores, rank_of, best)
+                    move = choose("frank_wolfe", constraint, table.weights, vscores, rank_of(vscores), best)
                     gamma, loss_after, more, curvature = _search(
                         evaluate, constraint, table.weights, move, loss, params, curvature
                     )

@@ -32,8 +32,8 @@ def test_the_projected_pairwise_arc_starts_as_the_ray_and_stays_in_the_set(const
         vscores = vertex_scores(torch.randn(N, L, generator=g, dtype=torch.float64))
         rank = ranking(vscores, "layer", "inner_product")
         best = constraint.vertex(rank, L)
-        straight = choose("pairwise", constraint, w, vscores, lambda v: rank, best)
-        arc = choose("projected_pairwise", constraint, w, vscores, lambda v: rank, best)
+        straight = choose("pairwise", constraint, w, vscores, rank, best)
+        arc = choose("projected_pairwise", constraint, w, vscores, rank, best)
         if straight.kind != "pairwise":  # no room: both fall back to the FW step
             assert arc.kind == "frank_wolfe" and not arc.projected
             continue
@@ -58,8 +58,8 @@ def test_in_the_box_the_arc_goes_past_the_first_bound_where_the_ray_stops():
     vscores = vertex_scores(torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64))
     rank = ranking(vscores, "layer", "inner_product")
     best = box.vertex(rank, 2)
-    straight = choose("pairwise", box, w, vscores, lambda v: rank, best)
-    arc = choose("projected_pairwise", box, w, vscores, lambda v: rank, best)
+    straight = choose("pairwise", box, w, vscores, rank, best)
+    arc = choose("projected_pairwise", box, w, vscores, rank, best)
     assert straight.top == pytest.approx(1e-4)
     half = arc.at(box, w, 0.25)
     assert half[1:].flatten().tolist() == pytest.approx([0.0, 0.75, 0.75, 0.05])
