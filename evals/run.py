@@ -1,7 +1,7 @@
 """Every experiment of the evidence study, in order, on one testbed size, for each seed.
 
     python -m evals.run [--quick] [--seeds 0 1 2] [--only exp1_main,exp8_entropy] [--work DIR] [--summarize]
-                        [--tasks-only]
+                        [--tasks-only] [--methods m1,m2] [--ks 20]
 
 Each seed rebuilds the testbed (base, adapters, data) in its own workspace. Cells shared
 by several experiments are merged and scored once (records on disk), and a killed run
@@ -15,12 +15,16 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Sequence, Tuple
 
 from evals.common import RESULTS, machine
 from evals.experiments import EXPERIMENTS
-from evals.experiments.common import TASK_ADAPTERS_ONLY, open_context, write_summary
+from evals.experiments.common import PLANS, TASK_ADAPTERS_ONLY, open_context, write_summary
 from evals.methods import method
+
+KS_EXPERIMENTS = ("exp3_relevant", "exp9_relevant_all")  # the experiments that walk the plan's relevant_asked
 
 
 def arguments() -> argparse.Namespace:
@@ -37,6 +41,9 @@ def arguments() -> argparse.Namespace:
                         help="comma-separated method names: compute only their missing records; other methods' "
                              "records are read back where recorded and their rows kept from the per-seed results "
                              "file, never computed (default: every method)")
+    parser.add_argument("--ks", default="",
+                        help="comma-separated numbers of asked tasks for experiments 3 and 9 instead of the plan's "
+                             "(each must be in the plan); results go to their own files, e.g. exp3_relevant_k20.md")
     parser.add_argument("--work", type=Path, default=None,
                         help="parent of the per-seed workspaces (default: a temp folder per size and seed)")
     args = parser.parse_args()
@@ -52,6 +59,8 @@ def main() -> None:
     if args.tasks_only and any(e.STEM not in TASK_ADAPTERS_ONLY for e in chosen):
         raise SystemExit(f"--tasks-only: only {', '.join(TASK_ADAPTERS_ONLY)} run on the tasks' adapters alone; "
                          "pick them with --only")
+    ks = relevant_ks(args.ks, size, chosen)
+    tag = "_k" + "-".join(map(str, ks)) if ks else ""
     for name in (m for m in args.methods.split(",") if m):
         try:
             method(name)
@@ -59,7 +68,7 @@ def main() -> None:
             raise SystemExit(f"--methods: {error.args[0]}") from None
     if args.summarize:
         for experiment in chosen:
-            written = write_summary(experiment.STEM + ("_quick" if args.quick else ""), size, experiment.summarize)
+            written = write_summary(experiment.STEM + ("_quick" if args.quick else "") + tag, size, experiment.summarize)
             print(written or f"{experiment.STEM}: no seed recorded for the {size} testbed")
         return
     lines = [f"# Evidence run ({size}, seeds {', '.join(map(str, args.seeds))})", "",
@@ -70,6 +79,8 @@ def main() -> None:
     for seed in args.seeds:
         started = time.perf_counter()
         ctx = open_context(size, seed, args.work / f"{size}_{seed}" if args.work else None, tasks_only=args.tasks_only)
+        if ks:
+            ctx.plan, ctx.tag = replace(ctx.plan, relevant_asked=ks), tag
         if args.methods:
             ctx.compute = frozenset(m for m in args.methods.split(",") if m)
         built = time.perf_counter() - started
@@ -89,6 +100,23 @@ def main() -> None:
         part = "" if len(chosen) == len(EXPERIMENTS) else "_" + "_".join(e.STEM.split("_")[0] for e in chosen)
         (RESULTS / f"run{ctx.suffix}{part}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def relevant_ks(text: str, size: str, chosen: Sequence[object]) -> Tuple[int, ...]:
+    """``--ks``: a subset of the plan's asked-task counts, for experiments 3 and 9 only."""
+    if not text:
+        return ()
+    allowed = PLANS[size].relevant_asked
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        raise SystemExit(f"--ks: {text!r} is not a comma-separated list of integers") from None
+    if not ks or any(k not in allowed for k in ks):
+        raise SystemExit(f"--ks: {text!r}: the {size} plan has k = {', '.join(map(str, allowed))}")
+    others = [getattr(e, "STEM") for e in chosen if getattr(e, "STEM") not in KS_EXPERIMENTS]
+    if others:
+        raise SystemExit(f"--ks applies to {', '.join(KS_EXPERIMENTS)} only; pick them with --only (not {', '.join(others)})")
+    return ks
 
 
 if __name__ == "__main__":

@@ -57,10 +57,13 @@ class Context:
     # --methods: the only methods whose missing records are computed; None: every method
     compute: Optional[FrozenSet[str]] = None
     read_back: int = 0  # records found on disk (an earlier run's, or a cell another experiment shares)
+    # --ks: a narrower plan writes its own results files (``exp3_relevant_k20``), so that its
+    # rows never sit in one table with another plan's (or another build's) rows
+    tag: str = ""
 
     @property
     def suffix(self) -> str:
-        return "_quick" if self.quick else ""
+        return ("_quick" if self.quick else "") + self.tag
 
     def lora(self, task: str, role: str = "task") -> str:
         return next(c["name"] for c in self.pool.candidates
