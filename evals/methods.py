@@ -566,6 +566,16 @@ BEYOND: Dict[str, Method] = {
                fw_method(variant="hard", lmo="layer", constraint="box", direction="projected_pairwise",
                          step="adaptive", iterations=60, epsilon_relative=0.01, granularity="rank_component"),
                "FW box, projected pairwise, adaptive, <= 60 it., per rank component"),
+        # Added after fw_rank_60 and a boosted direction (b0d8ad7, reverted) stayed 5-10 points
+        # under the supervised recipe per component, zig-zagging as steepest descent does: the
+        # FW family's momentum solver, on the same batches as pg_rank
+        Method("sfw_rank", "frank-wolfe",
+               fw_method(solver="stochastic_frank_wolfe", constraint="box", granularity="rank_component"),
+               "mergekit-fw stochastic FW (momentum), box, per rank component"),
+        Method("sfw_rank_500", "frank-wolfe",
+               fw_method(solver="stochastic_frank_wolfe", constraint="box", granularity="rank_component",
+                         gradient_steps=500),
+               "mergekit-fw stochastic FW (momentum), box, per rank component, 500 steps"),
         Method("pg_rank", "data-informed",
                fw_method(solver="projected_gradient", constraint="box", granularity="rank_component"),
                "mergekit-fw projected gradient, box, per rank component"),

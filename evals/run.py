@@ -7,7 +7,8 @@ Each seed rebuilds the testbed (base, adapters, data) in its own workspace. Cell
 by several experiments are merged and scored once (records on disk), and a killed run
 resumes where it stopped. Writes ``evals/results/exp*_<...>.md``, ``.json`` and ``.png``
 from every seed recorded so far, plus ``evals/results/run[_quick].md`` with the timings
-(``run[_quick]_exp3_exp9.md`` and the like when ``--only`` picks some experiments).
+(``run[_quick]_exp3_exp9.md`` and the like when ``--only`` picks some experiments; a run
+limited by ``--methods`` adds its timings below the earlier runs' instead of replacing them).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from evals.common import RESULTS, machine
 from evals.experiments import EXPERIMENTS
@@ -71,11 +72,13 @@ def main() -> None:
             written = write_summary(experiment.STEM + ("_quick" if args.quick else "") + tag, size, experiment.summarize)
             print(written or f"{experiment.STEM}: no seed recorded for the {size} testbed")
         return
-    lines = [f"# Evidence run ({size}, seeds {', '.join(map(str, args.seeds))})", "",
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"# Evidence run ({size}, seeds {', '.join(map(str, args.seeds))}; started {stamp})", "",
              "A record read back costs nothing here: it was made by an earlier run (then this is not a fresh timing) "
              "or by an earlier experiment sharing the cell.", ""]
-    if args.methods:  # this file describes the last invocation only: say which rows it made
+    if args.methods:  # a run of some methods adds to the timings file the runs before it wrote: say which rows it made
         lines += [f"Methods computed: {args.methods.replace(',', ', ')} (every other row read back).", ""]
+    earlier: Optional[str] = None
     for seed in args.seeds:
         started = time.perf_counter()
         ctx = open_context(size, seed, args.work / f"{size}_{seed}" if args.work else None, tasks_only=args.tasks_only)
@@ -98,8 +101,18 @@ def main() -> None:
         lines.append("")
         # a run of some experiments keeps its own timings file: the whole run's is not overwritten
         part = "" if len(chosen) == len(EXPERIMENTS) else "_" + "_".join(e.STEM.split("_")[0] for e in chosen)
-        (RESULTS / f"run{ctx.suffix}{part}.md").write_text("\n".join(lines) + "\n")
+        earlier = write_timings(RESULTS / f"run{ctx.suffix}{part}.md", lines, earlier, keep=bool(args.methods))
     print("\n".join(lines))
+
+
+def write_timings(path: Path, lines: Sequence[str], earlier: Optional[str], keep: bool) -> str:
+    """Write this run's timings (rewritten after each seed) below ``earlier``, the text the
+    file held before this run's first write (None: not read yet; read only when ``keep``).
+    Returns it for the next write."""
+    if earlier is None:
+        earlier = path.read_text() + "\n" if keep and path.is_file() else ""
+    path.write_text(earlier + "\n".join(lines) + "\n")
+    return earlier
 
 
 def relevant_ks(text: str, size: str, chosen: Sequence[object]) -> Tuple[int, ...]:

@@ -21,7 +21,7 @@ PROBES = ("fw_hard_layer_30",)
 # any subset in at full strength; the question is whether it still leaves them at 0).
 CANDIDATE_DEFAULTS = ("fw_box", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30", "pg_box", "pg_hull", "sfw_box", "sfw_hull",
                       # one coefficient per LoRA rank component (granularity: rank_component)
-                      "fw_rank", "pg_rank", "supervised_rank")
+                      "fw_rank", "pg_rank", "supervised_rank", "sfw_rank")
 
 
 def run(ctx: Context) -> Path:

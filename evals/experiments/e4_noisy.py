@@ -15,7 +15,7 @@ STEM = "exp4_noisy"
 # (the box) still keep the misinitialised adapters out?
 CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30", "pg_box", "sfw_box",
                       # one coefficient per LoRA rank component (granularity: rank_component)
-                      "fw_rank", "pg_rank", "supervised_rank")
+                      "fw_rank", "pg_rank", "supervised_rank", "sfw_rank")
 
 
 def run(ctx: Context) -> Path:

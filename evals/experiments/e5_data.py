@@ -14,7 +14,7 @@ STEM = "exp5_data"
 # issue 17's candidates for new defaults: which of them holds up with fewer calibration rows
 CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30", "pg_box",
                       # one coefficient per LoRA rank component (granularity: rank_component)
-                      "fw_rank", "pg_rank", "supervised_rank")
+                      "fw_rank", "pg_rank", "supervised_rank", "sfw_rank")
 
 
 def run(ctx: Context) -> Path:

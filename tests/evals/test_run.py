@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from evals.experiments import e1_main, e3_relevant, e9_relevant_all
-from evals.run import relevant_ks
+from evals.run import relevant_ks, write_timings
 
 
 def test_ks_pick_some_of_the_plans_counts_in_order():
@@ -41,3 +41,13 @@ def test_a_narrower_plan_writes_to_its_own_files(tmp_path):
     assert context.suffix == "_quick"
     context.tag = "_k3"
     assert context.suffix == "_quick_k3"
+
+
+def test_a_run_of_some_methods_adds_its_timings_below_the_earlier_runs(tmp_path):
+    path = tmp_path / "run_quick_exp9.md"
+    path.write_text("# an earlier run\n")
+    earlier = write_timings(path, ["# this run", "## Seed 0"], None, keep=True)
+    write_timings(path, ["# this run", "## Seed 0", "## Seed 1"], earlier, keep=True)  # after the next seed
+    assert path.read_text() == "# an earlier run\n\n# this run\n## Seed 0\n## Seed 1\n"
+    write_timings(path, ["# a whole run"], None, keep=False)  # a run of every method describes itself alone
+    assert path.read_text() == "# a whole run\n"
