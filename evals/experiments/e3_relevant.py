@@ -75,7 +75,7 @@ def goal_lines(stats: List[Stats], k: int) -> List[str]:
         role = "at its defaults" if st.method == DEFAULTS else "best row"
         lines.append(f"- {role}, {st.title}: {st.mean:.1f} vs {rival.title} {rival.mean:.1f}: "
                      f"{st.mean - rival.mean:+.1f} ({each}) -> **{'met' if st.mean - rival.mean >= 10 else 'missed'}**")
-    return lines
+    return lines or ["- no row of mergekit-fw ran at this k"]
 
 
 if __name__ == "__main__":
