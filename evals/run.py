@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 from typing import Optional, Sequence, Tuple
 
 from evals.common import RESULTS, machine
@@ -76,7 +77,7 @@ def main() -> None:
     lines = [f"# Evidence run ({size}, seeds {', '.join(map(str, args.seeds))}; started {stamp})", "",
              "A record read back costs nothing here: it was made by an earlier run (then this is not a fresh timing) "
              "or by an earlier experiment sharing the cell.", ""]
-    if args.methods:  # a run of some methods adds to the timings file the runs before it wrote: say which rows it made
+    if args.methods:  # this run's section goes below the earlier runs' sections: say which rows it made
         lines += [f"Methods computed: {args.methods.replace(',', ', ')} (every other row read back).", ""]
     earlier: Optional[str] = None
     for seed in args.seeds:
@@ -115,7 +116,7 @@ def write_timings(path: Path, lines: Sequence[str], earlier: Optional[str], keep
     return earlier
 
 
-def relevant_ks(text: str, size: str, chosen: Sequence[object]) -> Tuple[int, ...]:
+def relevant_ks(text: str, size: str, chosen: Sequence[ModuleType]) -> Tuple[int, ...]:
     """``--ks``: a subset of the plan's asked-task counts, for experiments 3 and 9 only."""
     if not text:
         return ()
@@ -126,7 +127,7 @@ def relevant_ks(text: str, size: str, chosen: Sequence[object]) -> Tuple[int, ..
         raise SystemExit(f"--ks: {text!r} is not a comma-separated list of integers") from None
     if not ks or any(k not in allowed for k in ks):
         raise SystemExit(f"--ks: {text!r}: the {size} plan has k = {', '.join(map(str, allowed))}")
-    others = [getattr(e, "STEM") for e in chosen if getattr(e, "STEM") not in KS_EXPERIMENTS]
+    others = [e.STEM for e in chosen if e.STEM not in KS_EXPERIMENTS]
     if others:
         raise SystemExit(f"--ks applies to {', '.join(KS_EXPERIMENTS)} only; pick them with --only (not {', '.join(others)})")
     return ks
