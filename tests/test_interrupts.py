@@ -37,6 +37,33 @@ def test_a_plain_keyboard_interrupt_becomes_a_sigint():
     assert caught.value.exit_status == 130
 
 
+def _rewrapped_by_c_code() -> None:
+    """What a safetensors read does when the signal's handler runs inside its torch
+    storage callback: the exception is replaced by the library's own ValueError."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except BaseException:
+        raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+
+@pytest.mark.parametrize("rewrap", [ValueError, SystemExit])
+def test_a_signal_rewrapped_on_its_way_out_is_still_the_signal(rewrap):
+    with pytest.raises(Interrupted) as caught, signals_raise():
+        try:
+            _rewrapped_by_c_code()
+        except ValueError as error:  # as the commands turn a bad file into their one-line error
+            raise rewrap(f"mergekit-fw: error: {error}") from None
+    assert caught.value.exit_status == 130
+
+
+@pytest.mark.parametrize("error", [ValueError("a bad file"), SystemExit("mergekit-fw: error: a bad file")])
+def test_an_error_with_no_signal_passes_through_unchanged(error):
+    with pytest.raises(type(error)) as caught, signals_raise():
+        raise error
+    assert caught.value is error
+
+
 def _config(testbed, path: Path, **parameters) -> Path:
     config = yaml.safe_load((testbed.root / "fw.yml").read_text())
     config["parameters"].update(parameters)
