@@ -32,7 +32,6 @@ _ADDED_LATER: dict[str, Any] = {
     "solver": "frank_wolfe",
     "assistant_turns": "last",
     "granularity": "candidate",
-    "rank_basis": "factors",
 }
 # The settings that belong to one solver or another, and which each solver reads: a
 # solver's setting given to a solver that does not read it is an error naming it.
@@ -147,12 +146,6 @@ class FrankWolfeParameters(BaseModel):
         "directions that help the asked tasks and drops those that hurt them; the merge is still one "
         "LoRA pair per module. Meant for constraint box. Stock mergekit weights whole models, so such a "
         "merge has no replay config.",
-    )
-    rank_basis: Literal["factors", "svd"] = Field(
-        "factors",
-        description="granularity rank_component: which rank-1 terms of s * B A get a coefficient each: "
-        "'factors' the columns of B and rows of A as PEFT trained them; 'svd' the singular directions "
-        "of s * B A (orthogonal, ordered by energy, the same whatever factorisation trained them).",
     )
     variant: Literal["hard", "soft"] = Field(
         "hard",

@@ -49,19 +49,13 @@ def parent_name(name: str) -> str:
 class RankComponent(LoraFactors):
     """``s b_j a_j^T``: the ``index``-th rank-1 term of an adapter's factors on one module."""
 
-    def __init__(self, whole: LoraFactors, index: int, basis: str = "factors"):
+    def __init__(self, whole: LoraFactors, index: int):
         if not 0 <= index < whole.rank:
             raise ValueError(f"rank component {index} of a rank-{whole.rank} factor pair")
         super().__init__(whole.source, whole.key_A, whole.key_B, whole.scale, 1, whole.shape, whole.transpose)
-        self.index, self.basis, self.whole_rank = index, basis, whole.rank
+        self.index = index
 
     def _load(self) -> None:
-        if self.basis == "svd":
-            self._A, self._B = svd_term(self.source, self.key_A, self.key_B, self.transpose, self.index)
-            return
-        self._load_factor_term()
-
-    def _load_factor_term(self) -> None:
         """Row j of A and column j of B through safetensors' slices, not the whole pair
         (the oracle fills its bank component by component); copied into storage of their
         own, so nothing keeps a larger buffer alive beside the bank."""
@@ -76,21 +70,7 @@ class RankComponent(LoraFactors):
         self._A, self._B = A.to(torch.float32).clone(), B.to(torch.float32).clone()
 
 
-def svd_term(source, key_A: str, key_B: str, transpose: bool, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The j-th singular pair of B A as (a_j^T, b_j), each carrying sqrt(sigma_j): from the
-    QR factors of B and A^T, so only an r x r matrix is decomposed."""
-    whole = LoraFactors(source, key_A, key_B, 1.0, 0, (0, 0), transpose)
-    A, B = whole.A.double(), whole.B.double()
-    Qb, Rb = torch.linalg.qr(B)
-    Qa, Ra = torch.linalg.qr(A.T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
-    root = S[j].sqrt()
-    b = (Qb @ U[:, j : j + 1]) * root
-    a = (Vh[j : j + 1] @ Qa.T) * root
-    return a.float().contiguous(), b.float().contiguous()
-
-
-def split_candidate(candidate: LoraCandidate, basis: str = "factors") -> list[LoraCandidate]:
+def split_candidate(candidate: LoraCandidate) -> list[LoraCandidate]:
     """The adapter's components, component ``j`` on every module whose rank exceeds
     ``j`` (a ``rank_pattern`` can give modules different ranks), then its
     ``modules_to_save`` as one dense candidate."""
@@ -99,7 +79,7 @@ def split_candidate(candidate: LoraCandidate, basis: str = "factors") -> list[Lo
         replace(
             candidate,
             name=component_name(candidate.name, j),
-            factors={t: RankComponent(f, j, basis) for t, f in candidate.factors.items() if j < f.rank},
+            factors={t: RankComponent(f, j) for t, f in candidate.factors.items() if j < f.rank},
             full={},
             vocab_maps={},
         )
@@ -110,10 +90,10 @@ def split_candidate(candidate: LoraCandidate, basis: str = "factors") -> list[Lo
     return parts
 
 
-def split_rank_components(pool: Pool, basis: str = "factors") -> Pool:
+def split_rank_components(pool: Pool) -> Pool:
     """The pool with every LoRA adapter replaced by its rank-1 components, in place
     (an adapter's components stay together, in the pool's order)."""
     candidates: list[Candidate] = []
     for candidate in pool.candidates:
-        candidates.extend(split_candidate(candidate, basis) if isinstance(candidate, LoraCandidate) else [candidate])
+        candidates.extend(split_candidate(candidate) if isinstance(candidate, LoraCandidate) else [candidate])
     return replace(pool, candidates=candidates)

@@ -190,7 +190,7 @@ def solve_cached(
     )
     LOG.info("pool checked: %d candidates", len(pool.candidates))  # a stage mark (evals/bench_7b.py reads it)
     if params.granularity == "rank_component":
-        pool = split_rank_components(pool, basis=params.rank_basis)
+        pool = split_rank_components(pool)
         LOG.info("granularity rank_component: %d vertices besides the base", len(pool.candidates))
     if any(row.is_chat for row in rows):  # the base's template renders them: checked before any maths
         check_chat_rows(rows, load_tokenizer(pool), params)
