@@ -585,10 +585,6 @@ BEYOND: Dict[str, Method] = {
                fw_method(solver="projected_gradient", constraint="box", granularity="rank_component",
                          gradient_steps=500),
                "mergekit-fw projected gradient, box, per rank component, 500 steps"),
-        Method("pg_rank_500_tail", "data-informed",
-               fw_method(solver="projected_gradient", constraint="box", granularity="rank_component",
-                         gradient_steps=501),
-               "mergekit-fw projected gradient, box, per rank component, 500 steps, tail average"),
         # Added after pg_rank_500 missed goal 2 on the full testbed (k = 20) by 0.4 points with its
         # calibration loss still falling at step 500 (0.49 -> 0.48 over the last 100 steps)
         Method("pg_rank_1000", "data-informed",

@@ -112,10 +112,6 @@ def solve_stochastic(
             save_checkpoint(checkpoint, table, trace, extra={"start": start.tolist(), "rule": rule.to_json()})
 
     done = len(trace.iterations)
-    import os
-    tail = float(os.environ.get("MKFW_TAIL", "0"))
-    tail_from = int(params.gradient_steps * (1 - tail)) if tail > 0 else None
-    average, counted = None, 0
     bar = tqdm(total=params.gradient_steps, initial=done, desc=params.solver.replace("_", " "), disable=not progress)
     for t in range(done, params.gradient_steps):
         tick = time.perf_counter()
@@ -128,9 +124,6 @@ def solve_stochastic(
         gap = fw_gap(constraint, table.weights, gradient)
         table.weights = rule.step(constraint, table.weights, gradient, t)
         constraint.check(table.weights)
-        if tail_from is not None and t >= tail_from:
-            counted += 1
-            average = table.weights.clone() if average is None else average + (table.weights - average) / counted
         rows = sum(int(b.input_ids.shape[0]) for b in chosen)
         after = oracle.passes()
         record = IterationRecord(
@@ -156,9 +149,6 @@ def solve_stochastic(
         if (t + 1) % CHECKPOINT_EVERY == 0:
             save()
     bar.close()
-    if average is not None:
-        LOG.warning("tail average of %d iterates", counted)
-        table.weights = average
     before = oracle.passes()
     final = oracle.loss(table.coefficients_for(table.weights))
     trace.passes["forward"] = trace.passes.get("forward", 0) + oracle.passes()["forward"] - before["forward"]
