@@ -114,12 +114,22 @@ def series(stats: Sequence[Stats]) -> Dict[str, Dict[object, Stats]]:
     return out
 
 
+def fewer_seeds(seeds: Sequence[int], every: Sequence[int]) -> str:
+    """A cell's note when it averages fewer seeds than its table has: a row run on seed
+    0 alone is not read as a mean beside rows over several."""
+    if set(seeds) >= set(every):
+        return ""
+    return f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))} only)"
+
+
 def series_table(stats: Sequence[Stats], header: str, xs: Sequence[object]) -> str:
-    """Methods x points: mean ± std over seeds, and the change from the first point to the last."""
+    """Methods x points: mean ± std over seeds, and the change from the first point to the last;
+    a cell over fewer seeds than the table says which it has."""
+    every = sorted({s for st in stats for s in st.seeds})
     lines = ["| method | " + " | ".join(f"{header} {x}" for x in xs) + " | change (mean) |",
              "| --- |" + " ---: |" * (len(xs) + 1)]
     for title, row in series(stats).items():
-        cells = " | ".join(shown(row[x].normalized) if x in row else "" for x in xs)
+        cells = " | ".join(shown(row[x].normalized) + fewer_seeds(row[x].seeds, every) if x in row else "" for x in xs)
         first, last = row.get(xs[0]), row.get(xs[-1])
         change = f"{last.mean - first.mean:+.1f}" if first and last else ""
         lines.append(f"| {title} | {cells} | {change} |")

@@ -43,6 +43,15 @@ def test_records_group_by_method_and_point_and_keep_each_seed():
     assert "**70.0 ± 14.1**" in bars and "| 80.0 | 60.0 |" in bars and "80 / 10 | 12" in bars
 
 
+def test_a_cell_over_fewer_seeds_than_its_table_says_which_it_has():
+    per_seed = {0: [record("fw", 80), record("ta", 20)], 1: [record("fw", 60)], 2: [record("fw", 70), record("ta", 30)]}
+    table = series_table(collect(per_seed, lambda r: len(r["cell"]["members"])), "n =", [4])
+    assert "| FW | 70.0 ± 10.0 | +0.0 |" in table
+    assert "| TA | 25.0 ± 7.1 (seeds 0, 2 only) | +0.0 |" in table
+    alone = series_table(collect({0: [record("fw", 80)], 1: [record("ta", 20)]}, lambda r: len(r["cell"]["members"])), "n =", [4])
+    assert "80.0 (seed 0 only)" in alone and "20.0 (seed 1 only)" in alone
+
+
 def test_a_claim_names_the_seeds_it_fails_on():
     assert holds({0: True, 1: True, 2: True}) == "holds on every seed (3)"
     assert holds({0: True, 1: False, 2: False}) == "fails on seeds 1, 2 of 3"
