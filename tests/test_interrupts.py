@@ -37,24 +37,25 @@ def test_a_plain_keyboard_interrupt_becomes_a_sigint():
     assert caught.value.exit_status == 130
 
 
-def _rewrapped_by_c_code() -> None:
+def _rewrapped_by_c_code(signum: int) -> None:
     """What a safetensors read does when the signal's handler runs inside its torch
     storage callback: the exception is replaced by the library's own ValueError."""
     try:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
         time.sleep(5)
     except BaseException:
         raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("rewrap", [ValueError, SystemExit])
-def test_a_signal_rewrapped_on_its_way_out_is_still_the_signal(rewrap):
+def test_a_signal_rewrapped_on_its_way_out_is_still_the_signal(rewrap, signum):
     with pytest.raises(Interrupted) as caught, signals_raise():
         try:
-            _rewrapped_by_c_code()
+            _rewrapped_by_c_code(signum)
         except ValueError as error:  # as the commands turn a bad file into their one-line error
             raise rewrap(f"mergekit-fw: error: {error}") from None
-    assert caught.value.exit_status == 130
+    assert caught.value.exit_status == 128 + signum
 
 
 @pytest.mark.parametrize("error", [ValueError("a bad file"), SystemExit("mergekit-fw: error: a bad file")])
