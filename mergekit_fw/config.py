@@ -32,6 +32,7 @@ _ADDED_LATER: dict[str, Any] = {
     "solver": "frank_wolfe",
     "assistant_turns": "last",
     "granularity": "candidate",
+    "weight_penalty": 0.0,
 }
 # The settings that belong to one solver or another, and which each solver reads: a
 # solver's setting given to a solver that does not read it is an error naming it.
@@ -52,8 +53,8 @@ SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
         "inner_steps",
         "inner_lr",
     ),
-    "projected_gradient": ("gradient_steps", "learning_rate"),
-    "stochastic_frank_wolfe": ("gradient_steps", "lmo_score"),
+    "projected_gradient": ("gradient_steps", "learning_rate", "weight_penalty"),
+    "stochastic_frank_wolfe": ("gradient_steps", "lmo_score", "weight_penalty"),
 }
 SOLVER_SPECIFIC = frozenset(name for names in SOLVER_SETTINGS.values() for name in names)
 # the step rules that search gamma on the loss, which away and pairwise steps need
@@ -116,6 +117,15 @@ class FrankWolfeParameters(BaseModel):
         le=100_000,
         description="solver projected_gradient or stochastic_frank_wolfe: steps, each on one batch "
         "(batch_size rows) of every calibration task, cycling through each task's rows.",
+    )
+    weight_penalty: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="solver projected_gradient or stochastic_frank_wolfe: a cost per unit of weight "
+        "added to the calibration loss, as a fraction of the first step's mean absolute gradient "
+        "(so it means the same at any model scale): a coefficient is taken only where the rows pay "
+        "for it, and one they neither want nor mind stays at 0 instead of drifting.",
     )
     learning_rate: float = Field(
         0.01,

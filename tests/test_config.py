@@ -116,6 +116,8 @@ def test_commands_fail_early_naming_the_field(random_pool, tmp_path, parameters,
         ({"solver": "projected_gradient", "lmo_score": "cosine"}, "lmo_score"),
         ({"solver": "stochastic_frank_wolfe", "learning_rate": 0.1}, "learning_rate"),
         ({"solver": "stochastic_frank_wolfe", "step": "quadratic"}, "step"),
+        ({"weight_penalty": 0.3}, "weight_penalty"),
+        ({"solver": "projected_gradient", "weight_penalty": -0.1}, "weight_penalty"),
         ({"granularity": "rank"}, "granularity"),
         ({"granularity": "rank_component", "merge_fn": "ties"}, "granularity"),
     ],
@@ -204,3 +206,7 @@ def test_settings_added_later_keep_earlier_fingerprints_at_their_old_behaviour()
     # solves), and only the ones it reads
     stochastic = FrankWolfeParameters(calibration="c.jsonl", solver="stochastic_frank_wolfe").fingerprint_fields()
     assert stochastic["gradient_steps"] == 200 and "learning_rate" not in stochastic
+    # the weight penalty came later: at 0 (what solves did before it) it leaves fingerprints alone
+    assert "weight_penalty" not in stochastic
+    penalised = FrankWolfeParameters(calibration="c.jsonl", solver="stochastic_frank_wolfe", weight_penalty=0.3)
+    assert penalised.fingerprint_fields()["weight_penalty"] == 0.3

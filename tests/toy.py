@@ -63,9 +63,10 @@ class QuadraticOracle:
         table.constraint, table.radius = constraint, radius
         return table
 
-    def optimum(self, constraint: str = "hull", radius: float = 1.0) -> float:
+    def optimum(self, constraint: str = "hull", radius: float = 1.0, per_unit: float = 0.0) -> float:
         """The minimum over the constraint set, per tensor by SLSQP on the coefficients:
-        hull c >= 0, sum c <= 1; scaled_hull sum c <= radius; box 0 <= c <= 1."""
+        hull c >= 0, sum c <= 1; scaled_hull sum c <= radius; box 0 <= c <= 1. With
+        ``per_unit``, of the loss plus ``per_unit`` times the coefficients' total."""
         total = 0.0
         cap = {"hull": 1.0, "scaled_hull": radius, "box": None}[constraint]
         for l in range(self.base.shape[0]):
@@ -75,10 +76,10 @@ class QuadraticOracle:
 
             def f(c):
                 r = offset + c @ deltas
-                return float(r @ r)
+                return float(r @ r) + per_unit * float(c.sum())
 
             def grad(c):
-                return 2 * deltas @ (offset + c @ deltas)
+                return 2 * deltas @ (offset + c @ deltas) + per_unit
 
             limits = [] if cap is None else [
                 {"type": "ineq", "fun": lambda c, cap=cap: cap - c.sum(), "jac": lambda c: -np.ones(k)}
@@ -140,11 +141,12 @@ class BatchedQuadratic(QuadraticOracle):
     def passes(self) -> dict[str, float]:
         return {k: v / self.total_rows for k, v in self.rows_seen.items()}
 
-    def optimum_loss(self, constraint: str = "hull", radius: float = 1.0) -> float:
+    def optimum_loss(self, constraint: str = "hull", radius: float = 1.0, per_unit: float = 0.0) -> float:
         """The whole loss's minimum over the set: n_tasks * (the mean target's optimum) plus
-        the targets' spread, which no point can remove."""
+        the targets' spread, which no point can remove; with ``per_unit``, of the loss plus
+        ``per_unit`` times the coefficients' total."""
         n_tasks = len(self.counts)
         at_base = torch.zeros(self.deltas.shape[:2], dtype=torch.float64)
         spread = self.loss(at_base) - n_tasks * float(((self.point(at_base) - self.target) ** 2).sum())
         self.rows_seen["forward"] -= self.total_rows  # not the solver's spending
-        return n_tasks * self.optimum(constraint, radius) + spread
+        return n_tasks * self.optimum(constraint, radius, per_unit / n_tasks) + spread

@@ -69,6 +69,8 @@ def summary(result: SolveResult) -> str:
     last = trace.iterations[-1] if trace.iterations else None
     if last is not None:
         lines.append(f"last FW gap {last.gap:.4g}")
+    if trace.weight_penalty is not None:  # the gap above is the penalised objective's
+        lines.append(f"weight penalty {trace.weight_penalty:.4g} of loss per unit of candidate weight")
     for name, value in mean_coefficients(result.table).items():
         lines.append(f"  mean coefficient {value:.3f}  {name}")
     return "\n".join(lines)

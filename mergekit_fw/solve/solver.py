@@ -85,6 +85,8 @@ class Trace:
     # passes over the calibration set, all iterations and runs together (plus the final
     # loss and any answer decoding): what the solve spent
     passes: dict[str, float] = field(default_factory=lambda: {"gradient": 0, "forward": 0})
+    # the stochastic solvers' resolved weight_penalty: loss per unit of weight (None without one)
+    weight_penalty: float | None = None
 
     def to_json(self) -> dict:
         return {
@@ -95,6 +97,7 @@ class Trace:
             "in_hull": self.in_hull,
             "resumed_at": self.resumed_at,
             "task_scores": self.task_scores,
+            "weight_penalty": self.weight_penalty,
             "iterations": [vars(r) for r in self.iterations],
         }
 
@@ -108,6 +111,7 @@ class Trace:
             resumed_at=list(data.get("resumed_at", [])),
             task_scores=data.get("task_scores"),
             passes=dict(data.get("passes", {"gradient": 0, "forward": 0})),
+            weight_penalty=data.get("weight_penalty"),
         )
         fields = IterationRecord.__dataclass_fields__
         trace.iterations = [

@@ -9,11 +9,13 @@ oracle, table and constraint sets are offered to two such solvers:
 ``projected_gradient`` (Adam, then the set's projection) and
 ``stochastic_frank_wolfe`` (the LMO on a running average of the batch gradients).
 Both keep Frank-Wolfe's guarantee that the result is never worse on the calibration
-loss than the start: the start and the last point are both evaluated on the whole set,
-and the better one is kept.
+loss than the start (on the loss plus the weights' cost, with a ``weight_penalty``): the
+start and the last point are both evaluated on the whole set, and the better one is kept.
 
 A step's record carries the FW gap of that step's (stochastic) gradient, an
-estimate of how far from stationary the iterate is, not a certificate.
+estimate of how far from stationary the iterate is, not a certificate. With a
+``weight_penalty`` (:mod:`mergekit_fw.solve.penalty`) the gradient and the gap are the
+penalised objective's; the recorded losses stay the calibration loss.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 from mergekit_fw.config import ConfigError, FrankWolfeParameters
 from mergekit_fw.solve.constraints import fw_gap
 from mergekit_fw.solve.lmo import ranking, vertex_norms, vertex_scores
+from mergekit_fw.solve.penalty import WeightPenalty
 from mergekit_fw.solve.solver import IterationRecord, Trace, save_checkpoint
 from mergekit_fw.solve.table import CoefficientTable
 from mergekit_fw.solve.updates import MomentumFrankWolfe, ProjectedAdam, UpdateRule
@@ -100,6 +103,8 @@ def solve_stochastic(
     start = torch.tensor(state["start"], dtype=torch.float64) if "start" in state else table.weights.clone()
     rule = update_rule(params, oracle)
     rule.load(state.get("rule", {}))
+    penalty = WeightPenalty(params.weight_penalty)
+    penalty.load(state.get("penalty", {}))
     full = list(oracle.batches)
     if trace.initial_loss is None:
         before = oracle.passes()
@@ -109,7 +114,8 @@ def solve_stochastic(
 
     def save() -> None:
         if checkpoint is not None:
-            save_checkpoint(checkpoint, table, trace, extra={"start": start.tolist(), "rule": rule.to_json()})
+            extra = {"start": start.tolist(), "rule": rule.to_json(), "penalty": penalty.to_json()}
+            save_checkpoint(checkpoint, table, trace, extra=extra)
 
     done = len(trace.iterations)
     bar = tqdm(total=params.gradient_steps, initial=done, desc=params.solver.replace("_", " "), disable=not progress)
@@ -120,6 +126,11 @@ def solve_stochastic(
         evaluation = oracle.evaluate(table.coefficients_for(table.weights), batches=chosen)
         # d loss / d weight: a unit of weight is worth ``scale`` of the candidate's coefficient
         gradient = vertex_scores(constraint.scale * evaluation.scores)
+        resolved = penalty.per_unit
+        gradient = penalty.applied(gradient)
+        if resolved is None and penalty.per_unit is not None:
+            LOG.info("weight_penalty %g: %.4g of loss per unit of weight", params.weight_penalty, penalty.per_unit)
+        trace.weight_penalty = penalty.per_unit
         t_oracle = time.perf_counter()
         gap = fw_gap(constraint, table.weights, gradient)
         table.weights = rule.step(constraint, table.weights, gradient, t)
@@ -152,12 +163,16 @@ def solve_stochastic(
     before = oracle.passes()
     final = oracle.loss(table.coefficients_for(table.weights))
     trace.passes["forward"] = trace.passes.get("forward", 0) + oracle.passes()["forward"] - before["forward"]
-    if final > trace.initial_loss:
+    # with a weight penalty, what the solve lowers is the loss plus the weights' cost
+    if final + penalty.cost(table.weights) > trace.initial_loss + penalty.cost(start):
         LOG.warning(
-            "%s ended at calibration loss %.5f, above the start's %.5f: keeping the start",
+            "%s ended at calibration loss %.5f (%.5f with the weight penalty), above the start's %.5f (%.5f): "
+            "keeping the start",
             params.solver,
             final,
+            final + penalty.cost(table.weights),
             trace.initial_loss,
+            trace.initial_loss + penalty.cost(start),
         )
         table.weights = start
         trace.final_loss = trace.initial_loss

@@ -93,3 +93,19 @@ def test_no_title_or_label_runs_past_the_figure():
     for fig in build_figures(table, trace):
         assert texts_outside(fig) == []
         plt.close(fig)
+
+
+@pytest.mark.parametrize("per_unit", [None, 0.0125])
+def test_the_summary_names_a_weight_penalty_where_the_solve_had_one(per_unit):
+    from pathlib import Path
+
+    from mergekit_fw.output.report import summary
+    from mergekit_fw.solve.runner import SolveResult
+    from mergekit_fw.solve.solver import Trace
+    from tests.toy import QuadraticOracle
+
+    trace = Trace(initial_loss=1.0, final_loss=0.5, stopped="reached gradient_steps = 3", weight_penalty=per_unit)
+    result = SolveResult(QuadraticOracle(2, 1, 3, seed=0).table("box"), trace, None, Path("."), False)  # type: ignore[arg-type]
+    text = summary(result)
+    assert ("weight penalty 0.0125 of loss per unit of candidate weight" in text) == (per_unit is not None)
+    assert Trace.from_json(json.loads(json.dumps(trace.to_json()))).weight_penalty == per_unit

@@ -44,6 +44,25 @@ def test_every_iterate_is_feasible_and_the_sets_optimum_is_reached(constraint, r
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("constraint", ["box", "hull"])
+def test_a_weight_penalty_reaches_the_penalised_optimum_with_less_weight(constraint, solver):
+    toy = BatchedQuadratic(4, 3, 5, seed=11, batches_per_task=(1, 1))  # exact gradients
+    free, _ = solve_stochastic(toy, toy.table(constraint), params(solver, gradient_steps=3000), progress=False)
+    table, trace = solve_stochastic(
+        toy, toy.table(constraint), params(solver, gradient_steps=3000, weight_penalty=0.5), progress=False,
+        on_iteration=lambda t, r: t.constraint_set.check(t.weights),
+    )
+    # resolved from the first gradient, at the base: half its mean absolute entry
+    first = toy.evaluate(toy.table(constraint).coefficients()).scores
+    assert trace.weight_penalty == pytest.approx(0.5 * float(first.abs().mean()), rel=1e-12)
+    objective = trace.final_loss + trace.weight_penalty * float(table.weights[1:].sum())
+    best = toy.optimum_loss(constraint, per_unit=trace.weight_penalty)
+    assert best - 1e-9 <= objective <= best + 1e-3 * max(1.0, abs(best))
+    # the unpenalised optimum is not the penalised one: the penalty changed the answer
+    assert float(table.weights[1:].sum()) < float(free.weights[1:].sum()) - 0.05
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("constraint,radius", SETS)
 def test_stochastic_steps_go_down_and_count_their_passes(constraint, radius, solver):
     toy = BatchedQuadratic(3, 2, 5, seed=4, batches_per_task=(4, 4))
@@ -77,9 +96,10 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.parametrize("penalty", [0.0, 0.5])
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_a_killed_solve_resumes_to_the_same_bits(tmp_path, solver):
-    settings = params(solver, gradient_steps=45, constraint="box")
+def test_a_killed_solve_resumes_to_the_same_bits(tmp_path, solver, penalty):
+    settings = params(solver, gradient_steps=45, constraint="box", weight_penalty=penalty)
     whole, whole_trace = solve_stochastic(
         BatchedQuadratic(3, 2, 5, seed=8, batches_per_task=(3, 2)), BatchedQuadratic(3, 2, 5, seed=8).table("box"),
         settings, progress=False)
