@@ -122,10 +122,11 @@ class FrankWolfeParameters(BaseModel):
         0.0,
         ge=0.0,
         le=100.0,
-        description="solver projected_gradient or stochastic_frank_wolfe: a cost per unit of weight "
-        "added to the calibration loss, as a fraction of the first step's mean absolute gradient "
-        "(so it means the same at any model scale): a coefficient is taken only where the rows pay "
-        "for it, and one they neither want nor mind stays at 0 instead of drifting.",
+        description="solver projected_gradient or stochastic_frank_wolfe: a cost per unit of candidate "
+        "weight added to the calibration loss, as a fraction of the first step's mean absolute "
+        "gradient (so it does not depend on the model's gradient scale): a coefficient is taken only "
+        "where the rows pay for it, and one they neither want nor mind stays near 0 instead of drifting "
+        "to the mean of its 0/1 flips (stochastic FW). 0 turns it off.",
     )
     learning_rate: float = Field(
         0.01,

@@ -19,7 +19,9 @@ RIVALS = ("supervised", "lorahub", "lorahub_cma")  # the goal: FW at its default
 CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30",
                       "pg_box", "pg_hull", "sfw_box",
                       # one coefficient per LoRA rank component (granularity: rank_component)
-                      "fw_rank", "pg_rank", "supervised_rank", "sfw_rank")
+                      "fw_rank", "pg_rank", "supervised_rank", "sfw_rank",
+                      # with a cost per unit of weight, added after the full testbed's k = 20 (issue 17)
+                      "sfw_rank_wp0.3")
 
 
 def records(ctx: Context) -> list:

@@ -15,7 +15,9 @@ STEM = "exp4_noisy"
 # (the box) still keep the misinitialised adapters out?
 CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30", "pg_box", "sfw_box",
                       # one coefficient per LoRA rank component (granularity: rank_component)
-                      "fw_rank", "pg_rank", "supervised_rank", "sfw_rank")
+                      "fw_rank", "pg_rank", "supervised_rank", "sfw_rank",
+                      # with a cost per unit of weight, added after the full testbed's k = 20 (issue 17)
+                      "sfw_rank_wp0.3")
 
 
 def run(ctx: Context) -> Path:

@@ -14,7 +14,9 @@ STEM = "exp5_data"
 # issue 17's candidates for new defaults: which of them holds up with fewer calibration rows
 CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30", "pg_box",
                       # one coefficient per LoRA rank component (granularity: rank_component)
-                      "fw_rank", "pg_rank", "supervised_rank", "sfw_rank")
+                      "fw_rank", "pg_rank", "supervised_rank", "sfw_rank",
+                      # with a cost per unit of weight, added after the full testbed's k = 20 (issue 17)
+                      "sfw_rank_wp0.3")
 
 
 def run(ctx: Context) -> Path:

@@ -83,6 +83,19 @@ def test_a_step_that_ends_worse_keeps_the_start():
     assert "kept the start" in trace.stopped and trace.final_loss == trace.initial_loss
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_with_a_weight_penalty_the_start_is_judged_on_the_penalised_objective(solver):
+    toy = BatchedQuadratic(3, 2, 5, seed=5, batches_per_task=(1,))
+    # from the loss's own optimum in the box, a cost on weight can only raise the loss, while it
+    # lowers the loss plus the cost: the solve must keep its end, not fall back to the start
+    solved, _ = solve_stochastic(toy, toy.table("box"), params(gradient_steps=3000), progress=False)
+    start = solved.weights.clone()
+    table, trace = solve_stochastic(toy, solved, params(solver, gradient_steps=500, weight_penalty=2.0), progress=False)
+    assert trace.final_loss > trace.initial_loss and "kept the start" not in trace.stopped
+    cost = trace.weight_penalty
+    assert trace.final_loss + cost * float(table.weights[1:].sum()) < trace.initial_loss + cost * float(start[1:].sum())
+
+
 def test_task_granularity_keeps_one_coefficient_per_candidate():
     toy = BatchedQuadratic(3, 4, 5, seed=6, batches_per_task=(2, 2))
     table, _ = solve_stochastic(
