@@ -35,7 +35,7 @@ class WeightPenalty:
     """``fraction`` of the first gradient's mean absolute entry, charged per unit of weight."""
 
     fraction: float
-    per_unit: float | None = None  # resolved on the first gradient; kept across a resume
+    per_unit: float | None = None  # resolved on the first gradient (the trace keeps it for a resume)
 
     def applied(self, gradient: torch.Tensor) -> torch.Tensor:
         """The penalised objective's gradient: the loss's, plus the cost of a unit of
@@ -52,9 +52,3 @@ class WeightPenalty:
         """What ``weights`` pay: ``per_unit`` times the candidates' total weight (0 before
         the first gradient)."""
         return (self.per_unit or 0.0) * float(weights[1:].sum())
-
-    def to_json(self) -> dict:
-        return {"per_unit": self.per_unit} if self.per_unit is not None else {}
-
-    def load(self, data: dict) -> None:
-        self.per_unit = data.get("per_unit")

@@ -103,8 +103,8 @@ def solve_stochastic(
     start = torch.tensor(state["start"], dtype=torch.float64) if "start" in state else table.weights.clone()
     rule = update_rule(params, oracle)
     rule.load(state.get("rule", {}))
-    penalty = WeightPenalty(params.weight_penalty)
-    penalty.load(state.get("penalty", {}))
+    # the cost resolved on the first step is kept in the trace, so a resumed solve pays the same
+    penalty = WeightPenalty(params.weight_penalty, per_unit=trace.weight_penalty)
     full = list(oracle.batches)
     if trace.initial_loss is None:
         before = oracle.passes()
@@ -114,8 +114,7 @@ def solve_stochastic(
 
     def save() -> None:
         if checkpoint is not None:
-            extra = {"start": start.tolist(), "rule": rule.to_json(), "penalty": penalty.to_json()}
-            save_checkpoint(checkpoint, table, trace, extra=extra)
+            save_checkpoint(checkpoint, table, trace, extra={"start": start.tolist(), "rule": rule.to_json()})
 
     done = len(trace.iterations)
     bar = tqdm(total=params.gradient_steps, initial=done, desc=params.solver.replace("_", " "), disable=not progress)

@@ -1,6 +1,6 @@
 """The weight penalty: resolved once from the first gradient, a constant added to every
 candidate's gradient after (never the base's row), its cost linear in the candidates'
-weights, and carried across a resume."""
+weights, and not resolved again once it has a value."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def test_no_penalty_leaves_the_gradient_alone():
     penalty = WeightPenalty(0.0)
     gradient = torch.tensor([[-1.0, 2.0]], dtype=torch.float64)
     assert penalty.applied(gradient) is gradient
-    assert penalty.per_unit is None and penalty.cost(torch.ones(2, 2)) == 0.0 and penalty.to_json() == {}
+    assert penalty.per_unit is None and penalty.cost(torch.ones(2, 2)) == 0.0
 
 
 def test_the_penalty_is_a_fraction_of_the_first_gradients_mean_size_and_then_fixed():
@@ -29,10 +29,7 @@ def test_the_penalty_is_a_fraction_of_the_first_gradients_mean_size_and_then_fix
     assert penalty.cost(weights) == 1.75
 
 
-def test_a_resumed_penalty_keeps_its_resolved_cost():
-    penalty = WeightPenalty(0.5)
-    penalty.applied(torch.full((2, 3), -4.0, dtype=torch.float64))
-    resumed = WeightPenalty(0.5)
-    resumed.load(penalty.to_json())
-    gradient = torch.full((2, 3), 1.0, dtype=torch.float64)
-    assert torch.equal(resumed.applied(gradient)[1:], gradient[1:] + 2.0)
+def test_a_penalty_resolved_earlier_is_not_resolved_again():
+    resumed = WeightPenalty(0.5, per_unit=2.0)  # as a resumed solve builds it from its trace
+    gradient = torch.full((2, 3), -8.0, dtype=torch.float64)
+    assert torch.equal(resumed.applied(gradient)[1:], gradient[1:] + 2.0) and resumed.per_unit == 2.0
