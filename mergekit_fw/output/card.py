@@ -34,6 +34,7 @@ _SETTINGS = (
     "iterations",
     "gradient_steps",
     "learning_rate",
+    "weight_penalty",
     "epsilon",
     "epsilon_relative",
     "objective",

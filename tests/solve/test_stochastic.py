@@ -137,7 +137,8 @@ def test_a_killed_solve_resumes_to_the_same_bits(tmp_path, solver, penalty):
 @pytest.mark.slow
 @pytest.mark.parametrize("solver,settings,named", [
     ("projected_gradient", {"learning_rate": 0.05}, "projected gradient descent"),
-    ("stochastic_frank_wolfe", {}, "stochastic Frank-Wolfe with momentum"),
+    # with a weight cost, so that a setting only these solvers read goes through mergekit-yaml too
+    ("stochastic_frank_wolfe", {"weight_penalty": 0.3}, "stochastic Frank-Wolfe with momentum"),
 ])
 def test_stochastic_solvers_run_in_all_three_paths(random_pool, tmp_path, solver, settings, named):
     """Each stochastic solver through ``mergekit-fw run`` (and stochastic Frank-Wolfe
@@ -162,12 +163,14 @@ def test_stochastic_solvers_run_in_all_three_paths(random_pool, tmp_path, solver
     trace = json.loads((tmp_path / "fast" / "fw_trace.json").read_text())
     assert [it["direction"] for it in trace["iterations"]] == [solver] * 12
     assert trace["final_loss"] <= trace["initial_loss"] and trace["passes"]["gradient"] > 0
+    assert (trace["weight_penalty"] is not None and trace["weight_penalty"] > 0) == ("weight_penalty" in settings)
     table = json.loads((tmp_path / "fast" / "fw_table.json").read_text())
     coefficients = torch.tensor(list(table["coefficients"].values()), dtype=torch.float64)
     assert table["constraint"] == "box" and 0.0 <= float(coefficients.min()) and float(coefficients.max()) <= 1.0
     assert float(coefficients.max()) > 0.0  # it moved off the base
     card = (tmp_path / "fast" / "README.md").read_text()
     assert named in card and "`gradient_steps: 12`" in card and "`step:" not in card
+    assert ("`weight_penalty: 0.3`" in card) == ("weight_penalty" in settings)
 
 
 def test_shared_coefficients_from_a_start_that_varies_by_tensor_is_a_config_error():
