@@ -31,6 +31,7 @@ METHODS = (
     "supervised", "supervised_fw_budget", "task_arithmetic", "fw_hard_layer", "fw_hard_layer_init_ta_calibrated",
     "fw_box", "fw_box_30", "fw_box_pairwise_30", "fw_box_pairwise_30_init_ta_calibrated", "fw_box_arc_30", "fw_box_arc_adaptive_30", "fw_scaled_hull_2",
     "fw_scaled_hull_4", "fw_pairwise", "pg_box", "pg_hull", "sfw_box", "sfw_hull",
+    "fw_rank", "fw_auto", "fw_rank_wp0.3", "fw_box_arc_adaptive_30_wp0.3",
 )
 EXPERIMENTS: dict[str, Callable[[dict], str]] = {  # stem -> how a record names its cell
     "exp1_main": lambda r: "14 members, 4 asked",

@@ -46,6 +46,10 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--ks", default="",
                         help="comma-separated numbers of asked tasks for experiments 3 and 9 instead of the plan's "
                              "(each must be in the plan); results go to their own files, e.g. exp3_relevant_k20.md")
+    parser.add_argument("--tag", default="",
+                        help="a name for this build of the testbed (letters, digits, dashes): results go to their own "
+                             "files, e.g. exp2_irrelevant_intel.md, so that rows made on different builds never share "
+                             "a table")
     parser.add_argument("--work", type=Path, default=None,
                         help="parent of the per-seed workspaces (default: a temp folder per size and seed)")
     args = parser.parse_args()
@@ -62,7 +66,7 @@ def main() -> None:
         raise SystemExit(f"--tasks-only: only {', '.join(TASK_ADAPTERS_ONLY)} run on the tasks' adapters alone; "
                          "pick them with --only")
     ks = relevant_ks(args.ks, size, chosen)
-    tag = "_k" + "-".join(map(str, ks)) if ks else ""
+    tag = results_tag(ks, args.tag)
     for name in (m for m in args.methods.split(",") if m):
         try:
             method(name)
@@ -84,7 +88,8 @@ def main() -> None:
         started = time.perf_counter()
         ctx = open_context(size, seed, args.work / f"{size}_{seed}" if args.work else None, tasks_only=args.tasks_only)
         if ks:
-            ctx.plan, ctx.tag = replace(ctx.plan, relevant_asked=ks), tag
+            ctx.plan = replace(ctx.plan, relevant_asked=ks)
+        ctx.tag = tag
         if args.methods:
             ctx.compute = frozenset(m for m in args.methods.split(",") if m)
         built = time.perf_counter() - started
@@ -114,6 +119,16 @@ def write_timings(path: Path, lines: Sequence[str], earlier: Optional[str], keep
         earlier = path.read_text() + "\n" if keep and path.is_file() else ""
     path.write_text(earlier + "\n".join(lines) + "\n")
     return earlier
+
+
+def results_tag(ks: Sequence[int], build: str) -> str:
+    """The suffix of a narrower plan's (``--ks``) or a named build's (``--tag``) results files."""
+    tag = "_k" + "-".join(map(str, ks)) if ks else ""
+    if build:
+        if not build.replace("-", "").isascii() or not build.replace("-", "").isalnum():
+            raise SystemExit(f"--tag: {build!r}: letters, digits and dashes only (it names results files)")
+        tag += "_" + build
+    return tag
 
 
 def relevant_ks(text: str, size: str, chosen: Sequence[ModuleType]) -> Tuple[int, ...]:

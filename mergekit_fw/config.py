@@ -52,6 +52,7 @@ SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
         "inner_weights",
         "inner_steps",
         "inner_lr",
+        "weight_penalty",
     ),
     "projected_gradient": ("gradient_steps", "learning_rate", "weight_penalty"),
     "stochastic_frank_wolfe": ("gradient_steps", "lmo_score", "weight_penalty"),
@@ -122,11 +123,12 @@ class FrankWolfeParameters(BaseModel):
         0.0,
         ge=0.0,
         le=100.0,
-        description="solver projected_gradient or stochastic_frank_wolfe: a cost per unit of candidate "
-        "weight added to the calibration loss, as a fraction of the first step's mean absolute "
+        description="A cost per unit of candidate weight added to the calibration loss (hard FW, solver "
+        "projected_gradient or stochastic_frank_wolfe), as a fraction of the first step's mean absolute "
         "gradient (so it does not depend on the model's gradient scale): a coefficient is taken only "
         "where the rows pay for it, and one they neither want nor mind stays near 0 instead of drifting "
-        "to the mean of its 0/1 flips (stochastic FW). 0 turns it off.",
+        "to the mean of its 0/1 flips (stochastic FW). The FW gap and the line search are those of the "
+        "loss plus the cost. 0 turns it off.",
     )
     learning_rate: float = Field(
         0.01,
@@ -149,14 +151,17 @@ class FrankWolfeParameters(BaseModel):
         le=1000.0,
         description="constraint scaled_hull: the largest total coefficient of the candidates on a tensor.",
     )
-    granularity: Literal["candidate", "rank_component"] = Field(
-        "candidate",
+    granularity: Literal["auto", "candidate", "rank_component"] = Field(
+        "auto",
         description="What one coefficient scales on a tensor: 'candidate' a candidate's whole task vector "
         "(the paper); 'rank_component' each rank-1 component s * B[:, j] A[j, :] of every LoRA adapter on "
         "its own (its modules_to_save and full checkpoints stay whole), so a merge keeps an adapter's "
         "directions that help the asked tasks and drops those that hurt them; the merge is still one "
         "LoRA pair per module. Meant for constraint box. Stock mergekit weights whole models, so such a "
-        "merge has no replay config.",
+        "merge has no replay config. 'auto' takes rank_component where the pool has a LoRA adapter and "
+        "every calibration task has at least 50 rows (with constraint box, merge_fn convex, lmo layer, "
+        "labelled rows, hard FW or a gradient solver), candidate otherwise; the log and the model card "
+        "say which and why.",
     )
     variant: Literal["hard", "soft"] = Field(
         "hard",
@@ -336,6 +341,7 @@ class FrankWolfeParameters(BaseModel):
         given = self.model_fields_set
         only = {
             "step": ("variant", "hard", "soft FW takes its step from the inner problem"),
+            "weight_penalty": ("variant", "hard", "soft FW's inner problem is solved on the loss alone"),
             "gamma": ("step", "fixed", "it is the numerator of the fixed step rule"),
             "top_k": ("variant", "soft", "only soft FW takes several vertices"),
             "top_k_per": ("variant", "soft", "only soft FW takes several vertices"),

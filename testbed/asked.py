@@ -79,6 +79,10 @@ def write_configs(testbed: Testbed, *, iterations: int = 10, ta_weight: float = 
             "variant": "hard",
             "lmo": "layer",
             "iterations": iterations,
+            # whole candidates, so the merge has a stock replay config (the example and the
+            # end-to-end tests check all three paths); with 100 rows a task, granularity
+            # auto (the default) would weigh each LoRA rank component apart, which has none
+            "granularity": "candidate",
         },
         "dtype": "float32",
     }

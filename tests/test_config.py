@@ -116,7 +116,7 @@ def test_commands_fail_early_naming_the_field(random_pool, tmp_path, parameters,
         ({"solver": "projected_gradient", "lmo_score": "cosine"}, "lmo_score"),
         ({"solver": "stochastic_frank_wolfe", "learning_rate": 0.1}, "learning_rate"),
         ({"solver": "stochastic_frank_wolfe", "step": "quadratic"}, "step"),
-        ({"weight_penalty": 0.3}, "weight_penalty"),
+        ({"variant": "soft", "weight_penalty": 0.3}, "weight_penalty"),
         ({"solver": "projected_gradient", "weight_penalty": -0.1}, "weight_penalty"),
         ({"granularity": "rank"}, "granularity"),
         ({"granularity": "rank_component", "merge_fn": "ties"}, "granularity"),
@@ -210,3 +210,6 @@ def test_settings_added_later_keep_earlier_fingerprints_at_their_old_behaviour()
     assert "weight_penalty" not in stochastic
     penalised = FrankWolfeParameters(calibration="c.jsonl", solver="stochastic_frank_wolfe", weight_penalty=0.3)
     assert penalised.fingerprint_fields()["weight_penalty"] == 0.3
+    # hard Frank-Wolfe reads it too
+    assert "weight_penalty" not in plain
+    assert FrankWolfeParameters(calibration="c.jsonl", weight_penalty=0.3).fingerprint_fields()["weight_penalty"] == 0.3

@@ -16,6 +16,10 @@ STEM = "exp4_noisy"
 CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptive_30", "pg_box", "sfw_box",
                       # one coefficient per LoRA rank component (granularity: rank_component)
                       "fw_rank", "pg_rank", "supervised_rank", "sfw_rank",
+                      # granularity auto (the defaults since): per rank component from 50 rows a task
+                      "fw_auto",
+                      # hard FW with a cost per unit of weight (issue 17)
+                      "fw_rank_wp0.3", "fw_box_arc_adaptive_30_wp0.3",
                       # with a cost per unit of weight, added after the full testbed's k = 20 (issue 17)
                       "sfw_rank_wp0.3")
 

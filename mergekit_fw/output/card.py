@@ -17,7 +17,7 @@ from pathlib import Path
 from mergekit_fw.config import SOLVER_SETTINGS, SOLVER_SPECIFIC
 from mergekit_fw.output.export import REPLAY_FILE, UNTIE_COMMAND, no_replay_reason, untie_reason
 from mergekit_fw.pool.components import parent_name
-from mergekit_fw.solve.table import CoefficientTable
+from mergekit_fw.solve.table import GRANULARITY_AUTO, CoefficientTable
 
 LOG = logging.getLogger(__name__)
 SECTION_TITLE = "## Frank-Wolfe merge (mergekit-fw)"
@@ -56,6 +56,8 @@ def _shown(key: str, parameters: dict) -> bool:
         return parameters.get("constraint") == "scaled_hull"
     if key == "granularity":
         return parameters.get(key) != "candidate"
+    if key == "weight_penalty":
+        return bool(parameters.get(key))
     if key == "solver":
         return solver != "frank_wolfe"
     return key not in SOLVER_SPECIFIC or key in SOLVER_SETTINGS.get(solver, ())
@@ -110,6 +112,11 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
         "",
         "**Settings:** " + ", ".join(f"`{key}: {parameters[key]}`" for key in _SETTINGS if _shown(key, parameters)),
         "",
+        *(
+            [f"**Granularity** chosen by `granularity: auto`: {table.granularity} ({meta[GRANULARITY_AUTO]}).", ""]
+            if GRANULARITY_AUTO in meta
+            else []
+        ),
         f"**Run:** {len(trace.get('iterations', []))} "
         f"{'iterations' if parameters.get('solver', 'frank_wolfe') == 'frank_wolfe' else 'gradient steps'}; stopped because {trace.get('stopped')}; "
         f"calibration loss {_fmt(trace.get('initial_loss'))} -> {_fmt(trace.get('final_loss'))}.",

@@ -180,6 +180,14 @@ def _per_component(
     return replace(previous, candidates=names, weights=weights, meta={**previous.meta, GRANULARITY: params.granularity})
 
 
+def load_init_table(path: Path) -> CoefficientTable:
+    """A coefficient table given as ``init``; a broken one is a config error naming it."""
+    try:
+        return CoefficientTable.load(path)
+    except (TableError, KeyError) as error:
+        raise ConfigError(f"parameters.init: {error}") from None
+
+
 def _continue(
     path: Path,
     params: FrankWolfeParameters,
@@ -189,10 +197,7 @@ def _continue(
     cache_root: Path,
     upstream: Upstream | None,
 ) -> Start:
-    try:
-        previous = CoefficientTable.load(path)
-    except (TableError, KeyError) as error:
-        raise ConfigError(f"parameters.init: {error}") from None
+    previous = load_init_table(path)
     if previous.base_model != str(spec.base):
         raise ConfigError(
             f"{path}: init: table is for base {previous.base_model!r}, the pool's base is {str(spec.base)!r}"

@@ -1,4 +1,4 @@
-"""A cost per unit of weight for the stochastic solvers (``weight_penalty``).
+"""A cost per unit of weight (``weight_penalty``), for the stochastic solvers and hard FW.
 
 Frank-Wolfe with momentum builds its iterate as an average of 0/1 extreme points. A
 coefficient whose batch gradients hover around 0 (a direction the calibration rows
@@ -17,6 +17,9 @@ by orders of magnitude); it does depend on the pool, since that mean is set by w
 components dominate it. It is resolved once and then fixed: the penalised objective
 ``loss + per_unit * sum(weights)`` is one convex function for the whole solve, and its
 FW gap is the gap the solvers record.
+
+Hard FW takes the same cost: its LMO and gap read the penalised gradient, and its line
+search measures the loss plus the cost, so a step still never raises what it lowers.
 
 It works on the solvers' vertex layout, (1 + n_candidates, n_tensors) with the base's
 row first: only the candidates' rows pay. (In the hull every column's vertex weights

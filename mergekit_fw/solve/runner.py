@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,10 +33,11 @@ from mergekit_fw.pool.components import split_rank_components
 from mergekit_fw.pool.pool import Pool
 from mergekit_fw.pool.references import PoolSpec, check_pool_spec
 from mergekit_fw.pool.validate import PoolCheck, validated_pool
-from mergekit_fw.solve.init import attach_init, check_init_config, starting_point
+from mergekit_fw.solve.granularity import resolve_granularity
+from mergekit_fw.solve.init import attach_init, check_init_config, load_init_table, starting_point
 from mergekit_fw.solve.solver import Trace, load_checkpoint, solve
 from mergekit_fw.solve.stochastic import solve_stochastic
-from mergekit_fw.solve.table import GRANULARITY, UNTIED, CoefficientTable
+from mergekit_fw.solve.table import GRANULARITY, GRANULARITY_AUTO, UNTIED, CoefficientTable
 from mergekit_fw.solve.upstream import Upstream, require
 
 LOG = logging.getLogger(__name__)
@@ -189,6 +190,13 @@ def solve_cached(
         cache=cache_root(params) / "checks",
     )
     LOG.info("pool checked: %d candidates", len(pool.candidates))  # a stage mark (evals/bench_7b.py reads it)
+    rows_per_task = {
+        task: len(bucket) for task, bucket in select_per_task(rows, params.samples_per_task, warn=False).items()
+    }
+    init_granularity = load_init_table(init).granularity if init is not None and init.suffix == ".json" else None
+    params, chosen = resolve_granularity(params, pool, rows_per_task, init_granularity)
+    if chosen is not None:
+        LOG.info("granularity auto: %s (%s)", chosen.granularity, chosen.reason)
     if params.granularity == "rank_component":
         pool = split_rank_components(pool)
         LOG.info("granularity rank_component: %d vertices besides the base", len(pool.candidates))
@@ -202,6 +210,8 @@ def solve_cached(
         )
     result = _solve_or_reuse(spec, pool, params, calibration, init, progress, upstream)
     result.check = check
+    if chosen is not None:  # the card says why (a copy: a cached solve's table is shared)
+        result.table = replace(result.table, meta={**result.table.meta, GRANULARITY_AUTO: chosen.reason})
     return result
 
 

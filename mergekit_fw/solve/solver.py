@@ -30,6 +30,7 @@ from mergekit_fw.files import write_json_atomic
 from mergekit_fw.solve.constraints import ConstraintSet, describe, fw_gap, gain
 from mergekit_fw.solve.directions import Direction, choose
 from mergekit_fw.solve.lmo import ranking, vertex_norms, vertex_scores
+from mergekit_fw.solve.penalty import WeightPenalty
 from mergekit_fw.solve.soft import solve_inner, unique_points
 from mergekit_fw.solve.steps import adaptive, fixed, golden_section, quadratic, schedule
 from mergekit_fw.solve.table import CoefficientTable
@@ -85,7 +86,7 @@ class Trace:
     # passes over the calibration set, all iterations and runs together (plus the final
     # loss and any answer decoding): what the solve spent
     passes: dict[str, float] = field(default_factory=lambda: {"gradient": 0, "forward": 0})
-    # the stochastic solvers' resolved weight_penalty: loss per unit of weight (None without one)
+    # the resolved weight_penalty: loss per unit of weight (None without one)
     weight_penalty: float | None = None
 
     def to_json(self) -> dict:
@@ -169,12 +170,15 @@ def _search(
     loss: float,
     params: FrankWolfeParameters,
     curvature: float | None = None,
+    penalty: WeightPenalty | None = None,
 ) -> tuple[float, float, list[tuple[float, float]], float | None]:
     """The searched step rules along ``move`` on [0, its largest feasible step];
-    ``curvature``: step adaptive's estimate, carried in and out."""
+    ``curvature``: step adaptive's estimate, carried in and out. With a ``penalty``,
+    ``loss`` and what the search measures are the loss plus the weights' cost."""
 
     def phi(g: float) -> float:
-        return evaluate.loss(move.at(constraint, anchor, g))
+        point = move.at(constraint, anchor, g)
+        return evaluate.loss(point) + (penalty.cost(point) if penalty is not None else 0.0)
 
     if params.step == "line_search":
         return (*golden_section(phi, loss, params.line_search_steps, top=move.top), curvature)
@@ -226,6 +230,8 @@ def solve(
     constraint = table.constraint_set
     constraint.check(table.weights)
     evaluate = _Evaluator(oracle, table, per_task=params.variant == "soft" and params.top_k_per == "task")
+    # a cost per unit of weight (hard FW): resolved on the first gradient, then read from the trace
+    penalty = WeightPenalty(params.weight_penalty, per_unit=trace.weight_penalty)
     norms = vertex_norms(oracle.vertex_norms()) if params.lmo_score == "cosine" else None
 
     def rank_of(vscores: torch.Tensor) -> torch.Tensor:
@@ -247,7 +253,12 @@ def solve(
                 trace.task_scores = [[float(x) for x in row] for row in evaluation.task_scores.sum(dim=2)]
         t_oracle = time.perf_counter()
         # d loss / d weight: a unit of weight is worth ``scale`` of the candidate's coefficient
-        vscores = vertex_scores(constraint.scale * evaluation.scores)
+        vscores = penalty.applied(vertex_scores(constraint.scale * evaluation.scores))
+        if trace.weight_penalty is None and penalty.per_unit is not None:
+            LOG.info("weight_penalty %g: %.4g of loss per unit of weight", params.weight_penalty, penalty.per_unit)
+            trace.weight_penalty = penalty.per_unit
+        # what the steps lower: the loss plus the weights' cost (the loss alone without a penalty)
+        objective = loss + penalty.cost(table.weights)
         gap = fw_gap(constraint, table.weights, vscores)
         best = constraint.vertex(rank_of(vscores), n_tensors)
         promised = gain(table.weights, vscores, best)
@@ -284,16 +295,18 @@ def solve(
         else:
             move = choose(params.direction, constraint, table.weights, vscores, rank_of(vscores), best)
             if params.step in SEARCHED_STEPS:
-                gamma, loss_after, searched, curvature = _search(
-                    evaluate, constraint, table.weights, move, loss, params, curvature
+                gamma, objective_after, searched, curvature = _search(
+                    evaluate, constraint, table.weights, move, objective, params, curvature, penalty
                 )
                 if gamma == 0.0 and move.kind != "frank_wolfe":  # the away point gave nothing: plain FW decides
                     move = choose("frank_wolfe", constraint, table.weights, vscores, rank_of(vscores), best)
-                    gamma, loss_after, more, curvature = _search(
-                        evaluate, constraint, table.weights, move, loss, params, curvature
+                    gamma, objective_after, more, curvature = _search(
+                        evaluate, constraint, table.weights, move, objective, params, curvature, penalty
                     )
                     searched += more
                 stop = "line search found no decrease" if gamma == 0.0 else None
+                after = move.at(constraint, table.weights, gamma) if gamma > 0 else table.weights
+                loss_after = objective_after - penalty.cost(after)
             else:
                 gamma, loss_after, stop = min(step_size(params, t), 1.0), None, None
             taken = move.kind

@@ -31,6 +31,8 @@ INIT_VERTEX = "init"
 UNTIED = "untied"
 # meta key: what one coefficient scales (the granularity parameter; absent: a whole candidate)
 GRANULARITY = "granularity"
+# meta key: why granularity auto chose what it did (absent: the config named it)
+GRANULARITY_AUTO = "granularity_auto"
 
 
 class TableError(ValueError):

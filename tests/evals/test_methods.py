@@ -184,7 +184,7 @@ def test_the_defaults_row_runs_what_a_user_gets_with_nothing_set(monkeypatch):
     row = defaults_row()
     assert row is not None
     settings = row_settings(method(row).produce.settings)
-    for name in (*PAPER_FW, "constraint", "variant", "lmo"):
+    for name in (*PAPER_FW, "constraint", "variant", "lmo", "granularity"):
         assert settings.get(name, fields[name].default) == fields[name].default, name
     monkeypatch.setattr(fields["direction"], "default", "frank_wolfe")  # another default: another row
     assert defaults_row() != row

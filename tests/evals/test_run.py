@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from evals.experiments import e1_main, e3_relevant, e9_relevant_all
-from evals.run import relevant_ks, write_timings
+from evals.run import relevant_ks, results_tag, write_timings
 
 
 def test_ks_pick_some_of_the_plans_counts_in_order():
@@ -41,6 +41,16 @@ def test_a_narrower_plan_writes_to_its_own_files(tmp_path):
     assert context.suffix == "_quick"
     context.tag = "_k3"
     assert context.suffix == "_quick_k3"
+
+
+def test_a_named_build_writes_to_its_own_files_too():
+    assert results_tag((), "") == ""
+    assert results_tag((20,), "") == "_k20"
+    assert results_tag((), "intel") == "_intel"
+    assert results_tag((8, 20), "intel-2") == "_k8-20_intel-2"
+    for bad in ("a/b", "x y", "é"):
+        with pytest.raises(SystemExit, match="--tag"):
+            results_tag((), bad)
 
 
 def test_a_run_of_some_methods_adds_its_timings_below_the_earlier_runs(tmp_path):

@@ -169,6 +169,12 @@ def test_a_table_per_candidate_continues_per_rank_component_from_the_same_model(
     # and back the other way: refused, naming both
     result.table.save(tmp_path / "rank.json")
     spec, params = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, "back.yml",
+                                                             granularity="candidate",
                                                              init=str(tmp_path / "rank.json"))))
     with pytest.raises(ConfigError, match="granularity 'rank_component', this run uses 'candidate'"):
         solve(spec, params, progress=False)
+    # granularity auto (the default) continues a table at the granularity it was solved with
+    spec, params = pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, "again.yml", iterations=1,
+                                                             init=str(tmp_path / "rank.json"))))
+    again = solve(spec, params, progress=False)
+    assert again.table.granularity == "rank_component" and "init is a table" in again.table.meta["granularity_auto"]

@@ -405,3 +405,53 @@ def test_a_killed_adaptive_solve_resumes_with_its_curvature_to_the_same_bits(tmp
     resumed, trace = solve(oracle, saved.table, settings, checkpoint=path, trace=saved.trace, progress=False)
     assert torch.equal(resumed.weights, whole.weights)
     assert [r.passes for r in trace.iterations] == [r.passes for r in whole_trace.iterations]
+
+
+PENALISED = {
+    "paper": lambda **s: _params(iterations=300, line_search_steps=40, **s),
+    # the defaults (projected pairwise, adaptive step), run past the relative-gap stop
+    "defaults": lambda **s: FrankWolfeParameters(calibration="unused.jsonl", iterations=300, epsilon_relative=0.0, **s),
+}
+
+
+@pytest.mark.parametrize("settings", list(PENALISED))
+@pytest.mark.parametrize("constraint", ["box", "hull"])
+def test_hard_fw_with_a_weight_penalty_reaches_the_penalised_optimum(constraint, settings):
+    """The cost per unit of weight, resolved on the first gradient, moves hard FW to the
+    optimum of the loss plus the cost (scipy's QP on the same set), with less weight than
+    without it; the trace's losses stay the loss alone, and no step raises the objective."""
+    oracle = QuadraticOracle(5, 2, 6, seed=3)
+    params = PENALISED[settings]
+    free, _ = solve(oracle, oracle.table(constraint), params(), progress=False)
+    iterates: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def check(table, record) -> None:
+        table.constraint_set.check(table.weights)
+        iterates.append((table.weights.clone(), table.coefficients().clone()))
+
+    table, trace = solve(oracle, oracle.table(constraint), params(weight_penalty=0.5), progress=False,
+                         on_iteration=check)
+    first = oracle.evaluate(oracle.table(constraint).coefficients()).scores
+    assert trace.weight_penalty == pytest.approx(0.5 * float(first.abs().mean()), rel=1e-12)
+    objectives = [oracle.loss(c) + trace.weight_penalty * float(w[1:].sum()) for w, c in iterates]
+    assert trace.final_loss == pytest.approx(oracle.loss(table.coefficients()), rel=1e-9)
+    objective = trace.final_loss + trace.weight_penalty * float(table.weights[1:].sum())
+    best = oracle.optimum(constraint, per_unit=trace.weight_penalty)
+    assert best - 1e-9 <= objective <= best + 2e-3 * max(1.0, best)
+    assert all(b <= a + 1e-9 for a, b in zip(objectives, objectives[1:]))
+    assert float(table.weights[1:].sum()) < float(free.weights[1:].sum()) - 0.05
+    # the gap is the penalised objective's: the last one bounds the distance to its optimum
+    assert objective <= best + trace.iterations[-1].gap + 1e-9
+
+
+def test_a_resumed_hard_fw_solve_with_a_weight_penalty_keeps_its_cost():
+    """The cost is resolved once, at the first gradient; a solve continued from its trace
+    reads it back and takes the uninterrupted solve's steps, bit for bit."""
+    oracle = QuadraticOracle(5, 2, 6, seed=4)
+    params = FrankWolfeParameters(calibration="unused.jsonl", iterations=12, epsilon_relative=0.0, weight_penalty=1.0)
+    whole, whole_trace = solve(oracle, oracle.table("box"), params, progress=False)
+    part, part_trace = solve(oracle, oracle.table("box"), params.model_copy(update={"iterations": 5}), progress=False)
+    part_trace.stopped = None
+    rest, rest_trace = solve(oracle, part, params, trace=part_trace, progress=False)
+    assert rest_trace.weight_penalty == whole_trace.weight_penalty
+    assert torch.equal(rest.weights, whole.weights)
