@@ -4,6 +4,7 @@ same cached solve as one that named the same granularity."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ from mergekit_fw.output.card import frank_wolfe_section
 from mergekit_fw.pool.pool import open_pool
 from mergekit_fw.solve.granularity import RANK_ROWS, choose_granularity, resolve_granularity
 from tests.oracle.helpers import pool_spec
-from tests.paths import write_config
+from tests.paths import mergekit_yaml, write_config
 
 ENOUGH = {"reverse": RANK_ROWS, "sort": RANK_ROWS + 7}
 
@@ -84,12 +85,14 @@ def test_an_auto_solve_is_the_named_solve_and_the_card_says_why(random_pool, tmp
                 handle.write(json.dumps({"task": task, "prompt": f"{task} a b", "completion": "= b a"[: 2 + i % 4]}) + "\n")
     models = [{"model": f"{random_pool['base']}+{p}"} for p in random_pool["adapters"]]
 
-    def config(name: str, **parameters) -> tuple:
-        path = write_config(tmp_path / name, {
+    def write(name: str, **parameters) -> Path:
+        return write_config(tmp_path / name, {
             "merge_method": "frank_wolfe", "base_model": str(random_pool["base"]), "models": models, "dtype": "float32",
             "parameters": {"calibration": str(calibration), "iterations": 1, "cache_dir": str(tmp_path / "cache"),
                            **parameters}})
-        return pool_and_parameters(load_merge_config(path))
+
+    def config(name: str, **parameters) -> tuple:
+        return pool_and_parameters(load_merge_config(write(name, **parameters)))
 
     auto = solve(*config("auto.yml"), progress=False)
     assert auto.table.granularity == "rank_component" and not auto.reused
@@ -103,3 +106,10 @@ def test_an_auto_solve_is_the_named_solve_and_the_card_says_why(random_pool, tmp
     assert "chosen by `granularity: auto`" not in frank_wolfe_section(named.table, named.trace.to_json())
     few = solve(*config("few.yml", samples_per_task=RANK_ROWS - 1), progress=False)
     assert few.table.granularity == "candidate" and "(< 50" in few.table.meta["granularity_auto"]
+    # mergekit-yaml, where mergekit hands the kernel every default: the same choice, the same
+    # cached solve, and the card and the missing replay say so
+    mergekit_yaml(write("yaml.yml"), tmp_path / "yaml")
+    written = json.loads((tmp_path / "yaml" / "fw_table.json").read_text())
+    assert written["fingerprint"] == auto.table.fingerprint and written["meta"]["granularity"] == "rank_component"
+    assert "chosen by `granularity: auto`" in (tmp_path / "yaml" / "README.md").read_text()
+    assert not (tmp_path / "yaml" / "fw_mergekit.yml").exists()
