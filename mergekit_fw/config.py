@@ -160,8 +160,8 @@ class FrankWolfeParameters(BaseModel):
         "LoRA pair per module. Meant for constraint box. Stock mergekit weights whole models, so such a "
         "merge has no replay config. 'auto' takes rank_component where the pool has a LoRA adapter and "
         "every calibration task has at least 50 rows (with constraint box, merge_fn convex, lmo layer, "
-        "labelled rows, hard FW or a gradient solver), candidate otherwise; the log and the model card "
-        "say which and why.",
+        "labelled rows, hard FW or a gradient solver, a start at the base; an init table keeps its own), "
+        "candidate otherwise; the log and the model card say which and why.",
     )
     variant: Literal["hard", "soft"] = Field(
         "hard",

@@ -5,10 +5,11 @@ Measured on the testbeds (issue 17; ``evals/results/analysis/granularity_auto.md
 rank component Frank-Wolfe gains 3 to 12 points with 10 or 20 asked tasks and 3 to 4
 with irrelevant adapters in the pool, is level on a 4-task pool at 50 and 100 rows a
 task, and on one seed of two loses 4 and 10 points at 25 and 10 rows a task, where its
-many coefficients fit the rows. So ``auto`` splits the LoRAs only where every calibration task has at least
-:data:`RANK_ROWS` rows, and only in the setting those numbers come from (the box, a
-convex merge, the layer-wise LMO, hard FW or a gradient solver, labelled rows); a
-table given as ``init`` keeps the granularity it was solved with.
+many coefficients fit the rows. So ``auto`` splits the LoRAs only where every
+calibration task has at least :data:`RANK_ROWS` rows, and only in the setting those
+numbers come from (the box, a convex merge, the layer-wise LMO, hard FW or a gradient
+solver, labelled rows, a start at the base); a table given as ``init`` keeps the
+granularity it was solved with.
 
 A pure rule on what the run already knows before any maths: the choice enters the
 solve's fingerprint as the resolved value, so a solve chosen this way and one that
@@ -51,6 +52,7 @@ def choose_granularity(
         (params.lmo != "layer", f"lmo {params.lmo}"),
         (params.solver == "frank_wolfe" and params.variant != "hard", f"variant {params.variant}"),
         (params.objective != "cross_entropy", f"objective {params.objective} (measured with labelled rows)"),
+        (params.init.endswith((".yml", ".yaml")), "init is a mergekit merge (measured from the base)"),
     ]
     for applies, why in unmeasured:
         if applies:

@@ -53,6 +53,7 @@ def test_auto_is_the_default_and_splits_loras_with_enough_rows_on_every_task(lor
         ({"lmo": "task"}, "lmo task"),
         ({"variant": "soft"}, "variant soft"),
         ({"objective": "entropy"}, "objective entropy"),
+        ({"init": "ta.yml"}, "init is a mergekit merge"),
     ],
 )
 def test_auto_keeps_whole_candidates_outside_the_measured_setting(loras, settings, named):
