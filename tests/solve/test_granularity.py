@@ -13,7 +13,7 @@ from mergekit_fw.integration.configs import load_merge_config, pool_and_paramete
 from mergekit_fw.integration.stock import solve
 from mergekit_fw.output.card import frank_wolfe_section
 from mergekit_fw.pool.pool import open_pool
-from mergekit_fw.solve.granularity import RANK_ROWS, choose_granularity, resolve_granularity
+from mergekit_fw.solve.granularity import RANK_ROWS, GranularityChoice, choose_granularity, resolve_granularity
 from tests.oracle.helpers import pool_spec
 from tests.paths import mergekit_yaml, write_config
 
@@ -63,8 +63,7 @@ def test_auto_keeps_whole_candidates_outside_the_measured_setting(loras, setting
 
 def test_auto_keeps_whole_candidates_without_a_lora_and_follows_an_init_table(random_pool, loras):
     dense = open_pool(pool_spec(random_pool, kinds=("dense",)))
-    assert choose_granularity(_params(), dense, ENOUGH) == choose_granularity(_params(), dense, ENOUGH)
-    assert choose_granularity(_params(), dense, ENOUGH).reason == "no LoRA adapter in the pool"
+    assert choose_granularity(_params(), dense, ENOUGH) == GranularityChoice("candidate", "no LoRA adapter in the pool")
     for solved in ("candidate", "rank_component"):
         assert choose_granularity(_params(), loras, {"t": 1}, init_granularity=solved).granularity == solved
     # the gradient solvers are in the measured setting too
