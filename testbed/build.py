@@ -36,7 +36,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -238,6 +238,8 @@ def train_base(folder: Path, tokenizer, size: PoolSize, seed: int) -> float:
 
 
 BASE_KEY_FILE = "testbed_base.json"
+RECIPE_FILE = "recipe.json"  # the size and seed the members under loras/, full/ and mtl/ were trained by
+MEMBER_FILE = "testbed_member.json"  # a finished member's manifest entry, written after its files
 
 
 def pretrained_base(folder: Path, tokenizer, size: PoolSize, seed: int) -> None:
@@ -327,8 +329,14 @@ def build_pool(root: Path, size: PoolSize, seed: int = 0) -> Pool:
             return _pool_from_manifest(root, size, seed, manifest)
     root.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)
-    for stale in ("loras", "full", "mtl"):  # members of another recipe, and MTL adapters trained like them
-        shutil.rmtree(root / stale, ignore_errors=True)
+    recipe = json.loads(json.dumps({"size": asdict(size), "seed": seed}))
+    recipe_path = root / RECIPE_FILE
+    if not (recipe_path.is_file() and json.loads(recipe_path.read_text()) == recipe):
+        # members of another recipe, and MTL adapters trained like them; an interrupted
+        # build of this recipe keeps the members it finished (each has its MEMBER_FILE)
+        for stale in ("loras", "full", "mtl"):
+            shutil.rmtree(root / stale, ignore_errors=True)
+        write_json_atomic(recipe_path, recipe)
     started = time.perf_counter()
     vocabulary = [w for w in words() if w not in SYMBOLS and w != "=" and w not in BY_NAME]
     base, noisy_base = root / "base", root / "noisy_base"
@@ -344,22 +352,46 @@ def build_pool(root: Path, size: PoolSize, seed: int = 0) -> Pool:
     for index, (task, role, on, member_seed) in enumerate(plan):
         style = LORA_STYLES[index % len(LORA_STYLES)]
         folder = root / "loras" / (task if role == "task" else f"{task}-{role}")
-        tick = time.perf_counter()
-        loss = train_lora(on, folder, tokenizer, _routing_rows(random.Random(member_seed), task, size.tasks, size.batch),
-                          style, size.lora_steps, member_seed)
-        candidates.append({"name": folder.name, "kind": "lora", "task": task, "role": role, "path": str(folder),
-                           "style": list(style[:3]) + [list(style[3])], "loss": loss, "seconds": time.perf_counter() - tick})
+        candidates.append(_member(folder, lambda folder=folder, on=on, task=task, style=style, member_seed=member_seed: {
+            "name": folder.name, "kind": "lora", "task": task, "role": role, "path": str(folder),
+            "style": list(style[:3]) + [list(style[3])],
+            "loss": train_lora(on, folder, tokenizer,
+                               _routing_rows(random.Random(member_seed), task, size.tasks, size.batch),
+                               style, size.lora_steps, member_seed)}))
     for i, task in enumerate(size.dense):
         folder = root / "full" / task
-        tick = time.perf_counter()
-        loss = train_dense(base, folder, tokenizer, _routing_rows(random.Random(seed + 700 + i), task, size.tasks, size.batch),
-                           size.dense_steps, seed + 700 + i)
-        candidates.append({"name": f"full-{task}", "kind": "full", "task": task, "role": "task", "path": str(folder),
-                           "style": None, "loss": loss, "seconds": time.perf_counter() - tick})
+        candidates.append(_member(folder, lambda folder=folder, i=i, task=task: {
+            "name": f"full-{task}", "kind": "full", "task": task, "role": "task", "path": str(folder), "style": None,
+            "loss": train_dense(base, folder, tokenizer,
+                                _routing_rows(random.Random(seed + 700 + i), task, size.tasks, size.batch),
+                                size.dense_steps, seed + 700 + i)}))
     manifest = {"complete": True, "size": asdict(size), "seed": seed, "candidates": candidates,
                 "seconds": time.perf_counter() - started}
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    write_json_atomic(manifest_path, manifest)
     return _pool_from_manifest(root, size, seed, manifest)
+
+
+def _member(folder: Path, train: Callable[[], dict]) -> dict:
+    """The member's record: read back when an earlier, interrupted build of the same recipe
+    finished it (its MEMBER_FILE is written last, atomically), else trained afresh into an
+    emptied folder (a save cut short leaves no file that would be taken for a member)."""
+    done = folder / MEMBER_FILE
+    if done.is_file():
+        LOG.info("testbed: keeping %s from an interrupted build of this recipe", folder.name)
+        return {**json.loads(done.read_text()), "path": str(folder)}
+    shutil.rmtree(folder, ignore_errors=True)
+    tick = time.perf_counter()
+    record = {**train(), "seconds": time.perf_counter() - tick}
+    write_json_atomic(done, record)
+    return record
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """A temporary file renamed over ``path``: a kill leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    temporary.replace(path)
 
 
 def _pool_from_manifest(root: Path, size: PoolSize, seed: int, manifest: dict) -> Pool:

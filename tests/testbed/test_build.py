@@ -4,6 +4,7 @@ recorded and reusable, and the adapters really are community-like (mixed styles)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,50 @@ def test_a_complete_build_is_reused(tiny_pool, monkeypatch):
     monkeypatch.setattr(build, "train_base", lambda *a, **k: pytest.fail("retrained a cached pool"))
     again = build_pool(tiny_pool.root, tiny_pool.size, seed=0)
     assert again.candidates == tiny_pool.candidates
+
+
+def test_an_interrupted_build_keeps_the_members_it_finished(tiny_pool, tmp_path, monkeypatch):
+    """Killed before its manifest, with one member's save cut short: the same recipe goes on,
+    keeping the finished members bit for bit and training only the cut one; another seed
+    trains every member again."""
+    import shutil
+
+    root = tmp_path / "pool"
+    shutil.copytree(tiny_pool.root, root)
+    (root / "manifest.json").unlink()
+    cut = next(c for c in tiny_pool.candidates if c["kind"] == "lora")
+    cut_folder = root / "loras" / cut["name"]
+    (cut_folder / build.MEMBER_FILE).unlink()
+    (cut_folder / "adapter_model.safetensors").write_bytes(b"half a file")
+    kept = {c["name"]: (root / Path(c["path"]).relative_to(tiny_pool.root) / _weights(c)).read_bytes()
+            for c in tiny_pool.candidates if c["name"] != cut["name"]}
+    trained: list[str] = []
+    real_lora = build.train_lora
+    monkeypatch.setattr(build, "train_base", lambda *a, **k: pytest.fail("retrained the base"))
+    monkeypatch.setattr(build, "train_dense", lambda *a, **k: pytest.fail("retrained a finished full member"))
+    monkeypatch.setattr(build, "train_lora", lambda base, folder, *a: trained.append(folder.name) or real_lora(base, folder, *a))
+    again = build_pool(root, tiny_pool.size, seed=0)
+    assert trained == [cut["name"]]
+    assert [c["name"] for c in again.candidates] == [c["name"] for c in tiny_pool.candidates]
+    assert all(Path(c["path"]).is_relative_to(root) for c in again.candidates)
+    for name, data in kept.items():
+        candidate = next(c for c in again.candidates if c["name"] == name)
+        assert (Path(candidate["path"]) / _weights(candidate)).read_bytes() == data
+    rebuilt = (cut_folder / "adapter_model.safetensors").read_bytes()
+    assert rebuilt == (tiny_pool.root / "loras" / cut["name"] / "adapter_model.safetensors").read_bytes()
+    assert json.loads((root / "manifest.json").read_text())["complete"]
+
+    (root / "manifest.json").unlink()  # another recipe: nothing of this one is kept
+    trained.clear()
+    monkeypatch.setattr(build, "train_dense", lambda *a, **k: trained.append("dense") or 0.0)
+    monkeypatch.setattr(build, "train_lora", lambda base, folder, *a: trained.append(folder.name) or 0.0)
+    monkeypatch.setattr(build, "pretrained_base", lambda *a, **k: None)
+    build_pool(root, tiny_pool.size, seed=1)
+    assert len(trained) == len(tiny_pool.candidates)
+
+
+def _weights(candidate: dict) -> str:
+    return "adapter_model.safetensors" if candidate["kind"] == "lora" else "model.safetensors"
 
 
 def test_mtl_adapter_and_in_process_scores(tiny_pool):
