@@ -137,19 +137,22 @@ class FrankWolfeParameters(BaseModel):
         description="solver projected_gradient: Adam's learning rate, in units of a candidate's "
         "coefficient (of its vertex weight under scaled_hull).",
     )
-    constraint: Literal["hull", "box", "scaled_hull"] = Field(
+    constraint: Literal["hull", "box", "scaled_hull", "capped_box"] = Field(
         "box",
         description="Where the coefficients may go, per tensor (lmo layer) or per model (lmo task): "
         "'hull' the paper's convex hull of the base and the candidates (their total weight at most "
         "1); 'box' each candidate in [0, 1] on its own (any subset at up to full strength, as "
         "stacked adapters); 'scaled_hull' the hull of base + radius x each task vector (total "
-        "weight up to radius).",
+        "weight up to radius); 'capped_box' the box with the candidates' total at most radius (at most "
+        "radius candidates at full strength, so each step takes the few that help most instead of "
+        "every one the rows' noise favours).",
     )
     radius: float = Field(
         2.0,
         gt=0.0,
         le=1000.0,
-        description="constraint scaled_hull: the largest total coefficient of the candidates on a tensor.",
+        description="constraint scaled_hull or capped_box: the largest total coefficient of the candidates "
+        "on a tensor (under granularity rank_component, a LoRA rank component counts as a candidate).",
     )
     granularity: Literal["auto", "candidate", "rank_component"] = Field(
         "auto",
@@ -349,7 +352,6 @@ class FrankWolfeParameters(BaseModel):
             "inner_steps": ("variant", "soft", "only soft FW has an inner problem"),
             "inner_lr": ("variant", "soft", "only soft FW has an inner problem"),
             "density": ("merge_fn", "ties", "only ties trims task vectors"),
-            "radius": ("constraint", "scaled_hull", "only the scaled hull has a radius"),
             "entropy_positions": ("objective", "entropy", "only the entropy objective picks positions"),
             "answer_tokens": ("objective", "entropy", "only the entropy objective picks positions"),
             "assistant_turns": ("objective", "cross_entropy", "the entropy objective reads no answers"),
@@ -374,9 +376,14 @@ class FrankWolfeParameters(BaseModel):
         for name, (other, needed, why) in only.items():
             if name in given and getattr(self, other) != needed:
                 raise ValueError(f"{name} needs {other}: {needed} ({why}); {other} is {getattr(self, other)!r}")
-        if self.constraint == "scaled_hull" and self.radius < 1.0 and self.init.endswith((".yml", ".yaml")):
+        if "radius" in given and self.radius_used() is None:
             raise ValueError(
-                f"init needs radius >= 1 under constraint scaled_hull (got {self.radius:g}): with a smaller "
+                f"radius needs constraint: scaled_hull or capped_box (only they have one); constraint is "
+                f"{self.constraint!r}"
+            )
+        if self.radius_used() is not None and self.radius < 1.0 and self.init.endswith((".yml", ".yaml")):
+            raise ValueError(
+                f"init needs radius >= 1 under constraint {self.constraint} (got {self.radius:g}): with a smaller "
                 "radius the initial merge lies outside the set"
             )
         if self.granularity == "rank_component" and self.merge_fn != "convex":
@@ -388,6 +395,10 @@ class FrankWolfeParameters(BaseModel):
         if "answer_tokens" in given and self.entropy_positions != "answer":
             raise ValueError("answer_tokens needs entropy_positions: answer (it counts answer positions)")
         return self
+
+    def radius_used(self) -> float | None:
+        """The radius where the constraint reads one (the scaled hull's, the capped box's cap)."""
+        return self.radius if self.constraint in ("scaled_hull", "capped_box") else None
 
     def resolved_init(self) -> Path | None:
         """The init file, checked to exist (None for the base)."""
@@ -420,7 +431,7 @@ class FrankWolfeParameters(BaseModel):
         """Fields that change the result. The cache location and where or how the
         oracle runs do not, so a run resumed on another device (say, with gradient
         checkpointing after running out of memory) continues the same solve."""
-        unused = {"radius"} if self.constraint != "scaled_hull" else set()
+        unused = {"radius"} if self.radius_used() is None else set()
         # settings added later, at the value that does what runs did before they existed:
         # left out, so that solves cached by earlier versions stay valid
         unused |= {name for name, before in _ADDED_LATER.items() if getattr(self, name) == before}

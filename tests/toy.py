@@ -65,10 +65,12 @@ class QuadraticOracle:
 
     def optimum(self, constraint: str = "hull", radius: float = 1.0, per_unit: float = 0.0) -> float:
         """The minimum over the constraint set, per tensor by SLSQP on the coefficients:
-        hull c >= 0, sum c <= 1; scaled_hull sum c <= radius; box 0 <= c <= 1. With
+        hull c >= 0, sum c <= 1; scaled_hull sum c <= radius; box 0 <= c <= 1; capped_box
+        0 <= c <= 1 and sum c <= radius. With
         ``per_unit``, of the loss plus ``per_unit`` times the coefficients' total."""
         total = 0.0
-        cap = {"hull": 1.0, "scaled_hull": radius, "box": None}[constraint]
+        cap = {"hull": 1.0, "scaled_hull": radius, "box": None, "capped_box": radius}[constraint]
+        upper = 1 if constraint in ("box", "capped_box") else None
         for l in range(self.base.shape[0]):
             deltas = self.deltas[:, l].numpy()
             offset = (self.base[l] - self.target[l]).numpy()
@@ -85,7 +87,7 @@ class QuadraticOracle:
                 {"type": "ineq", "fun": lambda c, cap=cap: cap - c.sum(), "jac": lambda c: -np.ones(k)}
             ]
             result = minimize(
-                f, np.zeros(k), jac=grad, bounds=[(0, 1 if cap is None else None)] * k, constraints=limits,
+                f, np.zeros(k), jac=grad, bounds=[(0, upper)] * k, constraints=limits,
                 method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000},
             )
             total += result.fun

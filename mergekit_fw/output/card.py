@@ -48,12 +48,12 @@ _SETTINGS = (
 
 
 def _shown(key: str, parameters: dict) -> bool:
-    """Only the settings the solver that ran reads (radius: only under scaled_hull)."""
+    """Only the settings the solver that ran reads (radius: only under scaled_hull and capped_box)."""
     if key not in parameters:
         return False
     solver = parameters.get("solver", "frank_wolfe")
     if key == "radius":
-        return parameters.get("constraint") == "scaled_hull"
+        return parameters.get("constraint") in ("scaled_hull", "capped_box")
     if key == "granularity":
         return parameters.get(key) != "candidate"
     if key == "weight_penalty":

@@ -124,7 +124,7 @@ def starting_point(
 ) -> Start:
     init_path = params.resolved_init()
     pool_files = pool_files_fingerprint(pool)  # the user's pool, without the init vertex
-    radius = params.radius if params.constraint == "scaled_hull" else None
+    radius = params.radius_used()
     if init_path is None:
         table = CoefficientTable.at_base(pool.names, pool.tensor_names(), key, str(spec.base))
     elif init_path.suffix == ".json":
@@ -208,7 +208,7 @@ def _continue(
         raise ConfigError(
             f"{path}: init: table's candidates {previous.pool_candidates} differ from the pool's {pool.names}"
         )
-    radius = params.radius if params.constraint == "scaled_hull" else None
+    radius = params.radius_used()
     if (previous.constraint, previous.radius) != (params.constraint, radius):
         raise ConfigError(
             f"{path}: init: table was solved in constraint {previous.constraint!r}"

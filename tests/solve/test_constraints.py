@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from mergekit_fw.solve.constraints import Box, Hull, ScaledHull, constraint_set, describe, fw_gap
+from mergekit_fw.solve.constraints import Box, CappedBox, Hull, ScaledHull, constraint_set, describe, fw_gap
 from mergekit_fw.solve.lmo import ranking, vertex_scores
 from mergekit_fw.solve.simplex import InfeasibleError
 
@@ -18,6 +18,15 @@ N, L = 3, 4  # candidates, tensors
 
 def column_points(constraint) -> list[torch.Tensor]:
     """Every extreme point of one tensor's set, as a (1 + N,) weight column."""
+    if isinstance(constraint, CappedBox):  # at most one entry at the cap's fraction, the rest 0 or 1
+        part = constraint.cap - int(constraint.cap)
+        levels = [0.0, 1.0] + ([part] if part else [])
+        subsets = [
+            torch.tensor(bits, dtype=torch.float64)
+            for bits in itertools.product(levels, repeat=N)
+            if sum(bits) <= constraint.cap + 1e-12 and sum(0 < b < 1 for b in bits) <= 1
+        ]
+        return [torch.cat([1 - c.sum().unsqueeze(0), c]) for c in subsets]
     if isinstance(constraint, Box):
         subsets = [torch.tensor(bits, dtype=torch.float64) for bits in itertools.product([0.0, 1.0], repeat=N)]
         return [torch.cat([1 - c.sum().unsqueeze(0), c]) for c in subsets]
@@ -25,6 +34,9 @@ def column_points(constraint) -> list[torch.Tensor]:
 
 
 def random_feasible(constraint, generator) -> torch.Tensor:
+    if isinstance(constraint, CappedBox):  # some columns inside, some on the face where the cap binds
+        c = torch.rand(N, L, generator=generator, dtype=torch.float64) * 1.6
+        return constraint.project(torch.cat([1 - c.sum(0, keepdim=True), c]))
     if isinstance(constraint, Box):
         c = torch.rand(N, L, generator=generator, dtype=torch.float64)
         return torch.cat([1 - c.sum(0, keepdim=True), c])
@@ -32,10 +44,10 @@ def random_feasible(constraint, generator) -> torch.Tensor:
     return w / w.sum(0)
 
 
-SETS = [Hull(), Box(), ScaledHull(scale=2.5)]
+SETS = [Hull(), Box(), ScaledHull(scale=2.5), CappedBox(cap=2.0), CappedBox(cap=1.5)]
 
 
-@pytest.mark.parametrize("constraint", SETS, ids=lambda c: c.name)
+@pytest.mark.parametrize("constraint", SETS, ids=lambda c: f"{c.name}{getattr(c, 'cap', '')}")
 def test_layerwise_vertex_and_gap_match_brute_force(constraint):
     g = torch.Generator().manual_seed(0)
     points = column_points(constraint)
@@ -53,7 +65,7 @@ def test_layerwise_vertex_and_gap_match_brute_force(constraint):
         assert fw_gap(constraint, w, vs) >= 0 and abs(fw_gap(constraint, best, vs)) < 1e-12
 
 
-@pytest.mark.parametrize("constraint", SETS, ids=lambda c: c.name)
+@pytest.mark.parametrize("constraint", SETS, ids=lambda c: f"{c.name}{getattr(c, 'cap', '')}")
 def test_taskwise_vertex_is_the_best_point_shared_by_every_tensor(constraint):
     g = torch.Generator().manual_seed(1)
     points = column_points(constraint)
@@ -127,7 +139,7 @@ def test_constraint_set_by_name_and_describe():
     assert chosen == {"base": 1, "a": 2, "b": 1} and choice == ["a", "base", "a+b"]
 
 
-@pytest.mark.parametrize("constraint", SETS, ids=lambda c: c.name)
+@pytest.mark.parametrize("constraint", SETS, ids=lambda c: f"{c.name}{getattr(c, 'cap', '')}")
 @pytest.mark.parametrize("lmo", ["layer", "task"])
 def test_away_point_and_longest_step_match_brute_force(constraint, lmo):
     """The away point is the worst-ranked point among those the iterate uses, and the
@@ -151,7 +163,7 @@ def test_away_point_and_longest_step_match_brute_force(constraint, lmo):
             assert float(worst[:, l] @ columns[:, l]) == pytest.approx(max(float(p @ columns[:, l]) for p in used))
         for direction in (constraint.vertex(rank, L) - worst, w - worst):
             top = constraint.max_step(w, direction)
-            if top == float("inf"):
+            if top == float("inf") or float(direction.abs().max()) < 1e-9:  # no move but rounding
                 continue
             constraint.check(w + top * direction, atol=1e-9)
             with pytest.raises(InfeasibleError):
@@ -162,11 +174,17 @@ def _uses(constraint, column: torch.Tensor, point: torch.Tensor) -> bool:
     """Whether ``point`` is in the iterate's active set, in this column."""
     if isinstance(constraint, Box):  # each coefficient: end 1 in use when c > 0, end 0 when c < 1
         c = column[1:]
-        return bool(((point[1:] == 1) & (c > 1e-12) | (point[1:] == 0) & (c < 1 - 1e-12)).all())
+        free = (c > 1e-12) & (c < 1 - 1e-12)
+        ends = ((point[1:] == 1) & (c > 1e-12) | (point[1:] == 0) & (c < 1 - 1e-12)) | free
+        if not isinstance(constraint, CappedBox):
+            return bool(ends.all())
+        # capped: fixed coefficients keep their end, and where the cap binds the point spends it
+        binding = float(c.sum()) >= constraint.cap - 1e-9
+        return bool(ends.all()) and (not binding or abs(float(point[1:].sum()) - constraint.cap) < 1e-9)
     return bool(column[int(point.argmax())] > 1e-12)
 
 
-@pytest.mark.parametrize("constraint", SETS, ids=lambda c: c.name)
+@pytest.mark.parametrize("constraint", SETS, ids=lambda c: f"{c.name}{getattr(c, 'cap', '')}")
 def test_projection_is_the_nearest_point_by_the_variational_inequality(constraint):
     """p is the Euclidean projection of x onto a polytope iff <x - p, y - p> <= 0 for every
     extreme point y (every point of the set is a convex mix of them); checked per tensor,

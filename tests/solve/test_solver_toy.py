@@ -72,7 +72,8 @@ def test_soft_fw_matches_the_qp_optimum_on_a_face():
         dict(variant="soft", top_k=2, lmo_score="cosine"),
     ],
 )
-@pytest.mark.parametrize("constraint", [("hull", None), ("box", None), ("scaled_hull", 2.5)], ids=lambda c: c[0])
+@pytest.mark.parametrize("constraint", [("hull", None), ("box", None), ("scaled_hull", 2.5), ("capped_box", 2.0)],
+                         ids=lambda c: c[0])
 def test_every_iterate_is_feasible_and_monotone_steps_never_raise_the_loss(settings, constraint):
     oracle = QuadraticOracle(5, 4, 3, seed=7)
     seen = []
@@ -100,14 +101,16 @@ def test_taskwise_and_layerwise_agree_with_one_tensor(variant):
     assert runs[0][1] == pytest.approx(runs[1][1], abs=1e-12)
 
 
-@pytest.mark.parametrize("constraint", [("box", None), ("scaled_hull", 3.0)], ids=lambda c: c[0])
+@pytest.mark.parametrize("constraint", [("box", None), ("scaled_hull", 3.0), ("capped_box", 1.5)], ids=lambda c: c[0])
 def test_hard_and_soft_fw_reach_the_qp_optimum_of_the_larger_sets(constraint):
-    """A target beyond the hull: the box and the scaled hull reach further, and FW finds
-    their optimum (scipy's QP on the same set), never below it."""
+    """A target beyond the hull: the box, the scaled hull and the capped box reach further,
+    and FW finds their optimum (scipy's QP on the same set), never below it."""
     kind, radius = constraint
     oracle = QuadraticOracle(5, 2, 6, seed=3)
     optimum = oracle.optimum(kind, radius or 1.0)
     assert optimum < oracle.optimum("hull") - 1e-3  # the larger set matters here
+    if kind == "capped_box":  # and the cap binds: the box reaches further still
+        assert oracle.optimum("box") < optimum - 1e-3
     for settings in (dict(iterations=300, line_search_steps=40),
                      dict(variant="soft", top_k=3, inner_steps=100, inner_lr=0.05, iterations=40)):
         _, trace = solve(oracle, oracle.table(kind, radius), _params(**settings), progress=False)
@@ -327,7 +330,8 @@ def test_the_adaptive_step_halves_the_forward_passes_and_matches_the_quadratic_a
     assert all(r.curvature is not None and r.curvature > 0 for r in adaptive.iterations if r.gamma)
 
 
-@pytest.mark.parametrize("constraint", [("hull", None), ("box", None), ("scaled_hull", 2.0)], ids=lambda c: c[0])
+@pytest.mark.parametrize("constraint", [("hull", None), ("box", None), ("scaled_hull", 2.0), ("capped_box", 2.0)],
+                         ids=lambda c: c[0])
 @pytest.mark.parametrize("seed", [3, 4])
 def test_away_and_pairwise_steps_close_the_gap_where_plain_fw_zig_zags(constraint, seed):
     """The optimum lies on a face (the target is outside the set): plain FW's iterates

@@ -1,0 +1,116 @@
+"""Probe (issue 17, goal 3): why Frank-Wolfe loses held-out accuracy as irrelevant adapters
+join experiment 2's pool on the full testbed, at an unchanged calibration loss.
+
+Run on a built workspace (``python -m evals.run --seeds S --tasks-only --only exp2_irrelevant
+--work W`` builds it), from the repository root:
+
+    python -m evals.probe_exp2_heldout W SEED N path            # held-out CE along the defaults' FW path
+    python -m evals.probe_exp2_heldout W SEED N noise           # per-batch score noise at the base
+    python -m evals.probe_exp2_heldout W SEED N cost Z [lmo]    # FW with a cost Z x SE(score) per coordinate
+
+``N`` is the cell's member count (the 4 asked tasks' own LoRAs, then the irrelevant ones in
+experiment 2's order); one coefficient per LoRA rank component (the defaults at 100 rows a
+task). Held-out rows: the first 100 test rows of each asked task (what lm-eval scores by
+exact match), read here by teacher-forced cross-entropy only. It prints; it writes nothing
+but the held-out rows' file under W. Its figures are quoted in
+``evals/results/analysis/exp2_irrelevant_intel.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from evals.learned import Objective, _Session
+from evals.methods import Cell
+from mergekit_fw.config import FrankWolfeParameters
+from mergekit_fw.solve import solver
+from mergekit_fw.solve.lmo import vertex_scores
+from mergekit_fw.solve.table import CoefficientTable
+from testbed.build import PoolSize, _pool_from_manifest
+from testbed.data import Sizes
+
+ASKED = ["reverse", "sort", "cipher", "firstbigger"]
+IRRELEVANT = ["sortdesc", "rotate", "rotateright", "swappairs", "swapends", "interleave", "copy", "mirror",
+              "shiftup", "shiftdown", "double", "addpairs", "runningsum", "diffs", "argmin", "firstlast"]
+
+
+def sessions(work: Path, seed: int, n: int) -> tuple[_Session, _Session, Path]:
+    root = work / f"full_{seed}" / "pool"
+    manifest = json.loads((root / "manifest.json").read_text())
+    size = dict(manifest["size"], data=Sizes(**manifest["size"]["data"]))
+    for key in ("tasks", "duplicates", "noisy", "dense"):
+        size[key] = tuple(size[key])
+    pool = _pool_from_manifest(root, PoolSize(**size), seed, manifest)
+    cell = Cell(pool, tuple((ASKED + IRRELEVANT)[:n]), tuple(ASKED), 100)
+    held_out = work / f"full_{seed}" / "probe_heldout.jsonl"
+    with held_out.open("w") as out:
+        for task in ASKED:
+            rows = [line for line in (root / "data" / f"{task}.test.jsonl").read_text().splitlines() if line.strip()]
+            out.write("\n".join(rows[:100]) + "\n")
+    calibration = work / f"full_{seed}" / "calibration" / f"{cell.key}.jsonl"
+    objective = Objective("cross_entropy")
+    return (_Session(cell, calibration, objective, granularity="rank_component"),
+            _Session(cell, held_out, objective, granularity="rank_component"), pool.base)
+
+
+def score_noise(fit: _Session) -> torch.Tensor:
+    """Standard error of each coordinate's score at the base, from the spread of its
+    per-batch scores within each task (the score is a sum over the batches)."""
+    at_base = torch.zeros(fit.shape, dtype=torch.float64)
+    per_batch = [(batch.task, fit.oracle.evaluate(at_base, batches=[batch]).scores) for batch in fit.oracle.batches]
+    variance = torch.zeros(fit.shape, dtype=torch.float64)
+    for task in {t for t, _ in per_batch}:
+        scores = torch.stack([s for t, s in per_batch if t == task])
+        variance += scores.shape[0] * scores.var(dim=0)
+    return variance.sqrt()
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    work, seed, n, what = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    fit, held, base = sessions(work, seed, n)
+    own = torch.tensor([name.split("#")[0] in ASKED for name in fit.opened.names])
+    if what == "noise":
+        at_base = torch.zeros(fit.shape, dtype=torch.float64)
+        total, se = fit.oracle.evaluate(at_base).scores, score_noise(fit)
+        moved = total != 0
+        for z in (0, 1, 2, 3):
+            on = (total < -z * se) & moved
+            print(f"score < -{z} SE: own {int(on[own].sum())}/{int(moved[own].sum())}, "
+                  f"irrelevant {int(on[~own].sum())}/{int(moved[~own].sum())}")
+        return
+    if what == "cost":  # a cost z * SE per unit of each coordinate (LMO only with 'lmo')
+        z, lmo_only = float(sys.argv[5]), len(sys.argv) > 6
+        cost = vertex_scores(z * score_noise(fit))
+
+        class NoiseCost:
+            def __init__(self, *args: object, **kwargs: object) -> None:
+                self.per_unit = None
+
+            def applied(self, gradient: torch.Tensor) -> torch.Tensor:
+                return gradient + cost
+
+            def cost(self, weights: torch.Tensor) -> float:
+                return 0.0 if lmo_only else float((cost * weights).sum())
+
+        solver.WeightPenalty = NoiseCost  # type: ignore[misc, assignment]
+    table = CoefficientTable.at_base(fit.opened.names, fit.opened.tensor_names(), "probe", str(base))
+    table.constraint = "box"
+
+    def seen(table: CoefficientTable, record: solver.IterationRecord) -> None:
+        c = table.coefficients()
+        losses = held.oracle.evaluate(c).task_losses
+        print(f"iteration {record.iteration}: calibration {record.loss:.4f} held-out {float(losses.sum()):.4f} "
+              f"{[round(float(x), 4) for x in losses]} weight own {float(c[own].mean()):.3f} "
+              f"irrelevant {float(c[~own].mean()) if bool((~own).any()) else 0.0:.3f}", flush=True)
+
+    params = FrankWolfeParameters(calibration="unused.jsonl", granularity="rank_component")
+    solver.solve(fit.oracle, table, params, progress=False, on_iteration=seen)
+
+
+if __name__ == "__main__":
+    main()
