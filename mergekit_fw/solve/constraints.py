@@ -39,6 +39,20 @@ def _columns(rank: torch.Tensor, n_tensors: int) -> torch.Tensor:
     return rank.unsqueeze(1).expand(-1, n_tensors) if rank.dim() == 1 else rank
 
 
+def _check_radius(name: str, radius: float) -> None:
+    if not radius > 0:
+        raise ValueError(f"{name} needs a radius > 0, got {radius}")
+
+
+def _check_init_fits(name: str, radius: float) -> None:
+    """The initial merge is one candidate at coefficient 1: outside a set whose radius is below 1."""
+    if radius < 1.0:
+        raise ValueError(
+            f"a run that starts from another merge needs radius >= 1 under {name} (got {radius:g}): "
+            "with a smaller radius the initial merge itself lies outside the set"
+        )
+
+
 @dataclass(frozen=True)
 class Hull:
     """The paper's set: the convex hull of the base and the candidates, per tensor.
@@ -114,15 +128,10 @@ class ScaledHull(Hull):
     name: str = "scaled_hull"
 
     def __post_init__(self) -> None:
-        if not self.scale > 0:
-            raise ValueError(f"scaled_hull needs a radius > 0, got {self.scale}")
+        _check_radius(self.name, self.scale)
 
     def start_at_init(self, n_vertices: int, n_tensors: int) -> torch.Tensor:
-        if self.scale < 1.0:
-            raise ValueError(
-                f"a run that starts from another merge needs radius >= 1 under scaled_hull (got {self.scale:g}): "
-                "with a smaller radius the initial merge itself lies outside the set"
-            )
+        _check_init_fits(self.name, self.scale)
         return super().start_at_init(n_vertices, n_tensors)
 
 
@@ -231,15 +240,10 @@ class CappedBox(Box):
     name: str = "capped_box"
 
     def __post_init__(self) -> None:
-        if not self.cap > 0:
-            raise ValueError(f"capped_box needs a cap > 0, got {self.cap}")
+        _check_radius(self.name, self.cap)
 
     def start_at_init(self, n_vertices: int, n_tensors: int) -> torch.Tensor:
-        if self.cap < 1.0:
-            raise ValueError(
-                f"a run that starts from another merge needs radius >= 1 under capped_box (got {self.cap:g}): "
-                "with a smaller cap the initial merge itself lies outside the set"
-            )
+        _check_init_fits(self.name, self.cap)
         return super().start_at_init(n_vertices, n_tensors)
 
     def _budget(self, n_tensors: int) -> torch.Tensor:

@@ -209,3 +209,26 @@ def test_hull_projection_clamps_inside_the_cap_and_lands_on_the_face_above_it():
     above = torch.tensor([[0.0], [0.9], [0.6], [-1.0]], dtype=torch.float64)
     projected = hull.project(above)
     assert projected[1:, 0].tolist() == pytest.approx([0.65, 0.35, 0.0]) and float(projected[0, 0]) == pytest.approx(0.0)
+
+
+def test_the_capped_box_is_the_box_from_n_and_the_hull_at_one():
+    """With a cap of at least the number of candidates nothing binds (the box); at 1 the
+    set is {c >= 0, sum c <= 1} (the hull): same points and projections."""
+    g = torch.Generator().manual_seed(9)
+    for _ in range(20):
+        vs = vertex_scores(torch.randn(N, L, generator=g, dtype=torch.float64))
+        rank = ranking(vs, "layer", "inner_product")
+        x = torch.randn(1 + N, L, generator=g, dtype=torch.float64)
+        assert torch.equal(CappedBox(cap=float(N)).vertex(rank, L), Box().vertex(rank, L))
+        assert torch.equal(CappedBox(cap=float(N)).project(x), Box().project(x))
+        assert torch.equal(CappedBox(cap=1.0).vertex(rank, L), Hull().vertex(rank, L))
+        torch.testing.assert_close(CappedBox(cap=1.0).project(x), Hull().project(x), rtol=0, atol=1e-12)
+    capped = constraint_set("capped_box", 2.0)
+    assert isinstance(capped, CappedBox) and capped.cap == 2.0 and capped.scale == 1.0
+    capped.check(capped.start_at_init(4, 2))
+    with pytest.raises(ValueError, match="radius >= 1"):
+        CappedBox(cap=0.5).start_at_init(4, 2)
+    with pytest.raises(ValueError, match="radius > 0"):
+        CappedBox(cap=0.0)
+    with pytest.raises(InfeasibleError, match="cap"):
+        capped.check(torch.tensor([[-1.5], [1.0], [1.0], [0.5]], dtype=torch.float64))
