@@ -60,8 +60,10 @@ def test_ta_init_is_exactly_mergekits_merge_at_iteration_zero(random_pool, tmp_p
 
 
 @pytest.mark.slow
-# the box (the default) and the scaled hull (the hull is its radius-1 case; CI time)
-@pytest.mark.parametrize("constraint", [{}, {"constraint": "scaled_hull", "radius": 2.0}], ids=["box", "scaled_hull"])
+# the box (the default), the scaled hull (the hull is its radius-1 case; CI time) and the capped box
+@pytest.mark.parametrize("constraint", [{}, {"constraint": "scaled_hull", "radius": 2.0},
+                                        {"constraint": "capped_box", "radius": 1.5}],
+                         ids=["box", "scaled_hull", "capped_box"])
 def test_ta_init_run_agrees_in_all_three_paths(random_pool, tmp_path, constraint):
     ta = _ta(random_pool, tmp_path)
     fw = _fw(random_pool, tmp_path, init=str(ta), iterations=3, **constraint)
@@ -78,9 +80,9 @@ def test_ta_init_run_agrees_in_all_three_paths(random_pool, tmp_path, constraint
     coefficients = torch.tensor(list(table["coefficients"].values()), dtype=torch.float64)  # tensors x candidates
     assert float(coefficients[:, -1].min()) < 1.0  # the solve moved away from the initial merge
     assert float(coefficients.min()) >= 0.0
-    if table["constraint"] == "box":
-        assert float(coefficients.max()) <= 1.0
-    else:
+    if table["constraint"] in ("box", "capped_box"):
+        assert float(coefficients.max()) <= 1.0 + 1e-9
+    if table["constraint"] != "box":
         assert float(coefficients.sum(dim=1).max()) <= constraint.get("radius", 1.0) + 1e-9
 
 

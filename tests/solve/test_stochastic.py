@@ -12,7 +12,7 @@ from mergekit_fw.solve.solver import load_checkpoint
 from mergekit_fw.solve.stochastic import solve_stochastic, step_batches
 from tests.toy import BatchedQuadratic
 
-SETS = [("hull", None), ("box", None), ("scaled_hull", 2.0)]
+SETS = [("hull", None), ("box", None), ("scaled_hull", 2.0), ("capped_box", 1.5)]
 SOLVERS = ["projected_gradient", "stochastic_frank_wolfe"]
 
 
