@@ -83,15 +83,24 @@ def collect(per_seed: Mapping[int, Sequence[dict]], x_of: Optional[Callable[[dic
 
 
 def spend_cells(stats: Stats) -> str:
-    """Passes over the calibration set (forward-only / gradient) and merge seconds, mean over seeds."""
+    """Passes over the calibration set (forward-only / gradient) and merge seconds, mean over
+    seeds. A Frank-Wolfe row whose solve was read back from the solve cache (another row with
+    the same fingerprint made it) spent the passes its trace counts, but its seconds are the
+    read-back's: the cell says so."""
     seconds = mean_std(stats.spend.get("seconds") or [float(r.get("merge_seconds", 0.0)) for r in stats.records])[0]
+    read_back = sum(bool(((r.get("info") or {}).get("trace") or {}).get("reused_cached_solve")) for r in stats.records)
+    if read_back:
+        whose = "solve" if read_back == len(stats.records) else f"{read_back} of {len(stats.records)} solves"
+        seconds_cell = f"{seconds:.0f} ({whose} read back from the cache)"
+    else:
+        seconds_cell = f"{seconds:.0f}"
     if not stats.spend and stats.family != "reference":
-        return f"not recorded | {seconds:.0f}"  # records made before spend was counted
+        return f"not recorded | {seconds_cell}"  # records made before spend was counted
     forward = mean_std(stats.spend.get("forward", [0.0]))[0]
     gradient = mean_std(stats.spend.get("gradient", [0.0]))[0]
     decode = mean_std(stats.spend.get("decode", [0.0]))[0]
     passes = f"{forward:.0f} / {gradient:.0f}" + (f" + {decode:.0f} decodes" if decode else "")
-    return f"{passes} | {seconds:.0f}"
+    return f"{passes} | {seconds_cell}"
 
 
 def bar_table(rows: Sequence[Stats], asked: Sequence[str]) -> str:

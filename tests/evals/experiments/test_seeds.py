@@ -43,6 +43,14 @@ def test_records_group_by_method_and_point_and_keep_each_seed():
     assert "**70.0 ± 14.1**" in bars and "| 80.0 | 60.0 |" in bars and "80 / 10 | 12" in bars
 
 
+def test_seconds_of_a_solve_read_back_from_the_cache_say_so():
+    reused = {**record("fw_auto", 70), "info": {"trace": {"reused_cached_solve": True}}}
+    fresh = {**record("fw_auto", 60), "info": {"trace": {"reused_cached_solve": False}}}
+    assert "80 / 10 | 12 (solve read back from the cache) |" in bar_table(collect({0: [reused]}), ["a"])
+    assert "80 / 10 | 12 (1 of 2 solves read back from the cache) |" in bar_table(collect({0: [reused], 1: [fresh]}), ["a"])
+    assert "80 / 10 | 12 |" in bar_table(collect({0: [fresh]}), ["a"])
+
+
 def test_a_cell_over_fewer_seeds_than_its_table_says_which_it_has():
     per_seed = {0: [record("fw", 80), record("ta", 20)], 1: [record("fw", 60)], 2: [record("fw", 70), record("ta", 30)]}
     table = series_table(collect(per_seed, lambda r: len(r["cell"]["members"])), "n =", [4])
