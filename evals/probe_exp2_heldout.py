@@ -7,12 +7,13 @@ Run on a built workspace (``python -m evals.run --seeds S --tasks-only --only ex
     python -m evals.probe_exp2_heldout W SEED N path            # held-out CE along the defaults' FW path
     python -m evals.probe_exp2_heldout W SEED N noise           # per-batch score noise at the base
     python -m evals.probe_exp2_heldout W SEED N cost Z [lmo]    # FW with a cost Z x SE(score) per coordinate
+    python -m evals.probe_exp2_heldout W SEED N halves K        # K solves on disjoint 1/K of the rows, averaged
 
 ``N`` is the cell's member count (the 4 asked tasks' own LoRAs, then the irrelevant ones in
 experiment 2's order); one coefficient per LoRA rank component (the defaults at 100 rows a
 task). Held-out rows: the first 100 test rows of each asked task (what lm-eval scores by
 exact match), read here by teacher-forced cross-entropy only. It prints; it writes nothing
-but the held-out rows' file under W. Its figures are quoted in
+but the held-out rows' and the row parts' files under ``W/full_SEED``. Its figures are quoted in
 ``evals/results/analysis/exp2_irrelevant_intel.md``.
 """
 
@@ -38,7 +39,19 @@ IRRELEVANT = ["sortdesc", "rotate", "rotateright", "swappairs", "swapends", "int
               "shiftup", "shiftdown", "double", "addpairs", "runningsum", "diffs", "argmin", "firstlast"]
 
 
-def sessions(work: Path, seed: int, n: int) -> tuple[_Session, _Session, Path]:
+def fit_on(cell: Cell, calibration: Path, part: int, parts: int) -> _Session:
+    """A session over the cell's calibration rows ``part``, ``part + parts``, ... of each task
+    (every ``parts``-th row: disjoint parts of equal size)."""
+    rows: dict[str, list[str]] = {}
+    for line in calibration.read_text().splitlines():
+        if line.strip():
+            rows.setdefault(json.loads(line)["task"], []).append(line)
+    path = calibration.parent.parent / f"probe_part{part}of{parts}.jsonl"
+    path.write_text("".join(line + "\n" for task in rows.values() for line in task[part::parts]))
+    return _Session(cell, path, Objective("cross_entropy"), granularity="rank_component")
+
+
+def sessions(work: Path, seed: int, n: int) -> tuple[_Session, _Session, Path, Cell, Path]:
     root = work / f"full_{seed}" / "pool"
     manifest = json.loads((root / "manifest.json").read_text())
     size = dict(manifest["size"], data=Sizes(**manifest["size"]["data"]))
@@ -54,7 +67,7 @@ def sessions(work: Path, seed: int, n: int) -> tuple[_Session, _Session, Path]:
     calibration = work / f"full_{seed}" / "calibration" / f"{cell.key}.jsonl"
     objective = Objective("cross_entropy")
     return (_Session(cell, calibration, objective, granularity="rank_component"),
-            _Session(cell, held_out, objective, granularity="rank_component"), pool.base)
+            _Session(cell, held_out, objective, granularity="rank_component"), pool.base, cell, calibration)
 
 
 def score_noise(fit: _Session) -> torch.Tensor:
@@ -72,7 +85,7 @@ def score_noise(fit: _Session) -> torch.Tensor:
 def main() -> None:
     torch.set_num_threads(2)
     work, seed, n, what = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    fit, held, base = sessions(work, seed, n)
+    fit, held, base, cell, calibration = sessions(work, seed, n)
     own = torch.tensor([name.split("#")[0] in ASKED for name in fit.opened.names])
     if what == "noise":
         at_base = torch.zeros(fit.shape, dtype=torch.float64)
@@ -98,8 +111,31 @@ def main() -> None:
                 return 0.0 if lmo_only else float((cost * weights).sum())
 
         solver.WeightPenalty = NoiseCost  # type: ignore[misc, assignment]
-    table = CoefficientTable.at_base(fit.opened.names, fit.opened.tensor_names(), "probe", str(base))
-    table.constraint = "box"
+    params = FrankWolfeParameters(calibration="unused.jsonl", granularity="rank_component")
+
+    def fresh_table() -> CoefficientTable:
+        table = CoefficientTable.at_base(fit.opened.names, fit.opened.tensor_names(), "probe", str(base))
+        table.constraint = "box"
+        return table
+
+    def report(label: str, c: torch.Tensor) -> None:
+        losses = held.oracle.evaluate(c).task_losses
+        print(f"{label}: held-out {float(losses.sum()):.4f} {[round(float(x), 4) for x in losses]} "
+              f"calibration {fit.oracle.loss(c):.4f} weight own {float(c[own].mean()):.3f} "
+              f"irrelevant {float(c[~own].mean()) if bool((~own).any()) else 0.0:.3f}", flush=True)
+
+    if what == "halves":  # equal spend: K solves over 1/K of the rows each, their tables averaged
+        parts = int(sys.argv[5])
+        tables = []
+        for part in range(parts):
+            session = fit_on(cell, calibration, part, parts)
+            solved, _ = solver.solve(session.oracle, fresh_table(), params, progress=False)
+            tables.append(solved.coefficients())
+            report(f"part {part} of {parts}", tables[-1])
+            session.close()
+        report("average", torch.stack(tables).mean(dim=0))
+        return
+    table = fresh_table()
 
     def seen(table: CoefficientTable, record: solver.IterationRecord) -> None:
         c = table.coefficients()
@@ -108,7 +144,6 @@ def main() -> None:
               f"{[round(float(x), 4) for x in losses]} weight own {float(c[own].mean()):.3f} "
               f"irrelevant {float(c[~own].mean()) if bool((~own).any()) else 0.0:.3f}", flush=True)
 
-    params = FrankWolfeParameters(calibration="unused.jsonl", granularity="rank_component")
     solver.solve(fit.oracle, table, params, progress=False, on_iteration=seen)
 
 
