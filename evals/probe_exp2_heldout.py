@@ -8,6 +8,7 @@ Run on a built workspace (``python -m evals.run --seeds S --tasks-only --only ex
     python -m evals.probe_exp2_heldout W SEED N noise           # per-batch score noise at the base
     python -m evals.probe_exp2_heldout W SEED N cost Z [lmo]    # FW with a cost Z x SE(score) per coordinate
     python -m evals.probe_exp2_heldout W SEED N halves K        # K solves on disjoint 1/K of the rows, averaged
+    python -m evals.probe_exp2_heldout W SEED N two_stage T     # per candidate, then per component on members >= T
 
 ``N`` is the cell's member count (the 4 asked tasks' own LoRAs, then the irrelevant ones in
 experiment 2's order); one coefficient per LoRA rank component (the defaults at 100 rows a
@@ -51,6 +52,10 @@ def fit_on(cell: Cell, calibration: Path, part: int, parts: int) -> _Session:
     return _Session(cell, path, Objective("cross_entropy"), granularity="rank_component")
 
 
+def held_out_path(work: Path, seed: int) -> Path:
+    return work / f"full_{seed}" / "probe_heldout.jsonl"
+
+
 def sessions(work: Path, seed: int, n: int) -> tuple[_Session, _Session, Path, Cell, Path]:
     root = work / f"full_{seed}" / "pool"
     manifest = json.loads((root / "manifest.json").read_text())
@@ -59,7 +64,7 @@ def sessions(work: Path, seed: int, n: int) -> tuple[_Session, _Session, Path, C
         size[key] = tuple(size[key])
     pool = _pool_from_manifest(root, PoolSize(**size), seed, manifest)
     cell = Cell(pool, tuple((ASKED + IRRELEVANT)[:n]), tuple(ASKED), 100)
-    held_out = work / f"full_{seed}" / "probe_heldout.jsonl"
+    held_out = held_out_path(work, seed)
     with held_out.open("w") as out:
         for task in ASKED:
             rows = [line for line in (root / "data" / f"{task}.test.jsonl").read_text().splitlines() if line.strip()]
@@ -124,6 +129,28 @@ def main() -> None:
               f"calibration {fit.oracle.loss(c):.4f} weight own {float(c[own].mean()):.3f} "
               f"irrelevant {float(c[~own].mean()) if bool((~own).any()) else 0.0:.3f}", flush=True)
 
+    if what == "two_stage":  # members kept by a solve per candidate, then the defaults on them alone
+        threshold = float(sys.argv[5])
+        whole = _Session(cell, calibration, Objective("cross_entropy"), granularity="candidate")
+        first = CoefficientTable.at_base(whole.opened.names, whole.opened.tensor_names(), "probe", str(base))
+        first.constraint = "box"
+        first, _ = solver.solve(whole.oracle, first, params.model_copy(update={"granularity": "candidate"}),
+                                progress=False)
+        means = whole.member_means(first.coefficients())
+        whole.close()
+        print("per candidate:", {name: round(value, 3) for name, value in means.items()}, flush=True)
+        kept = Cell(cell.pool, tuple(name for name in cell.members if means[name] >= threshold), cell.asked, 100)
+        print(f"kept {len(kept.members)} of {len(cell.members)}: {', '.join(kept.members)}", flush=True)
+        fit2 = _Session(kept, calibration, Objective("cross_entropy"), granularity="rank_component")
+        held2 = _Session(kept, held_out_path(work, seed),
+                         Objective("cross_entropy"), granularity="rank_component")
+        second = CoefficientTable.at_base(fit2.opened.names, fit2.opened.tensor_names(), "probe", str(base))
+        second.constraint = "box"
+        second, _ = solver.solve(fit2.oracle, second, params, progress=False)
+        losses = held2.oracle.evaluate(second.coefficients()).task_losses
+        print(f"two stages: held-out {float(losses.sum()):.4f} {[round(float(x), 4) for x in losses]} "
+              f"calibration {fit2.oracle.loss(second.coefficients()):.4f}", flush=True)
+        return
     if what == "halves":  # equal spend: K solves over 1/K of the rows each, their tables averaged
         parts = int(sys.argv[5])
         tables = []
