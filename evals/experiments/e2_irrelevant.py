@@ -30,7 +30,7 @@ CANDIDATE_DEFAULTS = ("fw_box", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_3
                       # cost per unit of weight (weight_penalty), added after the full testbed's k = 20
                       "sfw_rank_wp0.3",
                       # the capped box: at most cap candidates (rank components) at full weight a tensor
-                      "fw_rank_cap16", "fw_rank_cap40", "fw_rank_cap80", "fw_box_cap2", "fw_box_cap4", "fw_box_cap8")
+                      "fw_rank_cap40", "fw_box_cap4")
 
 
 def run(ctx: Context) -> Path:
