@@ -26,18 +26,14 @@ from pathlib import Path
 
 import torch
 
+from evals.experiments.common import open_context
 from evals.learned import Objective, _Session
 from evals.methods import Cell
 from mergekit_fw.config import FrankWolfeParameters
 from mergekit_fw.solve import solver
 from mergekit_fw.solve.lmo import vertex_scores
 from mergekit_fw.solve.table import CoefficientTable
-from testbed.build import PoolSize, _pool_from_manifest
-from testbed.data import Sizes
-
-ASKED = ["reverse", "sort", "cipher", "firstbigger"]
-IRRELEVANT = ["sortdesc", "rotate", "rotateright", "swappairs", "swapends", "interleave", "copy", "mirror",
-              "shiftup", "shiftdown", "double", "addpairs", "runningsum", "diffs", "argmin", "firstlast"]
+from testbed.data import read_rows
 
 
 def fit_on(cell: Cell, calibration: Path, part: int, parts: int) -> _Session:
@@ -57,22 +53,19 @@ def held_out_path(work: Path, seed: int) -> Path:
 
 
 def sessions(work: Path, seed: int, n: int) -> tuple[_Session, _Session, Path, Cell, Path]:
-    root = work / f"full_{seed}" / "pool"
-    manifest = json.loads((root / "manifest.json").read_text())
-    size = dict(manifest["size"], data=Sizes(**manifest["size"]["data"]))
-    for key in ("tasks", "duplicates", "noisy", "dense"):
-        size[key] = tuple(size[key])
-    pool = _pool_from_manifest(root, PoolSize(**size), seed, manifest)
-    cell = Cell(pool, tuple((ASKED + IRRELEVANT)[:n]), tuple(ASKED), 100)
+    """The cell experiment 2 merges at ``n`` members (the asked tasks' own LoRAs, then the
+    irrelevant ones in its order), its calibration rows and the held-out rows, each read by
+    the baselines' oracle per rank component."""
+    ctx = open_context("full", seed, work / f"full_{seed}", tasks_only=True)
+    cell = ctx.cell([ctx.lora(task) for task in ctx.plan.asked] + ctx.irrelevant()[: n - len(ctx.plan.asked)])
     held_out = held_out_path(work, seed)
     with held_out.open("w") as out:
-        for task in ASKED:
-            rows = [line for line in (root / "data" / f"{task}.test.jsonl").read_text().splitlines() if line.strip()]
-            out.write("\n".join(rows[:100]) + "\n")
-    calibration = work / f"full_{seed}" / "calibration" / f"{cell.key}.jsonl"
+        for task in cell.asked:
+            out.write("".join(f"{json.dumps(row)}\n" for row in read_rows(cell.pool.files[task].test, 100)))
+    calibration = ctx.work.calibration(cell)
     objective = Objective("cross_entropy")
     return (_Session(cell, calibration, objective, granularity="rank_component"),
-            _Session(cell, held_out, objective, granularity="rank_component"), pool.base, cell, calibration)
+            _Session(cell, held_out, objective, granularity="rank_component"), cell.pool.base, cell, calibration)
 
 
 def score_noise(fit: _Session) -> torch.Tensor:
@@ -91,7 +84,7 @@ def main() -> None:
     torch.set_num_threads(2)
     work, seed, n, what = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     fit, held, base, cell, calibration = sessions(work, seed, n)
-    own = torch.tensor([name.split("#")[0] in ASKED for name in fit.opened.names])
+    own = torch.tensor([name.split("#")[0] in cell.asked for name in fit.opened.names])
     if what == "noise":
         at_base = torch.zeros(fit.shape, dtype=torch.float64)
         total, se = fit.oracle.evaluate(at_base).scores, score_noise(fit)
