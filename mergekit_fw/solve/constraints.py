@@ -334,11 +334,8 @@ class CappedBox(Box):
         return clipped
 
     def snap(self, weights: torch.Tensor) -> torch.Tensor:
+        """Also the projection (the box's ``project`` is its snap): the exact one, ``_capped``."""
         return self._point(self._capped(weights[1:]))
-
-    def project(self, weights: torch.Tensor) -> torch.Tensor:
-        """The nearest point: clipped to [0, 1], then shifted down where the total passes the cap."""
-        return self.snap(weights)
 
 
 ConstraintSet = Hull | Box
