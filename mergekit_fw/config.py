@@ -33,6 +33,7 @@ _ADDED_LATER: dict[str, Any] = {
     "assistant_turns": "last",
     "granularity": "candidate",
     "weight_penalty": 0.0,
+    "screen_per_task": 0,
 }
 # The settings that belong to one solver or another, and which each solver reads: a
 # solver's setting given to a solver that does not read it is an error naming it.
@@ -129,6 +130,17 @@ class FrankWolfeParameters(BaseModel):
         "where the rows pay for it, and one they neither want nor mind stays near 0 instead of drifting "
         "to the mean of its 0/1 flips (stochastic FW). The FW gap and the line search are those of the "
         "loss plus the cost. 0 turns it off.",
+    )
+    screen_per_task: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Before the solve moves, keep for each calibration task the N pool members whose "
+        "first gradient on that task's rows falls most steeply (summed over tensors, and over a LoRA's "
+        "rank components), and hold the others at 0: irrelevant members that the rows' noise would let in "
+        "stay out, and every member keeps a row in the table and the outputs. Costs no pass under hard and "
+        "soft FW (the first gradient is taken per task anyway), one gradient pass under the other solvers. "
+        "The log, the trace and the model card name what was kept. 0 keeps every member.",
     )
     learning_rate: float = Field(
         0.01,

@@ -3,6 +3,7 @@ convex hull of random points, one hull per tensor."""
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import numpy as np
@@ -138,7 +139,19 @@ class BatchedQuadratic(QuadraticOracle):
         self.rows_seen["gradient"] += sum(int(b.input_ids.shape[0]) for b in chosen)
         shares = [self._share(coefficients, b) for b in chosen]
         loss = sum(s[0] for s in shares)
-        return Evaluation(loss, sum(s[1] for s in shares), torch.tensor([loss], dtype=torch.float64))
+        task_scores = None
+        if per_task:  # each task's share of the scores, as the oracle gives them for the screen
+            task_scores = torch.zeros(len(self.counts), *shares[0][1].shape, dtype=torch.float64)
+            for batch, (_, scores) in zip(chosen, shares):
+                task_scores[batch.task] += scores
+        return Evaluation(loss, sum(s[1] for s in shares), torch.tensor([loss], dtype=torch.float64), task_scores)
+
+    def restricted(self, keep: list[int]) -> BatchedQuadratic:
+        """The same problem over the candidates ``keep`` alone (for the optimum of a face)."""
+        other = copy.copy(self)
+        other.deltas = self.deltas[keep]
+        other.rows_seen = dict(self.rows_seen)
+        return other
 
     def passes(self) -> dict[str, float]:
         return {k: v / self.total_rows for k, v in self.rows_seen.items()}

@@ -35,6 +35,7 @@ _SETTINGS = (
     "gradient_steps",
     "learning_rate",
     "weight_penalty",
+    "screen_per_task",
     "epsilon",
     "epsilon_relative",
     "objective",
@@ -56,7 +57,7 @@ def _shown(key: str, parameters: dict) -> bool:
         return parameters.get("constraint") in ("scaled_hull", "capped_box")
     if key == "granularity":
         return parameters.get(key) != "candidate"
-    if key == "weight_penalty":
+    if key in ("weight_penalty", "screen_per_task"):
         return bool(parameters.get(key))
     if key == "solver":
         return solver != "frank_wolfe"
@@ -145,6 +146,18 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
                 "saved whole as `modules_to_save`: " + ", ".join(f"`{m}`" for m in adapter["modules_to_save"]),
                 "",
             ]
+    screen = trace.get("screen")
+    if screen:
+        lines += [
+            f"**Screened** (`screen_per_task: {screen['per_task']}`): the solve used {len(screen['kept'])} of "
+            f"{len(screen['kept']) + len(screen['dropped'])} members, those whose first gradient fell most "
+            "steeply on some task's rows: "
+            + "; ".join(f"`{task}`: " + ", ".join(f"`{m}`" for m in top) for task, top in screen["by_task"].items())
+            + ". Held at 0: "
+            + (", ".join(f"`{m}`" for m in screen["dropped"]) or "none")
+            + ".",
+            "",
+        ]
     excluded = trace.get("excluded") or {}
     if excluded:
         lines += ["**Left out as outliers:** " + "; ".join(f"`{n}` ({why})" for n, why in excluded.items()), ""]

@@ -71,6 +71,12 @@ def summary(result: SolveResult) -> str:
         lines.append(f"last FW gap {last.gap:.4g}")
     if trace.weight_penalty is not None:  # the gap above is the penalised objective's
         lines.append(f"weight penalty {trace.weight_penalty:.4g} of loss per unit of candidate weight")
+    if trace.screen is not None:
+        dropped = trace.screen["dropped"]
+        lines.append(
+            f"screen: kept {len(trace.screen['kept'])} of {len(trace.screen['kept']) + len(dropped)} members"
+            + (f"; held at 0: {', '.join(dropped)}" if dropped else "")
+        )
     for name, value in mean_coefficients(result.table).items():
         lines.append(f"  mean coefficient {value:.3f}  {name}")
     return "\n".join(lines)

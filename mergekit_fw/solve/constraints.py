@@ -338,10 +338,76 @@ class CappedBox(Box):
         return self._point(self._capped(weights[1:]))
 
 
-ConstraintSet = Hull | Box
+@dataclass(frozen=True)
+class Face:
+    """A set with some candidates held at 0: the face of ``inner`` where they are absent.
+    Every set here treats its candidates alike and gives a subset of them the same kind
+    of set (a hull of fewer vertices, a box of fewer coordinates, a cap over fewer
+    entries), so each method is ``inner``'s on the kept rows, the others at 0. The
+    screen (:mod:`mergekit_fw.solve.screen`) builds one so that the solver and the
+    update rules move only among the members it kept, without a branch of their own.
+
+    ``keep``: per vertex row (row 0, the base, always kept)."""
+
+    inner: Hull | Box
+    keep: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        if not self.keep or not self.keep[0]:
+            raise ValueError("a face keeps the base's row (row 0)")
+
+    @property
+    def scale(self) -> float:
+        return self.inner.scale
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.tensor(self.keep, dtype=torch.bool)
+
+    def _embed(self, kept: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros((len(self.keep), *kept.shape[1:]), dtype=kept.dtype)
+        full[self.rows] = kept
+        return full
+
+    def vertex(self, rank: torch.Tensor, n_tensors: int) -> torch.Tensor:
+        return self._embed(self.inner.vertex(rank[self.rows], n_tensors))
+
+    def ranked(self, rank: torch.Tensor, n_tensors: int, k: int) -> list[torch.Tensor]:
+        return [self._embed(p) for p in self.inner.ranked(rank[self.rows], n_tensors, k)]
+
+    def away(self, weights: torch.Tensor, rank: torch.Tensor) -> torch.Tensor | None:
+        worst = self.inner.away(weights[self.rows], rank[self.rows])
+        return None if worst is None else self._embed(worst)
+
+    def max_step(self, weights: torch.Tensor, direction: torch.Tensor) -> float:
+        """The inner set's step; a direction that moves a row held at 0 leaves the face."""
+        if bool(direction[~self.rows].abs().gt(0).any()):
+            return 0.0
+        return self.inner.max_step(weights[self.rows], direction[self.rows])
+
+    def check(self, weights: torch.Tensor, atol: float = 1e-9) -> None:
+        held = weights[~self.rows]
+        if held.numel() and float(held.abs().max()) > atol:
+            raise InfeasibleError(f"a candidate the face holds at 0 has weight {float(held.abs().max())}")
+        self.inner.check(weights[self.rows], atol)
+
+    def snap(self, weights: torch.Tensor) -> torch.Tensor:
+        return self._embed(self.inner.snap(weights[self.rows]))
+
+    def project(self, weights: torch.Tensor) -> torch.Tensor:
+        """The nearest point of the face: the held rows at 0 and the kept ones projected
+        onto the inner set (the distance splits into the two parts)."""
+        return self._embed(self.inner.project(weights[self.rows]))
 
 
-def constraint_set(kind: str = "hull", radius: float | None = None) -> ConstraintSet:
+ConstraintSet = Hull | Box | Face
+
+
+def constraint_set(kind: str = "hull", radius: float | None = None) -> Hull | Box:
     """The set named by the ``constraint`` parameter (``radius`` for scaled_hull, the cap for capped_box)."""
     if kind == "hull":
         return Hull()

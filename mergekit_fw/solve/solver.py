@@ -31,6 +31,7 @@ from mergekit_fw.solve.constraints import ConstraintSet, describe, fw_gap, gain
 from mergekit_fw.solve.directions import Direction, choose
 from mergekit_fw.solve.lmo import ranking, vertex_norms, vertex_scores
 from mergekit_fw.solve.penalty import WeightPenalty
+from mergekit_fw.solve.screen import screened, start_screen
 from mergekit_fw.solve.soft import solve_inner, unique_points
 from mergekit_fw.solve.steps import adaptive, fixed, golden_section, quadratic, schedule
 from mergekit_fw.solve.table import CoefficientTable
@@ -88,6 +89,8 @@ class Trace:
     passes: dict[str, float] = field(default_factory=lambda: {"gradient": 0, "forward": 0})
     # the resolved weight_penalty: loss per unit of weight (None without one)
     weight_penalty: float | None = None
+    # screen_per_task: the members kept and held at 0 (mergekit_fw.solve.screen.Screen; None without one)
+    screen: dict | None = None
 
     def to_json(self) -> dict:
         return {
@@ -99,6 +102,7 @@ class Trace:
             "resumed_at": self.resumed_at,
             "task_scores": self.task_scores,
             "weight_penalty": self.weight_penalty,
+            "screen": self.screen,
             "iterations": [vars(r) for r in self.iterations],
         }
 
@@ -113,6 +117,7 @@ class Trace:
             task_scores=data.get("task_scores"),
             passes=dict(data.get("passes", {"gradient": 0, "forward": 0})),
             weight_penalty=data.get("weight_penalty"),
+            screen=data.get("screen"),
         )
         fields = IterationRecord.__dataclass_fields__
         trace.iterations = [
@@ -227,7 +232,8 @@ def solve(
     if rng_state is not None:
         torch.set_rng_state(rng_state)
     n_tensors = table.weights.shape[1]
-    constraint = table.constraint_set
+    # a resumed solve moves in the face its screen chose (the first iteration chooses it)
+    constraint = screened(table.constraint_set, trace.screen, table.candidates)
     constraint.check(table.weights)
     evaluate = _Evaluator(oracle, table, per_task=params.variant == "soft" and params.top_k_per == "task")
     # a cost per unit of weight (hard FW): resolved on the first gradient, then read from the trace
@@ -251,6 +257,12 @@ def solve(
             trace.initial_loss = loss
             if evaluation.task_scores is not None:
                 trace.task_scores = [[float(x) for x in row] for row in evaluation.task_scores.sum(dim=2)]
+                if params.screen_per_task:  # from this gradient: no pass of its own
+                    screen = start_screen(
+                        evaluation.task_scores.sum(dim=2), table, table.weights, params.screen_per_task
+                    )
+                    trace.screen = screen.to_json()
+                    constraint = screen.face(constraint, table.candidates)
         t_oracle = time.perf_counter()
         # d loss / d weight: a unit of weight is worth ``scale`` of the candidate's coefficient
         vscores = penalty.applied(vertex_scores(constraint.scale * evaluation.scores))

@@ -32,6 +32,7 @@ from mergekit_fw.config import ConfigError, FrankWolfeParameters
 from mergekit_fw.solve.constraints import fw_gap
 from mergekit_fw.solve.lmo import ranking, vertex_norms, vertex_scores
 from mergekit_fw.solve.penalty import WeightPenalty
+from mergekit_fw.solve.screen import screened, start_screen
 from mergekit_fw.solve.solver import IterationRecord, Trace, save_checkpoint
 from mergekit_fw.solve.table import CoefficientTable
 from mergekit_fw.solve.updates import MomentumFrankWolfe, ProjectedAdam, UpdateRule
@@ -88,7 +89,7 @@ def solve_stochastic(
     """Run (or continue, from a checkpoint's ``state``) the stochastic solve from ``table``."""
     trace = trace or Trace()
     trace.in_hull = table.in_hull
-    constraint = table.constraint_set
+    constraint = screened(table.constraint_set, trace.screen, table.candidates)
     constraint.check(table.weights)
     if (
         params.solver == "projected_gradient"
@@ -108,8 +109,19 @@ def solve_stochastic(
     full = list(oracle.batches)
     if trace.initial_loss is None:
         before = oracle.passes()
-        trace.initial_loss = oracle.loss(table.coefficients_for(start))
-        trace.passes["forward"] = trace.passes.get("forward", 0) + oracle.passes()["forward"] - before["forward"]
+        if params.screen_per_task:  # the start's gradient per task (one pass), for the screen
+            first = oracle.evaluate(table.coefficients_for(start), per_task=True)
+            trace.initial_loss = first.loss
+            task_scores = first.task_scores.sum(dim=2)
+            trace.task_scores = [[float(x) for x in row] for row in task_scores]
+            screen = start_screen(task_scores, table, start, params.screen_per_task)
+            trace.screen = screen.to_json()
+            constraint = screen.face(constraint, table.candidates)
+        else:
+            trace.initial_loss = oracle.loss(table.coefficients_for(start))
+        after = oracle.passes()
+        for kind in after:
+            trace.passes[kind] = trace.passes.get(kind, 0) + after[kind] - before[kind]
     rows_total = sum(int(b.input_ids.shape[0]) for b in full)
 
     def save() -> None:

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from mergekit_fw.solve.constraints import Box, CappedBox, Hull, ScaledHull, constraint_set, describe, fw_gap
+from mergekit_fw.solve.constraints import Box, CappedBox, Face, Hull, ScaledHull, constraint_set, describe, fw_gap
 from mergekit_fw.solve.lmo import ranking, vertex_scores
 from mergekit_fw.solve.simplex import InfeasibleError
 
@@ -18,6 +18,9 @@ N, L = 3, 4  # candidates, tensors
 
 def column_points(constraint) -> list[torch.Tensor]:
     """Every extreme point of one tensor's set, as a (1 + N,) weight column."""
+    if isinstance(constraint, Face):  # the inner set's points that leave the held rows at 0
+        held = ~constraint.rows
+        return [p for p in column_points(constraint.inner) if not bool(p[held].any())]
     if isinstance(constraint, CappedBox):  # at most one entry at the cap's fraction, the rest 0 or 1
         part = constraint.cap - int(constraint.cap)
         levels = [0.0, 1.0] + ([part] if part else [])
@@ -34,6 +37,12 @@ def column_points(constraint) -> list[torch.Tensor]:
 
 
 def random_feasible(constraint, generator) -> torch.Tensor:
+    if isinstance(constraint, Face):  # an inner point with the held rows moved to the base
+        w = random_feasible(constraint.inner, generator)
+        held = ~constraint.rows
+        w[0] += w[held].sum(dim=0)
+        w[held] = 0.0
+        return w
     if isinstance(constraint, CappedBox):  # some columns inside, some on the face where the cap binds
         c = torch.rand(N, L, generator=generator, dtype=torch.float64) * 1.6
         return constraint.project(torch.cat([1 - c.sum(0, keepdim=True), c]))
@@ -44,10 +53,18 @@ def random_feasible(constraint, generator) -> torch.Tensor:
     return w / w.sum(0)
 
 
-SETS = [Hull(), Box(), ScaledHull(scale=2.5), CappedBox(cap=2.0), CappedBox(cap=1.5)]
+KEEP = (True, True, False, True)  # a face: candidate 1 (row 2) held at 0
+SETS = [Hull(), Box(), ScaledHull(scale=2.5), CappedBox(cap=2.0), CappedBox(cap=1.5),
+        Face(Hull(), KEEP), Face(Box(), KEEP), Face(CappedBox(cap=1.5), KEEP)]
 
 
-@pytest.mark.parametrize("constraint", SETS, ids=lambda c: f"{c.name}{getattr(c, 'cap', '')}")
+def set_id(constraint) -> str:
+    if isinstance(constraint, Face):
+        return "face-" + set_id(constraint.inner)
+    return f"{constraint.name}{getattr(constraint, 'cap', '')}"
+
+
+@pytest.mark.parametrize("constraint", SETS, ids=set_id)
 def test_layerwise_vertex_and_gap_match_brute_force(constraint):
     g = torch.Generator().manual_seed(0)
     points = column_points(constraint)
@@ -65,7 +82,7 @@ def test_layerwise_vertex_and_gap_match_brute_force(constraint):
         assert fw_gap(constraint, w, vs) >= 0 and abs(fw_gap(constraint, best, vs)) < 1e-12
 
 
-@pytest.mark.parametrize("constraint", SETS, ids=lambda c: f"{c.name}{getattr(c, 'cap', '')}")
+@pytest.mark.parametrize("constraint", SETS, ids=set_id)
 def test_taskwise_vertex_is_the_best_point_shared_by_every_tensor(constraint):
     g = torch.Generator().manual_seed(1)
     points = column_points(constraint)
@@ -139,7 +156,7 @@ def test_constraint_set_by_name_and_describe():
     assert chosen == {"base": 1, "a": 2, "b": 1} and choice == ["a", "base", "a+b"]
 
 
-@pytest.mark.parametrize("constraint", SETS, ids=lambda c: f"{c.name}{getattr(c, 'cap', '')}")
+@pytest.mark.parametrize("constraint", SETS, ids=set_id)
 @pytest.mark.parametrize("lmo", ["layer", "task"])
 def test_away_point_and_longest_step_match_brute_force(constraint, lmo):
     """The away point is the worst-ranked point among those the iterate uses, and the
@@ -150,7 +167,7 @@ def test_away_point_and_longest_step_match_brute_force(constraint, lmo):
         w = random_feasible(constraint, g)
         if lmo == "task":  # the task-wise LMO's iterates share one column
             w = w[:, :1].expand(-1, L).clone()
-        if isinstance(constraint, Box):  # one end of a box coefficient not in use (in every tensor, task-wise)
+        if isinstance(inner_of(constraint), Box):  # one end of a box coefficient not in use (in every tensor, task-wise)
             w[1, : L if lmo == "task" else 1] = 0.0
         w = constraint.snap(w)
         rank = ranking(vs, lmo, "inner_product")
@@ -170,8 +187,14 @@ def test_away_point_and_longest_step_match_brute_force(constraint, lmo):
                 constraint.check(w + (top + 1e-6) * direction, atol=1e-9)
 
 
+def inner_of(constraint):
+    return constraint.inner if isinstance(constraint, Face) else constraint
+
+
 def _uses(constraint, column: torch.Tensor, point: torch.Tensor) -> bool:
-    """Whether ``point`` is in the iterate's active set, in this column."""
+    """Whether ``point`` is in the iterate's active set, in this column (a face's points
+    are its inner set's, so the same rule)."""
+    constraint = inner_of(constraint)
     if isinstance(constraint, Box):  # each coefficient: end 1 in use when c > 0, end 0 when c < 1
         c = column[1:]
         free = (c > 1e-12) & (c < 1 - 1e-12)
@@ -184,7 +207,7 @@ def _uses(constraint, column: torch.Tensor, point: torch.Tensor) -> bool:
     return bool(column[int(point.argmax())] > 1e-12)
 
 
-@pytest.mark.parametrize("constraint", SETS, ids=lambda c: f"{c.name}{getattr(c, 'cap', '')}")
+@pytest.mark.parametrize("constraint", SETS, ids=set_id)
 def test_projection_is_the_nearest_point_by_the_variational_inequality(constraint):
     """p is the Euclidean projection of x onto a polytope iff <x - p, y - p> <= 0 for every
     extreme point y (every point of the set is a convex mix of them); checked per tensor,
@@ -232,3 +255,25 @@ def test_the_capped_box_is_the_box_from_n_and_the_hull_at_one():
         CappedBox(cap=0.0)
     with pytest.raises(InfeasibleError, match="cap"):
         capped.check(torch.tensor([[-1.5], [1.0], [1.0], [0.5]], dtype=torch.float64))
+
+
+def test_a_face_is_its_set_on_the_kept_rows_and_refuses_weight_on_the_others():
+    """A face of each set is that set over the kept candidates (the same kind of set with
+    fewer of them), with the held rows at 0 in every point it gives."""
+    g = torch.Generator().manual_seed(11)
+    rows = torch.tensor(KEEP)
+    for inner in (Hull(), Box(), CappedBox(cap=1.5)):
+        face = Face(inner, KEEP)
+        for _ in range(10):
+            vs = vertex_scores(torch.randn(N, L, generator=g, dtype=torch.float64))
+            rank = ranking(vs, "layer", "inner_product")
+            point = face.vertex(rank, L)
+            assert torch.equal(point[rows], inner.vertex(rank[rows], L)) and not bool(point[~rows].any())
+            x = torch.randn(1 + N, L, generator=g, dtype=torch.float64)
+            assert torch.equal(face.project(x)[rows], inner.project(x[rows]))
+        inside = face.vertex(torch.zeros(1 + N), L)
+        inside[2, 0], inside[0, 0] = 0.25, inside[0, 0] - 0.25  # weight on the held candidate
+        with pytest.raises(InfeasibleError, match="holds at 0"):
+            face.check(inside)
+    with pytest.raises(ValueError, match="base"):
+        Face(Box(), (False, True, True, True))

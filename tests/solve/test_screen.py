@@ -1,0 +1,211 @@
+"""The screen (``screen_per_task``): which members it keeps, against a plain count; and
+every solver, given one, moves on the face of its set where the dropped members are 0
+and reaches that face's optimum (scipy's QP over the kept candidates alone)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergekit_fw.config import FrankWolfeParameters
+from mergekit_fw.solve.constraints import Box
+from mergekit_fw.solve.screen import Screen, screen_members
+from mergekit_fw.solve.solver import Trace, load_checkpoint, solve
+from mergekit_fw.solve.stochastic import solve_stochastic
+from tests.toy import BatchedQuadratic
+
+
+def test_each_task_keeps_its_lowest_members_with_rank_components_summed():
+    names = ["a#r0", "a#r1", "a#full", "b#r0", "b#r1", "c", "d", "init"]
+    # per task, per candidate row: a sums to -3 / +1, b to -1 / -4, c -2 / 0, d +1 / -0.5
+    scores = torch.tensor([
+        [-1.0, -1.5, -0.5, -2.0, 1.0, -2.0, 1.0, -9.0],
+        [0.5, 0.5, 0.0, -2.0, -2.0, 0.0, -0.5, -9.0],
+    ])
+    screen = screen_members(scores, names, ["t0", "t1"], 2, always={"init"})
+    assert screen.by_task == {"t0": ["a", "c"], "t1": ["b", "d"]}
+    assert screen.kept == ["a", "b", "c", "d"] and screen.dropped == []
+    screen = screen_members(scores, names, ["t0", "t1"], 1, always={"init"})
+    assert screen.by_task == {"t0": ["a"], "t1": ["b"]}
+    assert screen.kept == ["a", "b"] and screen.dropped == ["c", "d"]  # init is never screened
+    face = screen.face(Box(), names)
+    assert face.keep == (True, True, True, True, True, True, False, False, True)
+    # a member the start uses is kept whatever it scores
+    used = torch.tensor([False] * 6 + [True, False])
+    assert screen_members(scores, names, ["t0", "t1"], 1, always={"init"}, in_use=used).kept == ["a", "b", "d"]
+    assert Screen.from_json(screen.to_json()) == screen
+
+
+def test_the_kept_members_are_the_union_of_each_tasks_lowest_by_brute_force():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        members = [f"m{i}" for i in range(6)]
+        parts = [int(n) for n in torch.randint(1, 4, (6,), generator=g)]
+        names = [f"{m}#r{j}" for m, n in zip(members, parts) for j in range(n)]
+        scores = torch.randn(3, len(names), generator=g, dtype=torch.float64)
+        per_task = int(torch.randint(1, 4, (1,), generator=g))
+        screen = screen_members(scores, names, ["x", "y", "z"], per_task)
+        totals = {m: [float(sum(scores[t, i] for i, n in enumerate(names) if n.startswith(m + "#"))) for t in range(3)]
+                  for m in members}
+        expected = set()
+        for t in range(3):
+            # a member is kept for task t when fewer than per_task members score below it
+            expected |= {m for m in members if sum(totals[o][t] < totals[m][t] for o in members) < per_task}
+        assert set(screen.kept) == expected and set(screen.dropped) == set(members) - expected
+        assert all(len(top) == per_task for top in screen.by_task.values())
+
+
+def _face_rows(trace, n: int) -> list[int]:
+    """The candidate rows the screen dropped."""
+    dropped = set(trace.screen["dropped"])
+    return [i for i in range(n) if f"c{i}" in dropped]
+
+
+def _expected_screen(toy: BatchedQuadratic, constraint: str, per_task: int) -> Screen:
+    table = toy.table(constraint)
+    task_scores = toy.evaluate(table.coefficients(), per_task=True).task_scores.sum(dim=2)
+    return screen_members(task_scores, table.candidates, [f"task {t}" for t in range(3)], per_task)
+
+
+FW = {
+    "paper": dict(iterations=400, step="line_search", line_search_steps=40, direction="frank_wolfe"),
+    "defaults": dict(iterations=300),
+}
+
+
+@pytest.mark.parametrize("settings", list(FW))
+@pytest.mark.parametrize("constraint", ["box", "hull"])
+def test_hard_fw_with_a_screen_stays_on_its_face_and_reaches_the_faces_optimum(constraint, settings):
+    toy = BatchedQuadratic(6, 3, 5, seed=4, batches_per_task=(1, 1, 1))
+    params = FrankWolfeParameters(calibration="unused.jsonl", constraint=constraint, epsilon_relative=0.0,
+                                  screen_per_task=1, **FW[settings])
+    held: list[float] = []
+    trace = Trace()  # the solve fills it; the check reads its screen
+
+    def check(table, record) -> None:
+        table.constraint_set.check(table.weights)
+        held.append(float(table.weights[[1 + i for i in _face_rows(trace, 6)]].abs().sum()))
+
+    table, trace = solve(toy, toy.table(constraint), params, trace=trace, progress=False, on_iteration=check)
+    expected = _expected_screen(toy, constraint, 1)
+    assert trace.screen == expected.to_json() and expected.dropped  # the screen drops some of the 6
+    assert held and max(held) == 0.0  # every iterate left the dropped members at exactly 0
+    kept = [int(name[1:]) for name in expected.kept]
+    best = toy.restricted(kept).optimum_loss(constraint)
+    assert best - 1e-9 <= trace.final_loss <= best + 1e-3 * max(1.0, best)
+    assert toy.optimum_loss(constraint) < best - 1e-3  # the face's optimum is not the set's
+    assert trace.passes["gradient"] == len(trace.iterations)  # the screen took no pass of its own
+
+
+@pytest.mark.parametrize("solver", ["projected_gradient", "stochastic_frank_wolfe"])
+def test_the_gradient_solvers_screen_on_one_full_pass_and_reach_the_faces_optimum(solver):
+    toy = BatchedQuadratic(6, 3, 5, seed=4, batches_per_task=(1, 1, 1))  # one batch a task: exact gradients
+    params = FrankWolfeParameters(calibration="unused.jsonl", solver=solver, constraint="box", gradient_steps=3000,
+                                  screen_per_task=1)
+    held: list[float] = []
+    trace = Trace()
+    table, trace = solve_stochastic(
+        toy, toy.table("box"), params, trace=trace, progress=False,
+        on_iteration=lambda t, r: held.append(float(t.weights[[1 + i for i in _face_rows(trace, 6)]].abs().sum())),
+    )
+    expected = _expected_screen(toy, "box", 1)
+    assert trace.screen == expected.to_json() and expected.dropped and max(held) == 0.0
+    best = toy.restricted([int(name[1:]) for name in expected.kept]).optimum_loss("box")
+    assert best - 1e-9 <= trace.final_loss <= best + 1e-3 * max(1.0, best)
+    # the first full pass (per task), the 3000 steps of a batch per task (3 of 3 batches = a
+    # pass each) and the final loss
+    assert trace.passes["gradient"] == pytest.approx(1 + 3000) and trace.passes["forward"] == pytest.approx(1)
+
+
+@pytest.mark.parametrize("run", ["fw", "projected_gradient"])
+def test_a_screen_that_keeps_every_member_changes_nothing(run):
+    toy = BatchedQuadratic(4, 2, 5, seed=6, batches_per_task=(1, 1, 1))
+    go = (lambda p: solve(toy, toy.table("box"), p, progress=False)) if run == "fw" else (
+        lambda p: solve_stochastic(toy, toy.table("box"), p, progress=False))
+    extra = {"iterations": 20} if run == "fw" else {"solver": run, "gradient_steps": 50}
+    plain, _ = go(FrankWolfeParameters(calibration="unused.jsonl", constraint="box", **extra))
+    screened, trace = go(FrankWolfeParameters(calibration="unused.jsonl", constraint="box", screen_per_task=3, **extra))
+    assert trace.screen["dropped"] == [] and len(trace.screen["kept"]) == 4
+    assert torch.equal(screened.weights, plain.weights)
+
+
+@pytest.mark.parametrize("run", ["fw", "projected_gradient"])
+def test_a_killed_screened_solve_resumes_on_its_face_to_the_same_bits(tmp_path, run):
+    """The screen is chosen once, at the start, and kept in the trace: a resumed solve
+    moves on the same face (it does not screen again from wherever it stopped)."""
+
+    class Killed(Exception):
+        pass
+
+    def kill(table, record):
+        if record.iteration == 12:  # past the stochastic solvers' checkpoint at step 10
+            raise Killed
+
+    def toy() -> BatchedQuadratic:
+        return BatchedQuadratic(6, 3, 5, seed=4, batches_per_task=(1, 1, 1))
+
+    extra = {"iterations": 15, "epsilon_relative": 0.0} if run == "fw" else {"solver": run, "gradient_steps": 15}
+    params = FrankWolfeParameters(calibration="unused.jsonl", constraint="box", screen_per_task=1, **extra)
+    go = solve if run == "fw" else solve_stochastic
+    whole, whole_trace = go(toy(), toy().table("box"), params, progress=False)
+    path = tmp_path / "checkpoint.json"
+    with pytest.raises(Killed):
+        go(toy(), toy().table("box"), params, checkpoint=path, progress=False, on_iteration=kill)
+    saved = load_checkpoint(path)
+    assert saved is not None and saved.trace.screen == whole_trace.screen
+    state = {"state": saved.extra} if run != "fw" else {}
+    resumed, trace = go(toy(), saved.table, params, checkpoint=path, trace=saved.trace, progress=False, **state)
+    assert torch.equal(resumed.weights, whole.weights) and trace.screen == whole_trace.screen
+
+
+def test_the_screen_setting_is_a_count_and_off_at_zero():
+    from mergekit_fw.config import ConfigError, parse_parameters
+
+    assert FrankWolfeParameters(calibration="x.jsonl").screen_per_task == 0
+    with pytest.raises(ConfigError, match="screen_per_task"):
+        parse_parameters({"calibration": "x.jsonl", "screen_per_task": -1})
+    with pytest.raises(ConfigError, match="screen_per_task"):
+        parse_parameters({"calibration": "x.jsonl", "screen_per_task": 1.5})
+    # off, it stays out of the fingerprint, so solves cached before it existed stay valid
+    fields = FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()
+    assert "screen_per_task" not in fields
+    assert FrankWolfeParameters(calibration="x.jsonl", screen_per_task=2).fingerprint_fields()["screen_per_task"] == 2
+
+
+
+@pytest.mark.slow
+def test_a_screened_merge_names_every_member_and_says_what_it_kept(random_pool, tmp_path):
+    """Through ``mergekit-fw run`` and ``mergekit-yaml`` (the same tensors): the table keeps
+    a row for every member, the dropped ones at exactly 0 on every tensor; the trace, the
+    summary and the model card name what was kept and why."""
+    import json
+
+    from tests.paths import assert_same_tensors, mergekit_fw_here, mergekit_yaml, tensors, write_config
+
+    base = str(random_pool["base"])
+    models = [{"model": f"{base}+{a}"} for a in random_pool["adapters"]] + [
+        {"model": str(d)} for d in random_pool["dense"]]
+    fw = write_config(tmp_path / "fw.yml", {
+        "merge_method": "frank_wolfe", "base_model": base, "models": models, "dtype": "float32",
+        "parameters": {"calibration": str(random_pool["calibration"]), "iterations": 3, "screen_per_task": 1},
+    })
+    output = mergekit_fw_here(fw, tmp_path / "fast")
+    mergekit_yaml(fw, tmp_path / "yaml")
+    assert_same_tensors(tensors(tmp_path / "fast"), tensors(tmp_path / "yaml"))
+    trace = json.loads((tmp_path / "fast" / "fw_trace.json").read_text())
+    table = json.loads((tmp_path / "fast" / "fw_table.json").read_text())
+    screen = trace["screen"]
+    assert set(screen["by_task"]) == {"reverse", "sort"} and all(len(v) == 1 for v in screen["by_task"].values())
+    names = [m["model"] for m in models]
+    assert sorted(screen["kept"] + screen["dropped"]) == sorted(names) and len(screen["dropped"]) >= len(names) - 2
+    # a member's rows: itself, or its rank components (granularity auto, from 50 rows a task)
+    rows = {name: [i for i, c in enumerate(table["candidates"]) if c.split("#")[0] == name] for name in names}
+    assert all(rows.values())  # every member keeps its rows in the table
+    coefficients = torch.tensor(list(table["coefficients"].values()), dtype=torch.float64)  # (tensors, candidates)
+    for name in screen["dropped"]:
+        assert float(coefficients[:, rows[name]].abs().max()) == 0.0
+    assert float(coefficients[:, [i for n in screen["kept"] for i in rows[n]]].abs().max()) > 0.0
+    card = (tmp_path / "fast" / "README.md").read_text()
+    assert "**Screened** (`screen_per_task: 1`)" in card and "`screen_per_task: 1`" in card
+    assert all(f"`{name}`" in card.split("Held at 0:")[1] for name in screen["dropped"])
+    assert f"held at 0: {', '.join(screen['dropped'])}" in output
