@@ -256,11 +256,10 @@ def solve(
         if first:
             trace.initial_loss = loss
             if evaluation.task_scores is not None:
-                trace.task_scores = [[float(x) for x in row] for row in evaluation.task_scores.sum(dim=2)]
+                per_candidate = evaluation.task_scores.sum(dim=2)
+                trace.task_scores = [[float(x) for x in row] for row in per_candidate]
                 if params.screen_per_task:  # from this gradient: no pass of its own
-                    screen = start_screen(
-                        evaluation.task_scores.sum(dim=2), table, table.weights, params.screen_per_task
-                    )
+                    screen = start_screen(per_candidate, table, table.weights, params.screen_per_task)
                     trace.screen = screen.to_json()
                     constraint = screen.face(constraint, table.candidates)
         t_oracle = time.perf_counter()
