@@ -132,7 +132,7 @@ class FrankWolfeParameters(BaseModel):
         "loss plus the cost. 0 turns it off.",
     )
     screen_per_task: int = Field(
-        0,
+        2,
         ge=0,
         le=1000,
         description="Before the solve moves, keep for each calibration task the N pool members whose "

@@ -16,7 +16,7 @@ from mergekit_fw.solve.table import CoefficientTable
 
 # The paper's Frank-Wolfe (mergekit-fw's defaults before issue 17): the toy tests check
 # one algorithm at a time, so they start from these and name what they change.
-PAPER_FW = {"iterations": 10, "step": "line_search", "direction": "frank_wolfe", "epsilon_relative": 0.0}
+PAPER_FW = {"iterations": 10, "step": "line_search", "direction": "frank_wolfe", "epsilon_relative": 0.0, "screen_per_task": 0}
 
 
 def paper_settings(**settings: object) -> dict:

@@ -148,11 +148,13 @@ def test_missing_init_file_and_mismatched_table_are_named(random_pool, tmp_path)
 def test_a_table_per_candidate_continues_per_rank_component_from_the_same_model(random_pool, tmp_path):
     """In the box, each component starts at its candidate's coefficient: the first loss
     is the finished run's last, and the components then move apart."""
-    first = solve(*pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, iterations=2))), progress=False)
+    # every member in play (no screen), so every component has a coefficient to start from
+    first = solve(*pool_and_parameters(load_merge_config(_fw(random_pool, tmp_path, iterations=2, screen_per_task=0))),
+                  progress=False)
     first.table.save(tmp_path / "table.json")
     spec, params = pool_and_parameters(load_merge_config(
         _fw(random_pool, tmp_path, "rank.yml", iterations=2, granularity="rank_component",
-            init=str(tmp_path / "table.json"))))
+            init=str(tmp_path / "table.json"), screen_per_task=0)))
     result = solve(spec, params, progress=False)
     assert result.table.granularity == "rank_component" and len(result.table.candidates) == 4 + 2 + 3 + 1
     assert abs(result.trace.initial_loss - first.trace.final_loss) < 1e-9 * abs(first.trace.final_loss)

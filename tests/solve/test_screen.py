@@ -123,7 +123,7 @@ def test_a_screen_that_keeps_every_member_changes_nothing(run):
     go = (lambda p: solve(toy, toy.table("box"), p, progress=False)) if run == "fw" else (
         lambda p: solve_stochastic(toy, toy.table("box"), p, progress=False))
     extra = {"iterations": 20} if run == "fw" else {"solver": run, "gradient_steps": 50}
-    plain, _ = go(FrankWolfeParameters(calibration="unused.jsonl", constraint="box", **extra))
+    plain, _ = go(FrankWolfeParameters(calibration="unused.jsonl", constraint="box", screen_per_task=0, **extra))
     screened, trace = go(FrankWolfeParameters(calibration="unused.jsonl", constraint="box", screen_per_task=3, **extra))
     assert trace.screen["dropped"] == [] and len(trace.screen["kept"]) == 4
     assert torch.equal(screened.weights, plain.weights)
@@ -158,17 +158,18 @@ def test_a_killed_screened_solve_resumes_on_its_face_to_the_same_bits(tmp_path, 
     assert torch.equal(resumed.weights, whole.weights) and trace.screen == whole_trace.screen
 
 
-def test_the_screen_setting_is_a_count_and_off_at_zero():
+def test_the_screen_setting_is_a_count_on_by_default_and_off_at_zero():
     from mergekit_fw.config import ConfigError, parse_parameters
 
-    assert FrankWolfeParameters(calibration="x.jsonl").screen_per_task == 0
+    assert FrankWolfeParameters(calibration="x.jsonl").screen_per_task == 2
     with pytest.raises(ConfigError, match="screen_per_task"):
         parse_parameters({"calibration": "x.jsonl", "screen_per_task": -1})
     with pytest.raises(ConfigError, match="screen_per_task"):
         parse_parameters({"calibration": "x.jsonl", "screen_per_task": 1.5})
     # off, it stays out of the fingerprint, so solves cached before it existed stay valid
-    fields = FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()
+    fields = FrankWolfeParameters(calibration="x.jsonl", screen_per_task=0).fingerprint_fields()
     assert "screen_per_task" not in fields
+    assert FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()["screen_per_task"] == 2
     assert FrankWolfeParameters(calibration="x.jsonl", screen_per_task=2).fingerprint_fields()["screen_per_task"] == 2
 
 

@@ -124,7 +124,7 @@ def test_the_defaults_stop_on_the_relative_gap_with_the_gap_as_certificate(seed)
     1% of the first gap) on a target beyond the hull: every iterate in the box, the loss
     never rises, and the last gap bounds how far the result is from the QP's optimum."""
     oracle = QuadraticOracle(5, 2, 6, seed=seed)
-    params = FrankWolfeParameters(calibration="unused.jsonl")
+    params = FrankWolfeParameters(calibration="unused.jsonl", screen_per_task=0)  # one task: the whole box
     optimum = oracle.optimum("box")
     _, trace = solve(oracle, oracle.table(params.constraint), params, progress=False)
     losses = [r.loss for r in trace.iterations]
@@ -414,7 +414,8 @@ def test_a_killed_adaptive_solve_resumes_with_its_curvature_to_the_same_bits(tmp
 PENALISED = {
     "paper": lambda **s: _params(iterations=300, line_search_steps=40, **s),
     # the defaults (projected pairwise, adaptive step), run past the relative-gap stop
-    "defaults": lambda **s: FrankWolfeParameters(calibration="unused.jsonl", iterations=300, epsilon_relative=0.0, **s),
+    "defaults": lambda **s: FrankWolfeParameters(calibration="unused.jsonl", iterations=300, epsilon_relative=0.0,
+                                                 screen_per_task=0, **s),
 }
 
 

@@ -17,7 +17,7 @@ SOLVERS = ["projected_gradient", "stochastic_frank_wolfe"]
 
 
 def params(solver: str = "projected_gradient", **given) -> FrankWolfeParameters:
-    return FrankWolfeParameters(calibration="unused.jsonl", solver=solver, **given)
+    return FrankWolfeParameters(calibration="unused.jsonl", solver=solver, **{"screen_per_task": 0, **given})
 
 
 def test_step_batches_cycle_through_each_tasks_batches():
