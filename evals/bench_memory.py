@@ -44,7 +44,8 @@ def main() -> None:
         row = {"adapters": n, "adapter_bytes": adapter_bytes(pool["adapters"])}
         if n in args.sizes:
             config = work / f"fw{n}.yml"
-            config.write_text(yaml.safe_dump(fw_config(pool, iterations=2, step="schedule", gradient_checkpointing=True)))
+            config.write_text(yaml.safe_dump(fw_config(pool, iterations=2, step="schedule", gradient_checkpointing=True,
+                                                           screen_per_task=0)))  # the whole pool in play
             for label, extra in (("fw", {}), ("fw_pinned", {"MALLOC_MMAP_THRESHOLD_": "131072"})):
                 cache, out = work / f"cache-{label}-{n}", work / f"out-{label}-{n}"
                 argv = ["mergekit-fw", "run", str(config), str(out), "--quiet", "--threads", "2"]

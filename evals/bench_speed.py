@@ -109,7 +109,9 @@ def main() -> None:
     pool_dirs = build_pool(args.root, args.adapters)
     work = Path(tempfile.mkdtemp(prefix="bench_speed_"))
     config_file = work / "fw.yml"
-    config_file.write_text(yaml.safe_dump(fw_config(pool_dirs, iterations=3, step="schedule")))
+    # every adapter in play (screen_per_task: 0): an iteration over the whole pool, what the
+    # screen costs when it keeps everyone (evals.bench_screen times what it saves otherwise)
+    config_file.write_text(yaml.safe_dump(fw_config(pool_dirs, iterations=3, step="schedule", screen_per_task=0)))
     spec, params = pool_and_parameters(load_merge_config(config_file))
     pool = open_pool(spec)
     model, tokenizer = load_base_model(pool, params, Processes(), spec.dtype)

@@ -139,7 +139,8 @@ class FrankWolfeParameters(BaseModel):
         "first gradient on that task's rows falls most steeply (summed over tensors, and over a LoRA's "
         "rank components), and hold the others at 0: irrelevant members that the rows' noise would let in "
         "stay out, and every member keeps a row in the table and the outputs. Costs no pass under hard and "
-        "soft FW (the first gradient is taken per task anyway), one gradient pass under the other solvers. "
+        "soft FW (the first gradient is taken per task anyway), one gradient pass under the other solvers; "
+        "from then on the held members leave the oracle's model, so a pass costs what the kept members' does. "
         "The log, the trace and the model card name what was kept. 0 keeps every member.",
     )
     learning_rate: float = Field(

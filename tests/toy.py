@@ -41,6 +41,21 @@ class QuadraticOracle:
         else:
             self.target = self.base + torch.randn(n_tensors, dim, generator=g, dtype=torch.float64)
         self.evaluations = 0
+        self.held: list[int] = []  # rows held at 0 now (``hold``)
+        self.holds: list[list[int]] = []  # every hold asked for, in order
+
+    def hold(self, rows) -> None:
+        """As the model oracle: the held rows' scores read 0 until the next hold (the
+        solvers must not need them), and a point that moves them is refused."""
+        self.held = sorted(set(rows))
+        self.holds.append(self.held)
+
+    def _held(self, coefficients: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.held:
+            assert not bool(coefficients[self.held].any()), "a point moves a held row"
+            scores = scores.clone()
+            scores[..., self.held, :] = 0.0
+        return scores
 
     def point(self, coefficients: torch.Tensor) -> torch.Tensor:
         return self.base + torch.einsum("il,ild->ld", coefficients, self.deltas)
@@ -51,7 +66,7 @@ class QuadraticOracle:
     def evaluate(self, coefficients: torch.Tensor, *, per_task: bool = False) -> Evaluation:
         self.evaluations += 1
         residual = self.point(coefficients) - self.target
-        scores = 2 * torch.einsum("ld,ild->il", residual, self.deltas)
+        scores = self._held(coefficients, 2 * torch.einsum("ld,ild->il", residual, self.deltas))
         loss = float((residual**2).sum())
         return Evaluation(loss, scores, torch.tensor([loss], dtype=torch.float64), scores.unsqueeze(0) if per_task else None)
 
@@ -144,7 +159,9 @@ class BatchedQuadratic(QuadraticOracle):
             task_scores = torch.zeros(len(self.counts), *shares[0][1].shape, dtype=torch.float64)
             for batch, (_, scores) in zip(chosen, shares):
                 task_scores[batch.task] += scores
-        return Evaluation(loss, sum(s[1] for s in shares), torch.tensor([loss], dtype=torch.float64), task_scores)
+            task_scores = self._held(coefficients, task_scores)
+        scores = self._held(coefficients, sum(s[1] for s in shares))
+        return Evaluation(loss, scores, torch.tensor([loss], dtype=torch.float64), task_scores)
 
     def restricted(self, keep: list[int]) -> BatchedQuadratic:
         """The same problem over the candidates ``keep`` alone (for the optimum of a face)."""

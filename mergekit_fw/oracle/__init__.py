@@ -11,6 +11,7 @@ top-k) come from harvesting the accumulated gradients at each task boundary.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -81,16 +82,36 @@ class Oracle:
         self._device = input_device(self.model)
         self._current: torch.Tensor | None = None
         self._norms: torch.Tensor | None = None
+        self.held: frozenset[int] = frozenset()  # candidate rows held at 0 (``hold``)
         # rows pushed through the model, forward only and forward + backward: what a
         # solve spent, in rows (passes over the calibration set = rows / its rows)
         self.forward_rows = 0
         self.backward_rows = 0
+
+    def hold(self, rows: Collection[int]) -> None:
+        """Hold candidate rows ``rows`` (and only those) at 0, as a screened solve does
+        with its dropped members: their paths and delta streams leave the model, so a
+        pass costs what the kept members' does, their scores read 0, and a point that
+        moves them is refused. An empty ``rows`` puts every member back."""
+        held = frozenset(rows)
+        if held == self.held:
+            return
+        if self.lora is not None:
+            self.lora.hold({k for k, row in enumerate(self.lora.candidate_rows) if row in held})
+        if self.dense is not None:
+            self.dense.hold(held)
+        self.held = held
+        self._current = None  # the model no longer computes the point it did
+        LOG.info("oracle: %d of %d candidate rows held at 0, out of the model", len(held), len(self.pool.candidates))
 
     def set_point(self, coefficients: torch.Tensor) -> None:
         """Make the model compute the merge at coefficients ``c[i, l]``."""
         coefficients = coefficients.detach().to(torch.float64).cpu()
         if self._current is not None and torch.equal(coefficients, self._current):
             return
+        if self.held and bool(coefficients[sorted(self.held)].any()):
+            moved = [self.pool.candidates[row].name for row in sorted(self.held) if bool(coefficients[row].any())]
+            raise ValueError(f"coefficients on members held at 0: {', '.join(moved)}")
         if self.lora is not None:
             self.lora.set(coefficients, self.lora_columns)
         if self.dense is not None:

@@ -12,7 +12,7 @@ memory grows neither with the number of candidates nor with a tensor's size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import ExitStack
 
 import torch
@@ -57,6 +57,13 @@ class DenseMix:
         # W0 of the moved tensors, kept on the CPU beside the streamed deltas: the
         # dense iterate is rebuilt from it and copied onto the model's device.
         self.base = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
+        self._held: set[int] = set()  # positions in ``candidates`` held at 0: not scored
+
+    def hold(self, rows: Collection[int]) -> None:
+        """Score no candidate of pool rows ``rows`` (held at 0), and every other: each
+        score streams the candidate's every delta from disk, a full checkpoint's whole
+        size per gradient."""
+        self._held = {k for k, (row, _) in enumerate(self.candidates) if row in rows}
 
     def set(self, coefficients: torch.Tensor) -> None:
         """Write ``MergeFn(W0, deltas, c[:, l])`` into the model, one tensor at a time
@@ -120,7 +127,7 @@ class DenseMix:
                 continue
             base = self.base[name]
             for k, (_, candidate) in enumerate(self.candidates):
-                if name not in self._touches[k]:
+                if name not in self._touches[k] or k in self._held:
                     continue
                 if base.dim() == 0:
                     delta = candidate.delta(name, base)

@@ -9,7 +9,7 @@ no dense gradient is ever formed, and memory grows only with the adapters' bytes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
@@ -69,6 +69,29 @@ class _ModuleBank:
         self.scale = scale  # (n_here,)
         self.ranks = ranks  # (n_here,)
 
+    def without(self, rows: Collection[int]) -> _ModuleBank | None:
+        """This bank without the adapters of gate rows ``rows`` (their rank slices cut
+        out); None when none is left. The kept slices are copied, so a forward reads
+        only the kept adapters."""
+        here = self.rows.tolist()
+        keep = [k for k, row in enumerate(here) if row not in rows]
+        if len(keep) == len(here):
+            return self
+        if not keep:
+            return None
+        ends = torch.cumsum(self.ranks.cpu(), dim=0).tolist()
+        slices = [torch.arange(end - int(self.ranks[k]), end) for k, end in enumerate(ends) if k in keep]
+        index = torch.cat(slices).to(self.A.device)
+        kept = torch.tensor(keep, dtype=torch.long, device=self.scale.device)
+        return _ModuleBank(
+            self.column,
+            [here[k] for k in keep],
+            self.A.index_select(0, index),
+            self.B.index_select(1, index),
+            self.scale.index_select(0, kept),
+            self.ranks.index_select(0, kept),
+        )
+
 
 class LoraGates:
     """Forward hooks that add gated low-rank paths to the base model's linears."""
@@ -79,6 +102,10 @@ class LoraGates:
         self.tensors = list(tensors)
         self.gates = torch.zeros(len(candidates), len(self.tensors), dtype=torch.float64, device=input_device(model))
         self._handles = []
+        # one bank per hooked module, every adapter in it; the hooks read ``_banks``, which
+        # ``hold`` replaces with these banks less the held adapters (None: none left)
+        self._full: list[_ModuleBank] = []
+        self._banks: list[_ModuleBank | None] = []
         modules = dict(model.named_modules())
         for column, tensor in enumerate(self.tensors):
             rows, here, scales, ranks = [], [], [], []
@@ -106,7 +133,9 @@ class LoraGates:
                 torch.tensor(scales, dtype=torch.float64, device=device),
                 torch.tensor(ranks, dtype=torch.long, device=device),
             )
-            self._handles.append(module.register_forward_hook(self._hook(bank)))
+            self._full.append(bank)
+            self._banks.append(bank)
+            self._handles.append(module.register_forward_hook(self._hook(len(self._banks) - 1)))
 
     @staticmethod
     def _fill_bank(factors, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,8 +157,11 @@ class LoraGates:
             offset += f.rank
         return A, B
 
-    def _hook(self, bank: _ModuleBank):
+    def _hook(self, slot: int):
         def add_low_rank(module: nn.Module, inputs, output):
+            bank = self._banks[slot]
+            if bank is None:  # every adapter of this module is held at 0
+                return output
             x = inputs[0]
             gates = self.gates[bank.rows, bank.column].to(bank.scale.device)
             # at least float32: the gates' gradients are the LMO scores, summed over every token
@@ -145,6 +177,13 @@ class LoraGates:
         with torch.no_grad():
             values = coefficients[self.candidate_rows][:, list(columns)]
             self.gates = values.to(self.gates.device, torch.float64).clone()
+
+    def hold(self, rows: Collection[int]) -> None:
+        """Take the paths of gate rows ``rows`` (and only those) out of the model: held
+        at 0, their products would add nothing but seconds; their scores, no longer
+        computed, read 0. An empty ``rows`` puts every adapter back."""
+        held = set(rows)
+        self._banks = [bank.without(held) for bank in self._full]
 
     def require_grad(self, flag: bool) -> None:
         self.gates.requires_grad_(flag)

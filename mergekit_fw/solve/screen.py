@@ -25,8 +25,10 @@ Members the starting point already uses, and the initial merge, are always kept.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -56,14 +58,19 @@ class Screen:
             list(data["dropped"]),
         )
 
+    def held(self, candidates: list[str]) -> list[int]:
+        """The candidate rows (0: the first candidate) of the dropped members."""
+        dropped = set(self.dropped)
+        return [row for row, name in enumerate(candidates) if parent_name(name) in dropped]
+
     def face(self, constraint: ConstraintSet, candidates: list[str]) -> ConstraintSet:
         """``constraint`` with every candidate row of a dropped member held at 0."""
         if not self.dropped:
             return constraint
         if isinstance(constraint, Face):
             raise ValueError("the screen restricts a constraint set once")
-        dropped = set(self.dropped)
-        return Face(constraint, (True, *(parent_name(name) not in dropped for name in candidates)))
+        held = set(self.held(candidates))
+        return Face(constraint, (True, *(row not in held for row in range(len(candidates)))))
 
 
 def members(candidates: list[str], always: Collection[str]) -> list[str]:
@@ -140,6 +147,35 @@ def start_screen(task_scores: torch.Tensor, table: CoefficientTable, weights: to
     return screen
 
 
-def screened(constraint: ConstraintSet, data: dict | None, candidates: list[str]) -> ConstraintSet:
-    """The set a solve moves in: ``constraint``, or its face when a screen was recorded."""
-    return constraint if data is None else Screen.from_json(data).face(constraint, candidates)
+class HoldingOracle(Protocol):
+    def hold(self, rows: Collection[int]) -> None: ...
+
+
+class _Traced(Protocol):
+    screen: dict | None
+
+
+@contextmanager
+def screen_held(oracle: HoldingOracle, trace: _Traced) -> Iterator[None]:
+    """One solve's extent of its screen's hold: however the solve ends, an oracle that
+    held members for it holds none afterwards, so the next solve on it (another
+    setting, a resumed one) sees the whole pool until its own screen."""
+    try:
+        yield
+    finally:
+        if trace.screen is not None and trace.screen["dropped"]:
+            oracle.hold(())
+
+
+def apply_screen(
+    screen: Screen | dict | None, constraint: ConstraintSet, candidates: list[str], oracle: HoldingOracle
+) -> ConstraintSet:
+    """The set a solve moves in: ``constraint``, or its face when there is a screen
+    (chosen now, or recorded in a resumed solve's trace); the oracle stops computing
+    the dropped members, which stay at 0 from here on."""
+    if screen is None:
+        return constraint
+    screen = Screen.from_json(screen) if isinstance(screen, dict) else screen
+    if screen.dropped:
+        oracle.hold(screen.held(candidates))
+    return screen.face(constraint, candidates)

@@ -17,7 +17,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -31,7 +31,7 @@ from mergekit_fw.solve.constraints import ConstraintSet, describe, fw_gap, gain
 from mergekit_fw.solve.directions import Direction, choose
 from mergekit_fw.solve.lmo import ranking, vertex_norms, vertex_scores
 from mergekit_fw.solve.penalty import WeightPenalty
-from mergekit_fw.solve.screen import screened, start_screen
+from mergekit_fw.solve.screen import apply_screen, screen_held, start_screen
 from mergekit_fw.solve.soft import solve_inner, unique_points
 from mergekit_fw.solve.steps import adaptive, fixed, golden_section, quadratic, schedule
 from mergekit_fw.solve.table import CoefficientTable
@@ -50,6 +50,8 @@ class LossOracle(Protocol):
     def evaluate(self, coefficients: torch.Tensor, *, per_task: bool = False) -> Evaluation: ...
 
     def vertex_norms(self) -> torch.Tensor: ...
+
+    def hold(self, rows: Collection[int]) -> None: ...
 
 
 @dataclass
@@ -227,13 +229,27 @@ def solve(
     what the uninterrupted one would have.
     """
     trace = trace or Trace()
+    with screen_held(oracle, trace):
+        return _frank_wolfe(oracle, table, params, checkpoint, trace, progress, on_iteration, rng_state)
+
+
+def _frank_wolfe(
+    oracle: LossOracle,
+    table: CoefficientTable,
+    params: FrankWolfeParameters,
+    checkpoint: Path | None,
+    trace: Trace,
+    progress: bool,
+    on_iteration: Callable[[CoefficientTable, IterationRecord], None] | None,
+    rng_state: torch.Tensor | None,
+) -> tuple[CoefficientTable, Trace]:
     trace.in_hull = table.in_hull
     torch.manual_seed(params.seed)
     if rng_state is not None:
         torch.set_rng_state(rng_state)
     n_tensors = table.weights.shape[1]
     # a resumed solve moves in the face its screen chose (the first iteration chooses it)
-    constraint = screened(table.constraint_set, trace.screen, table.candidates)
+    constraint = apply_screen(trace.screen, table.constraint_set, table.candidates, oracle)
     constraint.check(table.weights)
     evaluate = _Evaluator(oracle, table, per_task=params.variant == "soft" and params.top_k_per == "task")
     # a cost per unit of weight (hard FW): resolved on the first gradient, then read from the trace
@@ -261,7 +277,7 @@ def solve(
                 if params.screen_per_task:  # from this gradient: no pass of its own
                     screen = start_screen(per_candidate, table, table.weights, params.screen_per_task)
                     trace.screen = screen.to_json()
-                    constraint = screen.face(constraint, table.candidates)
+                    constraint = apply_screen(screen, constraint, table.candidates, oracle)
         t_oracle = time.perf_counter()
         # d loss / d weight: a unit of weight is worth ``scale`` of the candidate's coefficient
         vscores = penalty.applied(vertex_scores(constraint.scale * evaluation.scores))

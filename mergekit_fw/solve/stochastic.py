@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 import torch
@@ -32,7 +32,7 @@ from mergekit_fw.config import ConfigError, FrankWolfeParameters
 from mergekit_fw.solve.constraints import fw_gap
 from mergekit_fw.solve.lmo import ranking, vertex_norms, vertex_scores
 from mergekit_fw.solve.penalty import WeightPenalty
-from mergekit_fw.solve.screen import screened, start_screen
+from mergekit_fw.solve.screen import apply_screen, screen_held, start_screen
 from mergekit_fw.solve.solver import IterationRecord, Trace, save_checkpoint
 from mergekit_fw.solve.table import CoefficientTable
 from mergekit_fw.solve.updates import MomentumFrankWolfe, ProjectedAdam, UpdateRule
@@ -54,6 +54,8 @@ class BatchOracle(Protocol):
     def passes(self) -> dict[str, float]: ...
 
     def vertex_norms(self) -> torch.Tensor: ...
+
+    def hold(self, rows: Collection[int]) -> None: ...
 
 
 def step_batches(batches: Sequence, step: int) -> list:
@@ -88,8 +90,22 @@ def solve_stochastic(
 ) -> tuple[CoefficientTable, Trace]:
     """Run (or continue, from a checkpoint's ``state``) the stochastic solve from ``table``."""
     trace = trace or Trace()
+    with screen_held(oracle, trace):
+        return _stochastic(oracle, table, params, checkpoint, trace, state, progress, on_iteration)
+
+
+def _stochastic(
+    oracle: BatchOracle,
+    table: CoefficientTable,
+    params: FrankWolfeParameters,
+    checkpoint,
+    trace: Trace,
+    state: dict | None,
+    progress: bool,
+    on_iteration: Callable[[CoefficientTable, IterationRecord], None] | None,
+) -> tuple[CoefficientTable, Trace]:
     trace.in_hull = table.in_hull
-    constraint = screened(table.constraint_set, trace.screen, table.candidates)
+    constraint = apply_screen(trace.screen, table.constraint_set, table.candidates, oracle)
     constraint.check(table.weights)
     if (
         params.solver == "projected_gradient"
@@ -116,7 +132,7 @@ def solve_stochastic(
             trace.task_scores = [[float(x) for x in row] for row in task_scores]
             screen = start_screen(task_scores, table, start, params.screen_per_task)
             trace.screen = screen.to_json()
-            constraint = screen.face(constraint, table.candidates)
+            constraint = apply_screen(screen, constraint, table.candidates, oracle)
         else:
             trace.initial_loss = oracle.loss(table.coefficients_for(start))
         after = oracle.passes()

@@ -90,6 +90,8 @@ def test_hard_fw_with_a_screen_stays_on_its_face_and_reaches_the_faces_optimum(c
     expected = _expected_screen(toy, constraint, 1)
     assert trace.screen == expected.to_json() and expected.dropped  # the screen drops some of the 6
     assert held and max(held) == 0.0  # every iterate left the dropped members at exactly 0
+    # the oracle held them (scored 0 from then on) for the solve, and let them go at its end
+    assert toy.holds == [_face_rows(trace, 6), []]
     kept = [int(name[1:]) for name in expected.kept]
     best = toy.restricted(kept).optimum_loss(constraint)
     assert best - 1e-9 <= trace.final_loss <= best + 1e-3 * max(1.0, best)
@@ -110,6 +112,7 @@ def test_the_gradient_solvers_screen_on_one_full_pass_and_reach_the_faces_optimu
     )
     expected = _expected_screen(toy, "box", 1)
     assert trace.screen == expected.to_json() and expected.dropped and max(held) == 0.0
+    assert toy.holds == [_face_rows(trace, 6), []]
     best = toy.restricted([int(name[1:]) for name in expected.kept]).optimum_loss("box")
     assert best - 1e-9 <= trace.final_loss <= best + 1e-3 * max(1.0, best)
     # the first full pass (per task), the 3000 steps of a batch per task (3 of 3 batches = a
@@ -149,13 +152,17 @@ def test_a_killed_screened_solve_resumes_on_its_face_to_the_same_bits(tmp_path, 
     go = solve if run == "fw" else solve_stochastic
     whole, whole_trace = go(toy(), toy().table("box"), params, progress=False)
     path = tmp_path / "checkpoint.json"
+    killed = toy()
     with pytest.raises(Killed):
-        go(toy(), toy().table("box"), params, checkpoint=path, progress=False, on_iteration=kill)
+        go(killed, killed.table("box"), params, checkpoint=path, progress=False, on_iteration=kill)
+    assert killed.holds == [_face_rows(whole_trace, 6), []]  # let go of, though the solve died
     saved = load_checkpoint(path)
     assert saved is not None and saved.trace.screen == whole_trace.screen
     state = {"state": saved.extra} if run != "fw" else {}
-    resumed, trace = go(toy(), saved.table, params, checkpoint=path, trace=saved.trace, progress=False, **state)
+    again = toy()
+    resumed, trace = go(again, saved.table, params, checkpoint=path, trace=saved.trace, progress=False, **state)
     assert torch.equal(resumed.weights, whole.weights) and trace.screen == whole_trace.screen
+    assert again.holds == [_face_rows(trace, 6), []] and _face_rows(trace, 6)  # resumed: the same hold
 
 
 def test_the_screen_setting_is_a_count_on_by_default_and_off_at_zero():
