@@ -19,7 +19,10 @@ gradient is taken per task anyway) and one under the gradient solvers.
 
 What the solve may not use is held at 0 by a :class:`~mergekit_fw.solve.constraints.Face`
 of the constraint set, so the table, the outputs and a replay still name every member.
-Members the starting point already uses, and the initial merge, are always kept.
+Members the starting point already uses, and the initial merge, are always kept. For the
+rest of the solve the oracle leaves the held members out of its model (``apply_screen``),
+so a pass costs what the kept members' does; the solve lets them go when it ends
+(``screen_held``), so an oracle is never left holding for the next solve.
 """
 
 from __future__ import annotations
