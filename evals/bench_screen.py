@@ -18,19 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from evals.common import THREADS, machine, median, write_results
-from evals.shaped_pool import build_pool, fw_config
-
-
-def _timed(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return median(times), times
+from evals.common import THREADS, machine, timed, write_results
+from evals.shaped_pool import open_shaped
 
 
 def main() -> None:
@@ -43,23 +33,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
 
-    from mergekit_fw.calibration.batches import build_calibration
-    from mergekit_fw.distributed import Processes
-    from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
     from mergekit_fw.oracle import Oracle
-    from mergekit_fw.pool.pool import open_pool
-    from mergekit_fw.solve.runner import load_base_model
     from mergekit_fw.solve.solver import solve
     from mergekit_fw.solve.table import CoefficientTable
 
-    pool_dirs = build_pool(args.root, args.adapters)
-    config_file = Path(tempfile.mkdtemp(prefix="bench_screen_")) / "fw.yml"
-    config_file.write_text(yaml.safe_dump(fw_config(pool_dirs, iterations=args.iterations)))
-    spec, params = pool_and_parameters(load_merge_config(config_file))
-    pool = open_pool(spec)
-    model, tokenizer = load_base_model(pool, params, Processes(), spec.dtype)
-    calibration = build_calibration(pool_dirs["calibration"], tokenizer, samples_per_task=params.samples_per_task,
-                                    batch_size=params.batch_size, max_length=params.max_length)
+    shaped = open_shaped(args.root, args.adapters, Path(tempfile.mkdtemp(prefix="bench_screen_")),
+                         iterations=args.iterations)
+    spec, params, pool, model, calibration = shaped.spec, shaped.params, shaped.pool, shaped.model, shaped.calibration
     results: dict = {"machine": machine(), "adapters": args.adapters, "keep": args.keep, "repeats": args.repeats,
                      "iterations": args.iterations, "dtype": params.oracle_dtype_for(spec.dtype)}
 
@@ -71,9 +51,9 @@ def main() -> None:
     for label in ("all", "kept"):
         if label == "kept":
             oracle.hold(range(args.keep, len(pool.candidates)))
-        results[f"gradient_{label}_s"], results[f"gradient_{label}_runs"] = _timed(
+        results[f"gradient_{label}_s"], results[f"gradient_{label}_runs"] = timed(
             lambda: oracle.evaluate(point), args.repeats)
-        results[f"forward_{label}_s"], results[f"forward_{label}_runs"] = _timed(
+        results[f"forward_{label}_s"], results[f"forward_{label}_runs"] = timed(
             lambda: oracle.loss(point), args.repeats)
     results["gradient_ratio"] = results["gradient_kept_s"] / results["gradient_all_s"]
     results["forward_ratio"] = results["forward_kept_s"] / results["forward_all_s"]

@@ -31,23 +31,12 @@ import copy
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from evals.common import THREADS, child_env, machine, measured, median, write_results
-from evals.shaped_pool import build_pool, fw_config
-
-
-def _timed(fn, repeats: int):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return median(times), times
+from evals.common import THREADS, child_env, machine, measured, median, timed, write_results
+from evals.shaped_pool import open_shaped
 
 
 def _only_tensors(table, modules):
@@ -95,28 +84,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
 
-    from mergekit_fw.calibration.batches import build_calibration
-    from mergekit_fw.distributed import Processes
-    from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
     from mergekit_fw.objective import batch_loss, position_weights
     from mergekit_fw.oracle import Oracle
     from mergekit_fw.output.writer import write_merged_model
-    from mergekit_fw.pool.pool import open_pool
-    from mergekit_fw.solve.runner import load_base_model
     from mergekit_fw.solve.solver import solve
     from mergekit_fw.solve.table import CoefficientTable
 
-    pool_dirs = build_pool(args.root, args.adapters)
     work = Path(tempfile.mkdtemp(prefix="bench_speed_"))
-    config_file = work / "fw.yml"
     # every adapter in play (screen_per_task: 0): an iteration over the whole pool, what the
     # screen costs when it keeps everyone (evals.bench_screen times what it saves otherwise)
-    config_file.write_text(yaml.safe_dump(fw_config(pool_dirs, iterations=3, step="schedule", screen_per_task=0)))
-    spec, params = pool_and_parameters(load_merge_config(config_file))
-    pool = open_pool(spec)
-    model, tokenizer = load_base_model(pool, params, Processes(), spec.dtype)
-    calibration = build_calibration(pool_dirs["calibration"], tokenizer, samples_per_task=params.samples_per_task,
-                                    batch_size=params.batch_size, max_length=params.max_length)
+    shaped = open_shaped(args.root, args.adapters, work, iterations=3, step="schedule", screen_per_task=0)
+    pool_dirs, config_file, spec, params = shaped.dirs, shaped.config_file, shaped.spec, shaped.params
+    pool, model, calibration = shaped.pool, shaped.model, shaped.calibration
     tokens = int(sum(int(b.attention_mask.sum()) for b in calibration.batches))
     results: dict = {"machine": machine(), "adapters": args.adapters, "repeats": args.repeats,
                      "calibration_tokens": tokens, "dtype": params.oracle_dtype_for(spec.dtype)}
@@ -133,7 +112,7 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
 
     bare()  # warm-up
-    results["bare_fwd_bwd_s"], results["bare_runs"] = _timed(bare, args.repeats)
+    results["bare_fwd_bwd_s"], results["bare_runs"] = timed(bare, args.repeats)
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -145,9 +124,9 @@ def main() -> None:
     fitted = params.model_copy(update={"iterations": 1, "step": "quadratic"})
     run = lambda p: solve(oracle, copy.deepcopy(start), p, progress=False)  # noqa: E731
     run(one)  # warm-up
-    results["fw_iteration_s"], results["fw_iteration_runs"] = _timed(lambda: run(one), args.repeats)
-    results["fw_line_search_iteration_s"], results["fw_line_search_runs"] = _timed(lambda: run(searched), args.repeats)
-    results["fw_quadratic_iteration_s"], results["fw_quadratic_runs"] = _timed(lambda: run(fitted), args.repeats)
+    results["fw_iteration_s"], results["fw_iteration_runs"] = timed(lambda: run(one), args.repeats)
+    results["fw_line_search_iteration_s"], results["fw_line_search_runs"] = timed(lambda: run(searched), args.repeats)
+    results["fw_quadratic_iteration_s"], results["fw_quadratic_runs"] = timed(lambda: run(fitted), args.repeats)
     results["fw_quadratic_forwards"] = run(fitted)[1].iterations[0].passes["forward"]
     results["quadratic_iteration_ratio"] = results["fw_quadratic_iteration_s"] / results["bare_fwd_bwd_s"]
     results["iteration_ratio"] = results["fw_iteration_s"] / results["bare_fwd_bwd_s"]
@@ -180,14 +159,14 @@ def main() -> None:
         shutil.rmtree(qv_out)
 
     plain_copy()  # the base file is in the page cache for all
-    results["plain_copy_s"], results["plain_copy_runs"] = _timed(plain_copy, args.repeats)
-    results["plain_copy_fsync_s"], results["plain_copy_fsync_runs"] = _timed(plain_copy_synced, args.repeats)
-    results["write_s"], results["write_runs"] = _timed(write, args.repeats)
+    results["plain_copy_s"], results["plain_copy_runs"] = timed(plain_copy, args.repeats)
+    results["plain_copy_fsync_s"], results["plain_copy_fsync_runs"] = timed(plain_copy_synced, args.repeats)
+    results["write_s"], results["write_runs"] = timed(write, args.repeats)
     results["write_ratio"] = results["write_s"] / results["plain_copy_s"]
-    results["write_qv_s"], results["write_qv_runs"] = _timed(write_qv, args.repeats)
+    results["write_qv_s"], results["write_qv_runs"] = timed(write_qv, args.repeats)
     results["write_qv_ratio"] = results["write_qv_s"] / results["plain_copy_s"]
     _low_rank_products(pool, table)  # reads the factors once; the timed runs do arithmetic only
-    results["lowrank_gemm_s"], results["lowrank_gemm_runs"] = _timed(lambda: _low_rank_products(pool, table), args.repeats)
+    results["lowrank_gemm_s"], results["lowrank_gemm_runs"] = timed(lambda: _low_rank_products(pool, table), args.repeats)
     results["touched_fraction"] = _touched_fraction(pool, table)
     results["touched_fraction_qv"] = _touched_fraction(pool, qv_table)
 

@@ -10,8 +10,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
@@ -51,6 +52,16 @@ def machine() -> Dict[str, object]:
 
 def median(values: List[float]) -> float:
     return statistics.median(values)
+
+
+def timed(fn: Callable[[], object], repeats: int) -> Tuple[float, List[float]]:
+    """The median of ``repeats`` runs of ``fn`` in seconds, and every run's."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times), times
 
 
 def write_results(name: str, data: dict, markdown: str) -> None:

@@ -181,3 +181,39 @@ def task_arithmetic_config(pool: Dict[str, object], weight: float = 0.3) -> dict
         "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": weight}} for adapter in pool["adapters"]],  # type: ignore[union-attr]
         "dtype": "bfloat16",
     }
+
+
+@dataclass
+class Shaped:
+    """The shaped pool opened as a benchmark times it: the config, the pool, the base
+    model the oracle uses and the calibration batches."""
+
+    dirs: Dict[str, object]
+    config_file: Path
+    spec: object
+    params: object
+    pool: object
+    model: object
+    calibration: object
+
+
+def open_shaped(root: Path, n_adapters: int, work: Path, **parameters: object) -> Shaped:
+    """Build (or reuse) the pool under ``root``, write a ``frank_wolfe`` config with
+    ``parameters`` into ``work`` and open everything the oracle needs."""
+    import yaml
+
+    from mergekit_fw.calibration.batches import build_calibration
+    from mergekit_fw.distributed import Processes
+    from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
+    from mergekit_fw.pool.pool import open_pool
+    from mergekit_fw.solve.runner import load_base_model
+
+    dirs = build_pool(root, n_adapters)
+    config_file = Path(work) / "fw.yml"
+    config_file.write_text(yaml.safe_dump(fw_config(dirs, **parameters)))
+    spec, params = pool_and_parameters(load_merge_config(config_file))
+    pool = open_pool(spec)
+    model, tokenizer = load_base_model(pool, params, Processes(), spec.dtype)
+    calibration = build_calibration(dirs["calibration"], tokenizer, samples_per_task=params.samples_per_task,
+                                    batch_size=params.batch_size, max_length=params.max_length)
+    return Shaped(dirs, config_file, spec, params, pool, model, calibration)
