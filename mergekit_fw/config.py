@@ -34,6 +34,7 @@ _ADDED_LATER: dict[str, Any] = {
     "granularity": "candidate",
     "weight_penalty": 0.0,
     "screen_per_task": 0,
+    "screen_floor": 0.0,
 }
 # The settings that belong to one solver or another, and which each solver reads: a
 # solver's setting given to a solver that does not read it is an error naming it.
@@ -142,6 +143,15 @@ class FrankWolfeParameters(BaseModel):
         "soft FW (the first gradient is taken per task anyway), one gradient pass under the other solvers; "
         "from then on the held members leave the oracle's model, so a pass costs what the kept members' does. "
         "The log, the trace and the model card name what was kept. 0 keeps every member.",
+    )
+    screen_floor: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="With the screen on: after a task's steepest member, another is kept for that task only "
+        "if its first gradient there falls at least this fraction as steeply (0.1: a tenth). Where the pool "
+        "holds one specialist for a task, the next places otherwise go to members whose fall is the rows' "
+        "noise. 0 keeps the N steepest whatever their fall.",
     )
     learning_rate: float = Field(
         0.01,
@@ -450,6 +460,8 @@ class FrankWolfeParameters(BaseModel):
         unused |= {name for name, before in _ADDED_LATER.items() if getattr(self, name) == before}
         # a solver's own settings count only where that solver reads them
         unused |= set(SOLVER_SPECIFIC) - set(SOLVER_SETTINGS[self.solver])
+        if not self.screen_per_task:
+            unused.add("screen_floor")
         return self.model_dump(
             exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map", "allow_pickle"}
             | unused

@@ -36,6 +36,7 @@ _SETTINGS = (
     "learning_rate",
     "weight_penalty",
     "screen_per_task",
+    "screen_floor",
     "epsilon",
     "epsilon_relative",
     "objective",
@@ -59,6 +60,8 @@ def _shown(key: str, parameters: dict) -> bool:
         return parameters.get(key) != "candidate"
     if key in ("weight_penalty", "screen_per_task"):
         return bool(parameters.get(key))
+    if key == "screen_floor":
+        return bool(parameters.get(key)) and bool(parameters.get("screen_per_task"))
     if key == "solver":
         return solver != "frank_wolfe"
     return key not in SOLVER_SPECIFIC or key in SOLVER_SETTINGS.get(solver, ())
@@ -149,7 +152,9 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
     screen = trace.get("screen")
     if screen:
         lines += [
-            f"**Screened** (`screen_per_task: {screen['per_task']}`): the solve used {len(screen['kept'])} of "
+            f"**Screened** (`screen_per_task: {screen['per_task']}`"
+            + (f", `screen_floor: {screen['floor']}`" if screen.get("floor") else "")
+            + f"): the solve used {len(screen['kept'])} of "
             f"{len(screen['kept']) + len(screen['dropped'])} members, those whose first gradient fell most "
             "steeply on some task's rows: "
             + "; ".join(f"`{task}`: " + ", ".join(f"`{m}`" for m in top) for task, top in screen["by_task"].items())

@@ -48,9 +48,16 @@ class Screen:
     by_task: dict[str, list[str]]  # asked task -> the members that scored most negative on its rows
     kept: list[str]  # every member the solve may use, in pool order
     dropped: list[str]  # the others, held at 0
+    floor: float = 0.0  # a member after a task's first needed this fraction of the first's score
 
     def to_json(self) -> dict:
-        return {"per_task": self.per_task, "by_task": self.by_task, "kept": self.kept, "dropped": self.dropped}
+        return {
+            "per_task": self.per_task,
+            "floor": self.floor,
+            "by_task": self.by_task,
+            "kept": self.kept,
+            "dropped": self.dropped,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Screen:
@@ -59,6 +66,7 @@ class Screen:
             {k: list(v) for k, v in data["by_task"].items()},
             list(data["kept"]),
             list(data["dropped"]),
+            float(data.get("floor", 0.0)),  # traces written before the floor existed
         )
 
     def held(self, candidates: list[str]) -> list[int]:
@@ -92,13 +100,19 @@ def screen_members(
     tasks: list[str],
     per_task: int,
     *,
+    floor: float = 0.0,
     always: Collection[str] = (),
     in_use: torch.Tensor | None = None,
 ) -> Screen:
     """Keep, for each task, the ``per_task`` members whose summed score on its rows is
     lowest (ties to the earlier member), and the members ``in_use`` (per candidate row:
     it has weight at the start). ``task_scores``: (n_tasks, n_candidates), each row one
-    task's ``<grad, delta>`` per candidate, summed over tensors."""
+    task's ``<grad, delta>`` per candidate, summed over tensors.
+
+    After a task's first member, one is kept for it only if its score is at least
+    ``floor`` times the first's (both falling): with no second specialist in the pool,
+    the next places go to members whose scores are the rows' noise (1-7% of the
+    first's on the testbeds, where a related member's were 10-70%)."""
     if task_scores.shape != (len(tasks), len(candidates)):
         raise ValueError(
             f"task scores of shape {tuple(task_scores.shape)} for {len(tasks)} tasks, {len(candidates)} candidates"
@@ -111,8 +125,9 @@ def screen_members(
             summed[:, index[parent_name(name)]] += task_scores[:, row].to(torch.float64)
     by_task = {}
     for t, task in enumerate(tasks):
-        order = sorted(range(len(names)), key=lambda i: (float(summed[t, i]), i))
-        by_task[task] = [names[i] for i in order[:per_task]]
+        order = sorted(range(len(names)), key=lambda i: (float(summed[t, i]), i))[:per_task]
+        best = float(summed[t, order[0]]) if order else 0.0
+        by_task[task] = [names[i] for n, i in enumerate(order) if n == 0 or _steep(float(summed[t, i]), best, floor)]
     chosen = {name for top in by_task.values() for name in top}
     if in_use is not None:
         chosen |= {parent_name(c) for c, used in zip(candidates, in_use.tolist()) if used and c not in always}
@@ -121,20 +136,33 @@ def screen_members(
         by_task,
         kept=[n for n in names if n in chosen],
         dropped=[n for n in names if n not in chosen],
+        floor=floor,
     )
+
+
+def _steep(score: float, best: float, floor: float) -> bool:
+    """Whether a member's fall on a task (``score``) reaches ``floor`` of the first's
+    (``best``); where nothing falls, only the first member counts."""
+    if floor == 0.0:
+        return True
+    return best < 0.0 and score <= floor * best
 
 
 def log_screen(screen: Screen) -> None:
     LOG.info(
-        "screen: kept %d of %d members (the %d scoring lowest on each task's rows); held at 0: %s",
+        "screen: kept %d of %d members (up to the %d scoring lowest on each task's rows, after the first "
+        "those at %g of its score or more); held at 0: %s",
         len(screen.kept),
         len(screen.kept) + len(screen.dropped),
         screen.per_task,
+        screen.floor,
         ", ".join(screen.dropped) or "none",
     )
 
 
-def start_screen(task_scores: torch.Tensor, table: CoefficientTable, weights: torch.Tensor, per_task: int) -> Screen:
+def start_screen(
+    task_scores: torch.Tensor, table: CoefficientTable, weights: torch.Tensor, per_task: int, floor: float = 0.0
+) -> Screen:
     """The screen at a solve's starting point ``weights`` (the initial merge's vertex and
     the members the start uses are kept), logged."""
     tasks = [str(t) for t in table.meta.get("tasks", [])] or [f"task {t}" for t in range(task_scores.shape[0])]
@@ -143,6 +171,7 @@ def start_screen(task_scores: torch.Tensor, table: CoefficientTable, weights: to
         table.candidates,
         tasks,
         per_task,
+        floor=floor,
         always={INIT_VERTEX} if table.init is not None else set(),
         in_use=(weights[1:] != 0).any(dim=1),
     )

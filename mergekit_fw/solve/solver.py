@@ -275,7 +275,9 @@ def _frank_wolfe(
                 per_candidate = evaluation.task_scores.sum(dim=2)
                 trace.task_scores = [[float(x) for x in row] for row in per_candidate]
                 if params.screen_per_task:  # from this gradient: no pass of its own
-                    screen = start_screen(per_candidate, table, table.weights, params.screen_per_task)
+                    screen = start_screen(
+                        per_candidate, table, table.weights, params.screen_per_task, params.screen_floor
+                    )
                     trace.screen = screen.to_json()
                     constraint = apply_screen(screen, constraint, table.candidates, oracle)
         t_oracle = time.perf_counter()

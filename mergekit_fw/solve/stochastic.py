@@ -130,7 +130,7 @@ def _stochastic(
             trace.initial_loss = first.loss
             task_scores = first.task_scores.sum(dim=2)
             trace.task_scores = [[float(x) for x in row] for row in task_scores]
-            screen = start_screen(task_scores, table, start, params.screen_per_task)
+            screen = start_screen(task_scores, table, start, params.screen_per_task, params.screen_floor)
             trace.screen = screen.to_json()
             constraint = apply_screen(screen, constraint, table.candidates, oracle)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from mergekit_fw.cli import main
@@ -109,3 +110,22 @@ def test_the_summary_names_a_weight_penalty_where_the_solve_had_one(per_unit):
     text = summary(result)
     assert ("weight penalty 0.0125 of loss per unit of candidate weight" in text) == (per_unit is not None)
     assert Trace.from_json(json.loads(json.dumps(trace.to_json()))).weight_penalty == per_unit
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.1])
+def test_the_card_names_the_screens_floor_where_it_had_one(floor):
+    from dataclasses import replace
+
+    from mergekit_fw.output.card import frank_wolfe_section
+    from mergekit_fw.solve.screen import screen_members
+    from tests.toy import QuadraticOracle
+
+    table = QuadraticOracle(3, 1, 3, seed=0).table("box")
+    parameters = {"screen_per_task": 2, "screen_floor": floor}
+    table = replace(table, meta={**table.meta, "tasks": ["t0"], "parameters": parameters})
+    scores = torch.tensor([[-1.0, -0.05, 0.3]], dtype=torch.float64)
+    screen = screen_members(scores, table.candidates, ["t0"], 2, floor=floor).to_json()
+    card = frank_wolfe_section(table, {"iterations": [], "stopped": "x", "screen": screen})
+    assert ("`screen_floor: 0.1`" in card) == bool(floor)
+    held = card.split("Held at 0:")[1]
+    assert (f"`{table.candidates[1]}`" in held) == bool(floor) and f"`{table.candidates[2]}`" in held

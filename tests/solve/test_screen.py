@@ -55,16 +55,58 @@ def test_the_kept_members_are_the_union_of_each_tasks_lowest_by_brute_force():
         assert all(len(top) == per_task for top in screen.by_task.values())
 
 
+def test_after_a_tasks_first_member_the_floor_keeps_only_a_comparable_fall():
+    names = ["own", "near", "noise", "other"]
+    # t0: own falls 1.0, near 0.3 of that, noise 0.04; t1: nothing falls (two members level at 0)
+    scores = torch.tensor([[-1.0, -0.3, -0.04, 0.2], [0.3, 0.0, 0.2, 0.0]], dtype=torch.float64)
+    plain = screen_members(scores, names, ["t0", "t1"], 3)
+    assert plain.by_task == {"t0": ["own", "near", "noise"], "t1": ["near", "other", "noise"]}
+    screen = screen_members(scores, names, ["t0", "t1"], 3, floor=0.1)
+    # a task where no member falls keeps its first only
+    assert screen.by_task == {"t0": ["own", "near"], "t1": ["near"]}
+    assert screen.kept == ["own", "near"] and screen.dropped == ["noise", "other"]
+    assert screen_members(scores, names, ["t0", "t1"], 3, floor=0.3).by_task["t0"] == ["own", "near"]  # at the floor
+    assert screen_members(scores, names, ["t0", "t1"], 3, floor=0.31).by_task["t0"] == ["own"]
+    assert Screen.from_json(screen.to_json()) == screen and screen.floor == 0.1
+    # a trace written before the floor existed reads back with none
+    old = {k: v for k, v in plain.to_json().items() if k != "floor"}
+    assert Screen.from_json(old) == plain
+
+
+def test_the_floor_keeps_what_a_brute_force_rule_keeps():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        members = [f"m{i}" for i in range(6)]
+        parts = [int(n) for n in torch.randint(1, 4, (6,), generator=g)]
+        names = [f"{m}#r{j}" for m, n in zip(members, parts) for j in range(n)]
+        scores = torch.randn(3, len(names), generator=g, dtype=torch.float64) - 0.3
+        per_task = int(torch.randint(1, 5, (1,), generator=g))
+        floor = float(torch.rand(1, generator=g))
+        screen = screen_members(scores, names, ["x", "y", "z"], per_task, floor=floor)
+        totals = {m: [float(sum(scores[t, i] for i, n in enumerate(names) if n.startswith(m + "#"))) for t in range(3)]
+                  for m in members}
+        expected = set()
+        for t in range(3):
+            best = min(totals[m][t] for m in members)
+            for m in members:
+                among_lowest = sum(totals[o][t] < totals[m][t] for o in members) < per_task
+                first = totals[m][t] == best
+                steep = best < 0 and totals[m][t] <= floor * best
+                if among_lowest and (first or steep):
+                    expected.add(m)
+        assert set(screen.kept) == expected and set(screen.dropped) == set(members) - expected
+
+
 def _face_rows(trace, n: int) -> list[int]:
     """The candidate rows the screen dropped."""
     dropped = set(trace.screen["dropped"])
     return [i for i in range(n) if f"c{i}" in dropped]
 
 
-def _expected_screen(toy: BatchedQuadratic, constraint: str, per_task: int) -> Screen:
+def _expected_screen(toy: BatchedQuadratic, constraint: str, per_task: int, floor: float = 0.0) -> Screen:
     table = toy.table(constraint)
     task_scores = toy.evaluate(table.coefficients(), per_task=True).task_scores.sum(dim=2)
-    return screen_members(task_scores, table.candidates, [f"task {t}" for t in range(3)], per_task)
+    return screen_members(task_scores, table.candidates, [f"task {t}" for t in range(3)], per_task, floor=floor)
 
 
 FW = {
@@ -118,6 +160,20 @@ def test_the_gradient_solvers_screen_on_one_full_pass_and_reach_the_faces_optimu
     # the first full pass (per task), the 3000 steps of a batch per task (3 of 3 batches = a
     # pass each) and the final loss
     assert trace.passes["gradient"] == pytest.approx(1 + 3000) and trace.passes["forward"] == pytest.approx(1)
+
+
+@pytest.mark.parametrize("run", ["fw", "projected_gradient", "stochastic_frank_wolfe"])
+def test_every_solver_screens_with_the_floor_it_is_given(run):
+    toy = BatchedQuadratic(6, 3, 5, seed=4, batches_per_task=(1, 1, 1))
+    go = solve if run == "fw" else solve_stochastic
+    extra = {"iterations": 5} if run == "fw" else {"solver": run, "gradient_steps": 5}
+    params = FrankWolfeParameters(calibration="unused.jsonl", constraint="box", screen_per_task=3, screen_floor=0.5,
+                                  **extra)
+    _, trace = go(toy, toy.table("box"), params, progress=False)
+    expected = _expected_screen(toy, "box", 3, floor=0.5)
+    assert trace.screen == expected.to_json()
+    assert set(expected.dropped) > set(_expected_screen(toy, "box", 3).dropped)  # the floor drops more here
+    assert toy.holds == [_face_rows(trace, 6), []]
 
 
 @pytest.mark.parametrize("run", ["fw", "projected_gradient"])
@@ -178,6 +234,20 @@ def test_the_screen_setting_is_a_count_on_by_default_and_off_at_zero():
     assert "screen_per_task" not in fields
     assert FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()["screen_per_task"] == 2
     assert FrankWolfeParameters(calibration="x.jsonl", screen_per_task=2).fingerprint_fields()["screen_per_task"] == 2
+
+
+def test_the_floor_is_a_fraction_that_counts_only_under_the_screen():
+    from mergekit_fw.config import ConfigError, parse_parameters
+
+    for bad in (-0.1, 1.0, "a"):
+        with pytest.raises(ConfigError, match="screen_floor"):
+            parse_parameters({"calibration": "x.jsonl", "screen_floor": bad})
+    fields = FrankWolfeParameters(calibration="x.jsonl", screen_floor=0.1).fingerprint_fields()
+    assert fields["screen_floor"] == 0.1
+    # a floor without a screen changes nothing, and a floor of 0 is what solves before it did
+    assert "screen_floor" not in FrankWolfeParameters(calibration="x.jsonl", screen_per_task=0,
+                                                      screen_floor=0.1).fingerprint_fields()
+    assert "screen_floor" not in FrankWolfeParameters(calibration="x.jsonl", screen_floor=0.0).fingerprint_fields()
 
 
 
