@@ -145,7 +145,7 @@ class FrankWolfeParameters(BaseModel):
         "The log, the trace and the model card name what was kept. 0 keeps every member.",
     )
     screen_floor: float = Field(
-        0.0,
+        0.1,
         ge=0.0,
         lt=1.0,
         description="With the screen on: after a task's steepest member, another is kept for that task only "

@@ -183,7 +183,8 @@ def test_a_screen_that_keeps_every_member_changes_nothing(run):
         lambda p: solve_stochastic(toy, toy.table("box"), p, progress=False))
     extra = {"iterations": 20} if run == "fw" else {"solver": run, "gradient_steps": 50}
     plain, _ = go(FrankWolfeParameters(calibration="unused.jsonl", constraint="box", screen_per_task=0, **extra))
-    screened, trace = go(FrankWolfeParameters(calibration="unused.jsonl", constraint="box", screen_per_task=3, **extra))
+    screened, trace = go(FrankWolfeParameters(calibration="unused.jsonl", constraint="box", screen_per_task=3,
+                                              screen_floor=0.0, **extra))
     assert trace.screen["dropped"] == [] and len(trace.screen["kept"]) == 4
     assert torch.equal(screened.weights, plain.weights)
 
@@ -242,8 +243,9 @@ def test_the_floor_is_a_fraction_that_counts_only_under_the_screen():
     for bad in (-0.1, 1.0, "a"):
         with pytest.raises(ConfigError, match="screen_floor"):
             parse_parameters({"calibration": "x.jsonl", "screen_floor": bad})
-    fields = FrankWolfeParameters(calibration="x.jsonl", screen_floor=0.1).fingerprint_fields()
-    assert fields["screen_floor"] == 0.1
+    assert FrankWolfeParameters(calibration="x.jsonl").screen_floor == 0.1
+    fields = FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()
+    assert fields["screen_floor"] == 0.1  # so a solve cached under the screen alone is not reused
     # a floor without a screen changes nothing, and a floor of 0 is what solves before it did
     assert "screen_floor" not in FrankWolfeParameters(calibration="x.jsonl", screen_per_task=0,
                                                       screen_floor=0.1).fingerprint_fields()
