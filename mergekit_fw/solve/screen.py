@@ -111,8 +111,8 @@ def screen_members(
 
     After a task's first member, one is kept for it only if its score is at least
     ``floor`` times the first's (both falling): with no second specialist in the pool,
-    the next places go to members whose scores are the rows' noise (1-7% of the
-    first's on the testbeds, where a related member's were 10-70%)."""
+    the next places go to members whose scores are the rows' noise (0.1-7% of the
+    first's on the testbeds, where the other second places were 10-71%)."""
     if task_scores.shape != (len(tasks), len(candidates)):
         raise ValueError(
             f"task scores of shape {tuple(task_scores.shape)} for {len(tasks)} tasks, {len(candidates)} candidates"
