@@ -36,17 +36,24 @@ def test_each_task_keeps_its_lowest_members_with_rank_components_summed():
     assert Screen.from_json(screen.to_json()) == screen
 
 
-def test_the_kept_members_are_the_union_of_each_tasks_lowest_by_brute_force():
-    g = torch.Generator().manual_seed(3)
+def _random_pools(seed: int, shift: float = 0.0, most_per_task: int = 3):
+    """50 pools of 6 members of 1-3 rank components each, scored on 3 tasks: the names,
+    the scores, a count a task, and each member's summed score per task."""
+    g = torch.Generator().manual_seed(seed)
     for _ in range(50):
         members = [f"m{i}" for i in range(6)]
         parts = [int(n) for n in torch.randint(1, 4, (6,), generator=g)]
         names = [f"{m}#r{j}" for m, n in zip(members, parts) for j in range(n)]
-        scores = torch.randn(3, len(names), generator=g, dtype=torch.float64)
-        per_task = int(torch.randint(1, 4, (1,), generator=g))
-        screen = screen_members(scores, names, ["x", "y", "z"], per_task)
+        scores = torch.randn(3, len(names), generator=g, dtype=torch.float64) + shift
+        per_task = int(torch.randint(1, most_per_task + 1, (1,), generator=g))
         totals = {m: [float(sum(scores[t, i] for i, n in enumerate(names) if n.startswith(m + "#"))) for t in range(3)]
                   for m in members}
+        yield members, names, scores, per_task, totals
+
+
+def test_the_kept_members_are_the_union_of_each_tasks_lowest_by_brute_force():
+    for members, names, scores, per_task, totals in _random_pools(3):
+        screen = screen_members(scores, names, ["x", "y", "z"], per_task)
         expected = set()
         for t in range(3):
             # a member is kept for task t when fewer than per_task members score below it
@@ -74,17 +81,9 @@ def test_after_a_tasks_first_member_the_floor_keeps_only_a_comparable_fall():
 
 
 def test_the_floor_keeps_what_a_brute_force_rule_keeps():
-    g = torch.Generator().manual_seed(5)
-    for _ in range(50):
-        members = [f"m{i}" for i in range(6)]
-        parts = [int(n) for n in torch.randint(1, 4, (6,), generator=g)]
-        names = [f"{m}#r{j}" for m, n in zip(members, parts) for j in range(n)]
-        scores = torch.randn(3, len(names), generator=g, dtype=torch.float64) - 0.3
-        per_task = int(torch.randint(1, 5, (1,), generator=g))
-        floor = float(torch.rand(1, generator=g))
+    floors = torch.rand(50, generator=torch.Generator().manual_seed(6)).tolist()
+    for floor, (members, names, scores, per_task, totals) in zip(floors, _random_pools(5, shift=-0.3, most_per_task=4)):
         screen = screen_members(scores, names, ["x", "y", "z"], per_task, floor=floor)
-        totals = {m: [float(sum(scores[t, i] for i, n in enumerate(names) if n.startswith(m + "#"))) for t in range(3)]
-                  for m in members}
         expected = set()
         for t in range(3):
             best = min(totals[m][t] for m in members)
