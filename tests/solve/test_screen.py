@@ -128,7 +128,7 @@ def test_hard_fw_with_a_screen_stays_on_its_face_and_reaches_the_faces_optimum(c
         held.append(float(table.weights[[1 + i for i in _face_rows(trace, 6)]].abs().sum()))
 
     table, trace = solve(toy, toy.table(constraint), params, trace=trace, progress=False, on_iteration=check)
-    expected = _expected_screen(toy, constraint, 1)
+    expected = _expected_screen(toy, constraint, 1, floor=params.screen_floor)
     assert trace.screen == expected.to_json() and expected.dropped  # the screen drops some of the 6
     assert held and max(held) == 0.0  # every iterate left the dropped members at exactly 0
     # the oracle held them (scored 0 from then on) for the solve, and let them go at its end
@@ -151,7 +151,7 @@ def test_the_gradient_solvers_screen_on_one_full_pass_and_reach_the_faces_optimu
         toy, toy.table("box"), params, trace=trace, progress=False,
         on_iteration=lambda t, r: held.append(float(t.weights[[1 + i for i in _face_rows(trace, 6)]].abs().sum())),
     )
-    expected = _expected_screen(toy, "box", 1)
+    expected = _expected_screen(toy, "box", 1, floor=params.screen_floor)
     assert trace.screen == expected.to_json() and expected.dropped and max(held) == 0.0
     assert toy.holds == [_face_rows(trace, 6), []]
     best = toy.restricted([int(name[1:]) for name in expected.kept]).optimum_loss("box")
