@@ -126,6 +126,7 @@ def test_the_card_names_the_screens_floor_where_it_had_one(floor):
     scores = torch.tensor([[-1.0, -0.05, 0.3]], dtype=torch.float64)
     screen = screen_members(scores, table.candidates, ["t0"], 2, floor=floor).to_json()
     card = frank_wolfe_section(table, {"iterations": [], "stopped": "x", "screen": screen})
-    assert ("`screen_floor: 0.1`" in card) == bool(floor)
+    screened = "**Screened** (`screen_per_task: 2`" + (", `screen_floor: 0.1`" if floor else "") + "): the solve used"
+    assert screened in card
     held = card.split("Held at 0:")[1]
     assert (f"`{table.candidates[1]}`" in held) == bool(floor) and f"`{table.candidates[2]}`" in held
