@@ -586,8 +586,8 @@ BEYOND: Dict[str, Method] = {
           for k in (1, 2, 3)],
         # Added after the screen at 2 a task dipped 2.5 points at 8 members on the full testbed's
         # experiment 2 (seed 0): where a task has one specialist, its second place went to a member
-        # whose first-gradient fall there was 4% of the specialist's (the rows' noise: 1-7% on every
-        # recorded cell, a related member's 10-70%); a floor of a tenth keeps those out
+        # whose first-gradient fall there was 4.4% of the specialist's (the rows' noise: 0.1-6.6% on every
+        # recorded cell, the other second places 10-71%); a floor of a tenth keeps those out
         Method("fw_auto_screen2_floor0.1", "frank-wolfe",
                fw_method(variant="hard", lmo="layer", constraint="box", direction="projected_pairwise",
                          step="adaptive", iterations=30, epsilon_relative=0.01, granularity="auto",

@@ -15,7 +15,9 @@ score). Keeping, for each asked task, the few members that score most negative o
 rows, and solving among those alone, kept the asked tasks' adapters (first or second for
 their own task in 57 of 60 task-seed pairs on the full testbed with 20 tasks asked) and
 dropped the irrelevant ones. It costs no pass of its own under hard FW (its first
-gradient is taken per task anyway) and one under the gradient solvers.
+gradient is taken per task anyway) and one under the gradient solvers. Where a task has
+one specialist, its next places would go to members whose fall is the rows' noise, so
+they need a fraction (``screen_floor``) of the first's fall.
 
 What the solve may not use is held at 0 by a :class:`~mergekit_fw.solve.constraints.Face`
 of the constraint set, so the table, the outputs and a replay still name every member.
