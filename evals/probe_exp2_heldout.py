@@ -11,10 +11,11 @@ Run on a built workspace (``python -m evals.run --seeds S --tasks-only --only ex
     python -m evals.probe_exp2_heldout W SEED N two_stage T     # per candidate, then per component on members >= T
 
 ``N`` is the cell's member count (the 4 asked tasks' own LoRAs, then the irrelevant ones in
-experiment 2's order); one coefficient per LoRA rank component (the defaults at 100 rows a
-task). Held-out rows: the first 100 test rows of each asked task (what lm-eval scores by
-exact match), read here by teacher-forced cross-entropy only. It prints; it writes nothing
-but the held-out rows' and the row parts' files under ``W/full_SEED``. Its figures are quoted in
+experiment 2's order); one coefficient per LoRA rank component, every member taking part (the
+defaults at 100 rows a task before the screen). Held-out rows: the first 100 test rows of
+each asked task (what lm-eval scores by exact match), read here by teacher-forced
+cross-entropy only. It prints; it writes nothing but the held-out rows' and the row parts'
+files under ``W/full_SEED``. Its figures are quoted in
 ``evals/results/analysis/exp2_irrelevant_intel.md``.
 """
 
@@ -109,7 +110,9 @@ def main() -> None:
                 return 0.0 if lmo_only else float((cost * weights).sum())
 
         solver.WeightPenalty = NoiseCost  # type: ignore[misc, assignment]
-    params = FrankWolfeParameters(calibration="unused.jsonl", granularity="rank_component")
+    # the defaults of the time (the figures quoted were taken before the screen became one):
+    # every member takes part, so that the probe measures the same solve on a later checkout
+    params = FrankWolfeParameters(calibration="unused.jsonl", granularity="rank_component", screen_per_task=0)
 
     def fresh_table() -> CoefficientTable:
         table = CoefficientTable.at_base(fit.opened.names, fit.opened.tensor_names(), "probe", str(base))
