@@ -35,6 +35,7 @@ _ADDED_LATER: dict[str, Any] = {
     "weight_penalty": 0.0,
     "screen_per_task": 0,
     "screen_floor": 0.0,
+    "screen_by": "slope",
 }
 # The settings that belong to one solver or another, and which each solver reads: a
 # solver's setting given to a solver that does not read it is an error naming it.
@@ -152,6 +153,16 @@ class FrankWolfeParameters(BaseModel):
         "if its first gradient there falls at least this fraction as steeply (0.1: a tenth). Where the pool "
         "holds one specialist for a task, the next places otherwise go to members whose fall is the rows' "
         "noise. 0 keeps the N steepest whatever their fall.",
+    )
+    screen_by: Literal["slope", "loss", "both"] = Field(
+        "slope",
+        description="With the screen on, what ranks the members for a task: 'slope', how steeply the first "
+        "gradient falls along each member on the task's rows (no pass of its own); 'loss', how far the "
+        "task's loss falls from the base's with the member alone at full weight (one forward pass per "
+        "member); 'both', what either keeps. 'loss' still sees a task's own adapter when its help is flat "
+        "at the base, where the slope can rank it below unrelated members (full testbed, a build of seed 1: "
+        "firstbigger's own adapter was not among its 5 steepest); the slope also keeps related members "
+        "whose help shows at first and that help on unseen rows (quick testbed).",
     )
     learning_rate: float = Field(
         0.01,
@@ -461,7 +472,7 @@ class FrankWolfeParameters(BaseModel):
         # a solver's own settings count only where that solver reads them
         unused |= set(SOLVER_SPECIFIC) - set(SOLVER_SETTINGS[self.solver])
         if not self.screen_per_task:
-            unused.add("screen_floor")
+            unused |= {"screen_floor", "screen_by"}
         return self.model_dump(
             exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map", "allow_pickle"}
             | unused

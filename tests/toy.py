@@ -63,6 +63,9 @@ class QuadraticOracle:
     def loss(self, coefficients: torch.Tensor) -> float:
         return float(((self.point(coefficients) - self.target) ** 2).sum())
 
+    def task_losses(self, coefficients: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.loss(coefficients)], dtype=torch.float64)
+
     def evaluate(self, coefficients: torch.Tensor, *, per_task: bool = False) -> Evaluation:
         self.evaluations += 1
         residual = self.point(coefficients) - self.target
@@ -148,6 +151,13 @@ class BatchedQuadratic(QuadraticOracle):
         self.rows_seen["forward"] += self.total_rows
         return sum(self._share(coefficients, b)[0] for b in self.batches)
 
+    def task_losses(self, coefficients: torch.Tensor) -> torch.Tensor:
+        self.rows_seen["forward"] += self.total_rows
+        losses = torch.zeros(len(self.counts), dtype=torch.float64)
+        for batch in self.batches:
+            losses[batch.task] += self._share(coefficients, batch)[0]
+        return losses
+
     def evaluate(self, coefficients: torch.Tensor, *, per_task: bool = False, batches=None) -> Evaluation:
         chosen = self.batches if batches is None else batches
         self.evaluations += 1
@@ -161,7 +171,10 @@ class BatchedQuadratic(QuadraticOracle):
                 task_scores[batch.task] += scores
             task_scores = self._held(coefficients, task_scores)
         scores = self._held(coefficients, sum(s[1] for s in shares))
-        return Evaluation(loss, scores, torch.tensor([loss], dtype=torch.float64), task_scores)
+        task_losses = torch.zeros(len(self.counts), dtype=torch.float64)  # per task, as the oracle gives them
+        for batch, (share, _) in zip(chosen, shares):
+            task_losses[batch.task] += share
+        return Evaluation(loss, scores, task_losses, task_scores)
 
     def restricted(self, keep: list[int]) -> BatchedQuadratic:
         """The same problem over the candidates ``keep`` alone (for the optimum of a face)."""

@@ -178,6 +178,17 @@ class Oracle:
             self.forward_rows += int(batch.input_ids.shape[0])
         return float(self.processes.sum_(total))
 
+    @torch.no_grad()
+    def task_losses(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """The loss on each calibration task's rows at the point (one forward pass): what
+        the screen reads when it ranks members by what each does alone (``screen_by: loss``)."""
+        self.set_point(coefficients)
+        losses = torch.zeros(len(self.calibration.tasks), dtype=torch.float64)
+        for batch in self._batches("loss"):
+            losses[batch.task] += float(self._forward(batch))
+            self.forward_rows += int(batch.input_ids.shape[0])
+        return self.processes.sum_(losses)
+
     def _harvest(self) -> torch.Tensor:
         """Scores from the gradients accumulated so far; the gradients are then cleared."""
         scores = torch.zeros(len(self.pool.candidates), len(self.tensors), dtype=torch.float64)

@@ -37,6 +37,7 @@ _SETTINGS = (
     "weight_penalty",
     "screen_per_task",
     "screen_floor",
+    "screen_by",
     "epsilon",
     "epsilon_relative",
     "objective",
@@ -62,6 +63,8 @@ def _shown(key: str, parameters: dict) -> bool:
         return bool(parameters.get(key))
     if key == "screen_floor":
         return bool(parameters.get(key)) and bool(parameters.get("screen_per_task"))
+    if key == "screen_by":
+        return parameters.get(key) != "slope" and bool(parameters.get("screen_per_task"))
     if key == "solver":
         return solver != "frank_wolfe"
     return key not in SOLVER_SPECIFIC or key in SOLVER_SETTINGS.get(solver, ())
@@ -154,9 +157,16 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
         lines += [
             f"**Screened** (`screen_per_task: {screen['per_task']}`"
             + (f", `screen_floor: {screen['floor']}`" if screen.get("floor") else "")
+            + (f", `screen_by: {screen['by']}`" if screen.get("by", "slope") != "slope" else "")
             + f"): the solve used {len(screen['kept'])} of "
-            f"{len(screen['kept']) + len(screen['dropped'])} members, those whose first gradient fell most "
-            "steeply on some task's rows: "
+            f"{len(screen['kept']) + len(screen['dropped'])} members, those "
+            + {
+                "slope": "whose first gradient fell most steeply on some task's rows",
+                "loss": "that lowered some task's loss most when merged alone",
+                "both": "whose first gradient fell most steeply on some task's rows or that lowered its loss "
+                "most when merged alone",
+            }[screen.get("by", "slope")]
+            + ": "
             + "; ".join(f"`{task}`: " + ", ".join(f"`{m}`" for m in top) for task, top in screen["by_task"].items())
             + ". Held at 0: "
             + (", ".join(f"`{m}`" for m in screen["dropped"]) or "none")

@@ -19,6 +19,12 @@ gradient is taken per task anyway) and one under the gradient solvers. Where a t
 one specialist, its next places would go to members whose fall is the rows' noise, so
 they need a fraction (``screen_floor``) of the first's fall.
 
+The slope is a first-order reading: an adapter whose help on its own task is flat at the
+base (a build of the full testbed's seed 1: firstbigger's own adapter, not among the 5
+steepest on its rows) is ranked below unrelated members, and the screen holds it at 0.
+``screen_by: loss`` ranks by what each member does alone instead: the task's loss with
+that member merged at full weight, one forward pass per member.
+
 What the solve may not use is held at 0 by a :class:`~mergekit_fw.solve.constraints.Face`
 of the constraint set, so the table, the outputs and a replay still name every member.
 Members the starting point already uses, and the initial merge, are always kept. For the
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 from mergekit_fw.pool.components import parent_name
 from mergekit_fw.solve.constraints import ConstraintSet, Face
@@ -51,11 +58,13 @@ class Screen:
     kept: list[str]  # every member the solve may use, in pool order
     dropped: list[str]  # the others, held at 0
     floor: float = 0.0  # a member after a task's first needed this fraction of the first's score
+    by: str = "slope"  # what ranked the members: the first gradient's slope, each one's loss alone, or both
 
     def to_json(self) -> dict:
         return {
             "per_task": self.per_task,
             "floor": self.floor,
+            "by": self.by,
             "by_task": self.by_task,
             "kept": self.kept,
             "dropped": self.dropped,
@@ -69,6 +78,7 @@ class Screen:
             list(data["kept"]),
             list(data["dropped"]),
             float(data.get("floor", 0.0)),  # traces written before the floor existed
+            str(data.get("by", "slope")),  # and before screen_by
         )
 
     def held(self, candidates: list[str]) -> list[int]:
@@ -96,6 +106,53 @@ def members(candidates: list[str], always: Collection[str]) -> list[str]:
     return list(seen)
 
 
+def member_scores(
+    task_scores: torch.Tensor, candidates: list[str], always: Collection[str] = ()
+) -> tuple[list[str], torch.Tensor]:
+    """The pool members (as :func:`members`) and, per task and member, the scores of
+    its candidate rows summed: a LoRA's rank components sum to the whole adapter's."""
+    names = members(candidates, always)
+    index = {name: i for i, name in enumerate(names)}
+    summed = torch.zeros(task_scores.shape[0], len(names), dtype=torch.float64)
+    for row, name in enumerate(candidates):
+        if name not in always:
+            summed[:, index[parent_name(name)]] += task_scores[:, row].to(torch.float64)
+    return names, summed
+
+
+class TaskLossOracle(Protocol):
+    def task_losses(self, coefficients: torch.Tensor) -> torch.Tensor: ...
+
+
+def alone_falls(
+    oracle: TaskLossOracle,
+    candidates: list[str],
+    n_tensors: int,
+    always: Collection[str] = (),
+    at_base: torch.Tensor | None = None,
+) -> tuple[list[str], torch.Tensor, int]:
+    """The pool members and, per task and member, how far the task's loss falls from the
+    base's when the member alone is merged at full weight (every row of it at 1: the
+    adapter or checkpoint as trained); negative where it falls. A member whose help on
+    its task is flat at the base (its slope there near 0) still shows it here, where the
+    first gradient does not. ``at_base``: the base's task losses, when already known.
+    Returns the forward passes spent too (one per member, and the base's if not given)."""
+    names = members(candidates, always)
+    spent = 0
+    if at_base is None:
+        at_base = oracle.task_losses(torch.zeros(len(candidates), n_tensors, dtype=torch.float64))
+        spent += 1
+    falls = torch.zeros(len(at_base), len(names), dtype=torch.float64)
+    for m, name in enumerate(tqdm(names, desc="screen: each member alone", leave=False)):
+        alone = torch.zeros(len(candidates), n_tensors, dtype=torch.float64)
+        for row, candidate in enumerate(candidates):
+            if candidate not in always and parent_name(candidate) == name:
+                alone[row] = 1.0
+        falls[:, m] = oracle.task_losses(alone).to(torch.float64) - at_base.to(torch.float64)
+        spent += 1
+    return names, falls, spent
+
+
 def screen_members(
     task_scores: torch.Tensor,
     candidates: list[str],
@@ -119,12 +176,26 @@ def screen_members(
         raise ValueError(
             f"task scores of shape {tuple(task_scores.shape)} for {len(tasks)} tasks, {len(candidates)} candidates"
         )
-    names = members(candidates, always)
-    index = {name: i for i, name in enumerate(names)}
-    summed = torch.zeros(len(tasks), len(names), dtype=torch.float64)
-    for row, name in enumerate(candidates):
-        if name not in always:
-            summed[:, index[parent_name(name)]] += task_scores[:, row].to(torch.float64)
+    names, summed = member_scores(task_scores, candidates, always)
+    return choose_members(names, summed, candidates, tasks, per_task, floor=floor, always=always, in_use=in_use)
+
+
+def choose_members(
+    names: list[str],
+    summed: torch.Tensor,
+    candidates: list[str],
+    tasks: list[str],
+    per_task: int,
+    *,
+    floor: float = 0.0,
+    always: Collection[str] = (),
+    in_use: torch.Tensor | None = None,
+    by: str = "slope",
+) -> Screen:
+    """The screen from a (n_tasks, n_members) table of how steeply each member lowers
+    each task's loss (more negative: steeper), whichever signal measured it (``by``)."""
+    if summed.shape != (len(tasks), len(names)):
+        raise ValueError(f"member scores of shape {tuple(summed.shape)} for {len(tasks)} tasks, {len(names)} members")
     by_task = {}
     for t, task in enumerate(tasks):
         order = sorted(range(len(names)), key=lambda i: (float(summed[t, i]), i))[:per_task]
@@ -139,6 +210,7 @@ def screen_members(
         kept=[n for n in names if n in chosen],
         dropped=[n for n in names if n not in chosen],
         floor=floor,
+        by=by,
     )
 
 
@@ -152,33 +224,80 @@ def _steep(score: float, best: float, floor: float) -> bool:
 
 def log_screen(screen: Screen) -> None:
     LOG.info(
-        "screen: kept %d of %d members (up to the %d scoring lowest on each task's rows, after the first "
-        "those at %g of its score or more); held at 0: %s",
+        "screen: kept %d of %d members (up to the %d %s on each task's rows, after the first "
+        "those at %g of its fall or more); held at 0: %s",
         len(screen.kept),
         len(screen.kept) + len(screen.dropped),
         screen.per_task,
+        {
+            "slope": "whose first gradient falls most steeply",
+            "loss": "that lower its loss most alone",
+            "both": "whose first gradient falls most steeply, or that lower its loss most alone,",
+        }[screen.by],
         screen.floor,
         ", ".join(screen.dropped) or "none",
     )
 
 
 def start_screen(
-    task_scores: torch.Tensor, table: CoefficientTable, weights: torch.Tensor, per_task: int, floor: float = 0.0
-) -> Screen:
+    task_scores: torch.Tensor,
+    table: CoefficientTable,
+    weights: torch.Tensor,
+    per_task: int,
+    floor: float = 0.0,
+    *,
+    by: str = "slope",
+    oracle: TaskLossOracle | None = None,
+    at_base: torch.Tensor | None = None,
+) -> tuple[Screen, int]:
     """The screen at a solve's starting point ``weights`` (the initial merge's vertex and
-    the members the start uses are kept), logged."""
+    the members the start uses are kept), logged, with the forward passes it spent.
+    ``by``: 'slope' ranks by ``task_scores`` (the first gradient, per task); 'loss' by
+    each member's loss alone (:func:`alone_falls`, through ``oracle``; ``at_base``: the
+    base's task losses, when the start is the base); 'both' keeps what either keeps."""
     tasks = [str(t) for t in table.meta.get("tasks", [])] or [f"task {t}" for t in range(task_scores.shape[0])]
-    screen = screen_members(
-        task_scores,
-        table.candidates,
-        tasks,
-        per_task,
-        floor=floor,
-        always={INIT_VERTEX} if table.init is not None else set(),
-        in_use=(weights[1:] != 0).any(dim=1),
-    )
+    always = {INIT_VERTEX} if table.init is not None else set()
+    signals: dict[str, torch.Tensor] = {}
+    spent = 0
+    if by in ("slope", "both"):
+        names, signals["slope"] = member_scores(task_scores, table.candidates, always)
+    if by in ("loss", "both"):
+        if oracle is None:
+            raise ValueError(f"screen_by {by} needs the oracle")
+        names, signals["loss"], spent = alone_falls(oracle, table.candidates, weights.shape[1], always, at_base)
+    screens = [
+        choose_members(
+            names,
+            falls,
+            table.candidates,
+            tasks,
+            per_task,
+            floor=floor,
+            always=always,
+            in_use=(weights[1:] != 0).any(dim=1),
+            by=signal,
+        )
+        for signal, falls in signals.items()
+    ]
+    screen = screens[0] if len(screens) == 1 else joined(screens, names)
     log_screen(screen)
-    return screen
+    return screen, spent
+
+
+def joined(screens: list[Screen], names: list[str]) -> Screen:
+    """What either screen keeps (``screen_by: both``): a task's places under each signal,
+    in that order, and every member either kept, in pool order (``names``)."""
+    first = screens[0]
+    by_task = {task: list(dict.fromkeys(m for s in screens for m in s.by_task[task])) for task in first.by_task}
+    chosen = {name for s in screens for name in s.kept}
+    return Screen(
+        first.per_task,
+        by_task,
+        kept=[n for n in names if n in chosen],
+        dropped=[n for n in names if n not in chosen],
+        floor=first.floor,
+        by="both",
+    )
 
 
 class HoldingOracle(Protocol):

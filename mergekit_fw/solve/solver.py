@@ -53,6 +53,8 @@ class LossOracle(Protocol):
 
     def hold(self, rows: Collection[int]) -> None: ...
 
+    def task_losses(self, coefficients: torch.Tensor) -> torch.Tensor: ...  # screen_by loss only
+
 
 @dataclass
 class IterationRecord:
@@ -274,10 +276,19 @@ def _frank_wolfe(
             if evaluation.task_scores is not None:
                 per_candidate = evaluation.task_scores.sum(dim=2)
                 trace.task_scores = [[float(x) for x in row] for row in per_candidate]
-                if params.screen_per_task:  # from this gradient: no pass of its own
-                    screen = start_screen(
-                        per_candidate, table, table.weights, params.screen_per_task, params.screen_floor
+                if params.screen_per_task:  # by slope, from this gradient: no pass of its own
+                    at_base = not bool(table.coefficients().any())
+                    screen, spent = start_screen(
+                        per_candidate,
+                        table,
+                        table.weights,
+                        params.screen_per_task,
+                        params.screen_floor,
+                        by=params.screen_by,
+                        oracle=oracle,
+                        at_base=evaluation.task_losses if at_base else None,
                     )
+                    evaluate.forwards += spent
                     trace.screen = screen.to_json()
                     constraint = apply_screen(screen, constraint, table.candidates, oracle)
         t_oracle = time.perf_counter()

@@ -57,6 +57,8 @@ class BatchOracle(Protocol):
 
     def hold(self, rows: Collection[int]) -> None: ...
 
+    def task_losses(self, coefficients: torch.Tensor) -> torch.Tensor: ...  # screen_by loss only
+
 
 def step_batches(batches: Sequence, step: int) -> list:
     """One batch of every task for step ``step``, cycling through each task's batches
@@ -130,7 +132,17 @@ def _stochastic(
             trace.initial_loss = first.loss
             task_scores = first.task_scores.sum(dim=2)
             trace.task_scores = [[float(x) for x in row] for row in task_scores]
-            screen = start_screen(task_scores, table, start, params.screen_per_task, params.screen_floor)
+            at_base = not bool(table.coefficients_for(start).any())
+            screen, _ = start_screen(
+                task_scores,
+                table,
+                start,
+                params.screen_per_task,
+                params.screen_floor,
+                by=params.screen_by,
+                oracle=oracle,
+                at_base=first.task_losses if at_base else None,
+            )  # its forward passes are the oracle's: counted below
             trace.screen = screen.to_json()
             constraint = apply_screen(screen, constraint, table.candidates, oracle)
         else:

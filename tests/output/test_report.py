@@ -130,3 +130,27 @@ def test_the_card_names_the_screens_floor_where_it_had_one(floor):
     assert screened in card
     held = card.split("Held at 0:")[1]
     assert (f"`{table.candidates[1]}`" in held) == bool(floor) and f"`{table.candidates[2]}`" in held
+
+
+@pytest.mark.parametrize("by", ["slope", "loss", "both"])
+def test_the_card_says_what_ranked_the_screens_members(by):
+    from dataclasses import replace
+
+    from mergekit_fw.output.card import frank_wolfe_section
+    from mergekit_fw.solve.screen import choose_members
+    from tests.toy import QuadraticOracle
+
+    table = QuadraticOracle(3, 1, 3, seed=0).table("box")
+    parameters = {"screen_per_task": 1, "screen_floor": 0.1, "screen_by": by}
+    table = replace(table, meta={**table.meta, "tasks": ["t0"], "parameters": parameters})
+    falls = torch.tensor([[-1.0, 0.2, 0.3]], dtype=torch.float64)
+    screen = choose_members(table.candidates, falls, table.candidates, ["t0"], 1, floor=0.1, by=by).to_json()
+    card = frank_wolfe_section(table, {"iterations": [], "stopped": "x", "screen": screen})
+    line = next(line for line in card.splitlines() if line.startswith("**Screened**"))
+    assert line.startswith("**Screened** (`screen_per_task: 1`, `screen_floor: 0.1`"
+                           + (f", `screen_by: {by}`" if by != "slope" else "") + "): the solve used 1 of 3 members")
+    assert ("lowered some task's loss most when merged alone" in line) == (by == "loss")
+    assert ("loss most when merged alone" in line) == (by != "slope")
+    assert ("first gradient fell most steeply" in line) == (by != "loss")
+    # the settings list names it only where it is not the default
+    assert (f"screen_by: {by}" in card.replace(line, "")) == (by != "slope")

@@ -119,7 +119,7 @@ FW = {
 def test_hard_fw_with_a_screen_stays_on_its_face_and_reaches_the_faces_optimum(constraint, settings):
     toy = BatchedQuadratic(6, 3, 5, seed=4, batches_per_task=(1, 1, 1))
     params = FrankWolfeParameters(calibration="unused.jsonl", constraint=constraint, epsilon_relative=0.0,
-                                  screen_per_task=1, **FW[settings])
+                                  screen_per_task=1, screen_by="slope", **FW[settings])
     held: list[float] = []
     trace = Trace()  # the solve fills it; the check reads its screen
 
@@ -144,7 +144,7 @@ def test_hard_fw_with_a_screen_stays_on_its_face_and_reaches_the_faces_optimum(c
 def test_the_gradient_solvers_screen_on_one_full_pass_and_reach_the_faces_optimum(solver):
     toy = BatchedQuadratic(6, 3, 5, seed=4, batches_per_task=(1, 1, 1))  # one batch a task: exact gradients
     params = FrankWolfeParameters(calibration="unused.jsonl", solver=solver, constraint="box", gradient_steps=3000,
-                                  screen_per_task=1)
+                                  screen_per_task=1, screen_by="slope")
     held: list[float] = []
     trace = Trace()
     table, trace = solve_stochastic(
@@ -167,7 +167,7 @@ def test_every_solver_screens_with_the_floor_it_is_given(run):
     go = solve if run == "fw" else solve_stochastic
     extra = {"iterations": 5} if run == "fw" else {"solver": run, "gradient_steps": 5}
     params = FrankWolfeParameters(calibration="unused.jsonl", constraint="box", screen_per_task=3, screen_floor=0.5,
-                                  **extra)
+                                  screen_by="slope", **extra)
     _, trace = go(toy, toy.table("box"), params, progress=False)
     expected = _expected_screen(toy, "box", 3, floor=0.5)
     assert trace.screen == expected.to_json()
@@ -183,7 +183,7 @@ def test_a_screen_that_keeps_every_member_changes_nothing(run):
     extra = {"iterations": 20} if run == "fw" else {"solver": run, "gradient_steps": 50}
     plain, _ = go(FrankWolfeParameters(calibration="unused.jsonl", constraint="box", screen_per_task=0, **extra))
     screened, trace = go(FrankWolfeParameters(calibration="unused.jsonl", constraint="box", screen_per_task=3,
-                                              screen_floor=0.0, **extra))
+                                              screen_floor=0.0, screen_by="slope", **extra))
     assert trace.screen["dropped"] == [] and len(trace.screen["kept"]) == 4
     assert torch.equal(screened.weights, plain.weights)
 
@@ -252,6 +252,142 @@ def test_the_floor_is_a_fraction_that_counts_only_under_the_screen():
 
 
 
+class FlatHelp:
+    """Two tasks, three members, one tensor; not convex, as a model's loss is not.
+    Task 0: (1 - c_a)^2, its own member ``a`` falls steeply from the start. Task 1:
+    1 - 0.005 c_b - 0.895 c_b^2 - 0.02 c_n + 0.5 c_n^2: its own member ``b`` is nearly flat
+    at the base (slope -0.005) yet alone lowers the loss from 1 to 0.1, while ``n`` falls
+    faster at the start (-0.02) and alone raises it to 1.48 (a member whose first slope is
+    the rows' noise)."""
+
+    names = ["a", "b", "n"]
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+        self.calls = {"loss": 0, "task_losses": 0, "evaluate": 0}
+
+    def _tasks(self, c: torch.Tensor) -> torch.Tensor:
+        a, b, n = (float(c[i, 0]) for i in range(3))
+        return torch.tensor([(1 - a) ** 2, 1 - 0.005 * b - 0.895 * b**2 - 0.02 * n + 0.5 * n**2], dtype=torch.float64)
+
+    def hold(self, rows) -> None:
+        self.held = sorted(set(rows))
+
+    def loss(self, c: torch.Tensor) -> float:
+        self.calls["loss"] += 1
+        return float(self._tasks(c).sum())
+
+    def task_losses(self, c: torch.Tensor) -> torch.Tensor:
+        self.calls["task_losses"] += 1
+        return self._tasks(c)
+
+    def evaluate(self, c: torch.Tensor, *, per_task: bool = False):
+        from mergekit_fw.oracle import Evaluation
+
+        self.calls["evaluate"] += 1
+        assert not any(float(c[i, 0]) for i in self.held), "a point moves a held row"
+        a, b, n = (float(c[i, 0]) for i in range(3))
+        task_scores = torch.zeros(2, 3, 1, dtype=torch.float64)
+        task_scores[0, 0, 0] = -2 * (1 - a)
+        task_scores[1, 1, 0] = -0.005 - 1.79 * b
+        task_scores[1, 2, 0] = -0.02 + n
+        task_scores[:, self.held] = 0.0
+        losses = self._tasks(c)
+        return Evaluation(float(losses.sum()), task_scores.sum(dim=0), losses, task_scores if per_task else None)
+
+    def vertex_norms(self) -> torch.Tensor:
+        return torch.ones(3, 1, dtype=torch.float64)
+
+    def table(self):
+        from mergekit_fw.solve.table import CoefficientTable
+
+        table = CoefficientTable.at_base(self.names, ["t0"], "toy", "toy")
+        table.constraint = "box"
+        table.meta["tasks"] = ["own_a", "own_b"]
+        return table
+
+
+@pytest.mark.parametrize("by", ["slope", "loss", "both"])
+def test_ranked_by_its_loss_alone_a_tasks_flat_specialist_is_kept(by):
+    """The miss the loss signal mends: by slope, task 1's place goes to the noise member and
+    its own member is held at 0 (its loss stays near 1); by loss the own member is kept;
+    by both, what either keeps (a task's places by slope first)."""
+    oracle = FlatHelp()
+    params = FrankWolfeParameters(calibration="unused.jsonl", constraint="box", iterations=10, screen_per_task=1,
+                                  screen_by=by)
+    table, trace = solve(oracle, oracle.table(), params, progress=False)
+    own = {"slope": ["n"], "loss": ["b"], "both": ["n", "b"]}[by]
+    assert trace.screen["by"] == by and trace.screen["by_task"] == {"own_a": ["a"], "own_b": own}
+    assert trace.screen["kept"] == {"slope": ["a", "n"], "loss": ["a", "b"], "both": ["a", "b", "n"]}[by]
+    assert trace.screen["dropped"] == {"slope": ["b"], "loss": ["n"], "both": []}[by]
+    if by == "both":  # the own members at full weight, and n towards its small help (at best -0.0002)
+        assert 0.1 - 0.0002 - 1e-9 <= trace.final_loss <= 0.1
+    if by == "loss":
+        assert trace.final_loss == pytest.approx(0.1, abs=1e-6)  # both tasks' own members at full weight
+    if by != "slope":
+        # one forward pass for each member alone, and none for the base: the start is the base,
+        # whose task losses the first gradient's pass already gave
+        assert oracle.calls["task_losses"] == 3
+    else:
+        assert trace.final_loss > 0.95 and oracle.calls["task_losses"] == 0
+    # every forward pass the solve made is in its trace: the line searches' and the screen's
+    assert trace.passes["forward"] == oracle.calls["loss"] + oracle.calls["task_losses"]
+    assert trace.passes["gradient"] == oracle.calls["evaluate"]
+
+
+def test_each_members_fall_alone_is_its_task_losses_at_full_weight_minus_the_bases():
+    """Against a brute-force reading of the toy: each member's rows (its rank components)
+    at 1 and every other row at 0; the initial merge's row is never a member."""
+    from mergekit_fw.solve.screen import alone_falls
+
+    toy = BatchedQuadratic(5, 2, 4, seed=9, batches_per_task=(1, 2, 1))
+    names = ["m0#r0", "m0#r1", "m1", "m2#r0", "init"]  # toy rows 0-4
+    members, falls, spent = alone_falls(toy, names, 2, always={"init"})
+    assert members == ["m0", "m1", "m2"] and spent == 4  # the base, then each member
+    base = toy.task_losses(torch.zeros(5, 2, dtype=torch.float64))
+    for m, rows in enumerate([[0, 1], [2], [3]]):
+        alone = torch.zeros(5, 2, dtype=torch.float64)
+        alone[rows] = 1.0
+        assert torch.allclose(falls[:, m], toy.task_losses(alone) - base, rtol=0, atol=1e-12)
+    known = alone_falls(toy, names, 2, always={"init"}, at_base=base)
+    assert known[2] == 3 and torch.equal(known[1], falls)  # the base's losses given: one pass fewer
+
+
+@pytest.mark.parametrize("solver", ["projected_gradient", "stochastic_frank_wolfe"])
+def test_the_gradient_solvers_screen_by_loss_alone_and_count_its_passes(solver):
+    from mergekit_fw.solve.screen import alone_falls, choose_members
+
+    toy = BatchedQuadratic(6, 3, 5, seed=4, batches_per_task=(1, 1, 1))
+    params = FrankWolfeParameters(calibration="unused.jsonl", solver=solver, constraint="box", gradient_steps=20,
+                                  screen_per_task=1, screen_by="loss")
+    _, trace = solve_stochastic(toy, toy.table("box"), params, progress=False)
+    fresh = BatchedQuadratic(6, 3, 5, seed=4, batches_per_task=(1, 1, 1))
+    table = fresh.table("box")
+    members, falls, _ = alone_falls(fresh, table.candidates, 3)
+    expected = choose_members(members, falls, table.candidates, [f"task {t}" for t in range(3)], 1,
+                              floor=params.screen_floor, by="loss")
+    assert trace.screen == expected.to_json() and expected.dropped
+    assert expected != _expected_screen(toy, "box", 1, floor=params.screen_floor)  # the signals differ here
+    # each of the 6 members alone (the base's losses came with the first full pass) and the final loss
+    assert trace.passes["forward"] == pytest.approx(6 + 1) and trace.passes["gradient"] == pytest.approx(1 + 20)
+
+
+def test_screen_by_is_slope_or_loss_and_counts_only_under_the_screen():
+    from mergekit_fw.config import ConfigError, parse_parameters
+
+    assert FrankWolfeParameters(calibration="x.jsonl").screen_by == "slope"
+    with pytest.raises(ConfigError, match="screen_by"):
+        parse_parameters({"calibration": "x.jsonl", "screen_by": "gradient"})
+    # slope is what solves before it did: left out of the fingerprint, as is any choice without a screen
+    assert "screen_by" not in FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()
+    assert "screen_by" not in FrankWolfeParameters(calibration="x.jsonl", screen_per_task=0,
+                                                   screen_by="loss").fingerprint_fields()
+    assert FrankWolfeParameters(calibration="x.jsonl", screen_by="loss").fingerprint_fields()["screen_by"] == "loss"
+    # a trace written before the setting reads back as ranked by slope
+    old = {"per_task": 2, "floor": 0.1, "by_task": {"t": ["a"]}, "kept": ["a"], "dropped": ["b"]}
+    assert Screen.from_json(old).by == "slope" and Screen.from_json(old).to_json() == {**old, "by": "slope"}
+
+
 @pytest.mark.slow
 def test_a_screened_merge_names_every_member_and_says_what_it_kept(random_pool, tmp_path):
     """Through ``mergekit-fw run`` and ``mergekit-yaml`` (the same tensors): the table keeps
@@ -288,3 +424,30 @@ def test_a_screened_merge_names_every_member_and_says_what_it_kept(random_pool, 
     assert "**Screened** (`screen_per_task: 1`, `screen_floor: 0.1`)" in card and "`screen_per_task: 1`" in card
     assert all(f"`{name}`" in card.split("Held at 0:")[1] for name in screen["dropped"])
     assert f"held at 0: {', '.join(screen['dropped'])}" in output
+
+
+def test_screened_by_both_a_task_keeps_what_either_signal_keeps_by_brute_force():
+    from mergekit_fw.solve.screen import choose_members, joined
+
+    g = torch.Generator().manual_seed(11)
+    for _ in range(50):
+        names = [f"m{i}" for i in range(6)]
+        slope, loss = (torch.randn(3, 6, generator=g, dtype=torch.float64) for _ in range(2))
+        per_task = int(torch.randint(1, 3, (1,), generator=g))
+        tasks = ["x", "y", "z"]
+        each = [choose_members(names, signal, names, tasks, per_task, floor=0.1, by=by)
+                for signal, by in ((slope, "slope"), (loss, "loss"))]
+        both = joined(each, names)
+        for t, task in enumerate(tasks):
+            # a task's places: its lowest by slope (with the floor), then its lowest by loss not already there
+            ranked = [[names[i] for i in sorted(range(6), key=lambda i: float(signal[t, i]))] for signal in (slope, loss)]
+            firsts = [
+                [m for n, m in enumerate(order[:per_task])
+                 if n == 0 or (float(signal[t, names.index(order[0])]) < 0
+                               and float(signal[t, names.index(m)]) <= 0.1 * float(signal[t, names.index(order[0])]))]
+                for order, signal in zip(ranked, (slope, loss))
+            ]
+            assert both.by_task[task] == firsts[0] + [m for m in firsts[1] if m not in firsts[0]]
+        chosen = {m for places in both.by_task.values() for m in places}
+        assert both.kept == [n for n in names if n in chosen] and both.dropped == [n for n in names if n not in chosen]
+        assert both.by == "both" and Screen.from_json(both.to_json()) == both
