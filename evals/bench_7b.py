@@ -284,7 +284,9 @@ def main() -> None:
         trace = json.loads((out / "fw_trace.json").read_text())
         runs[label] = {"seconds": round(measured.seconds, 1), "peak_rss": measured.peak_rss,
                        "written": measured.written, "output_bytes": folder_bytes(out),
-                       "cuda_max_memory_allocated": measured.cuda_peak, "stages": stages(measured, trace)}
+                       "cuda_max_memory_allocated": measured.cuda_peak, "stages": stages(measured, trace),
+                       # what the defaults' screen kept (the held members leave the oracle's model)
+                       "screen": trace.get("screen"), "passes": trace.get("passes")}
         print(json.dumps({k: v for k, v in runs[label].items() if k != "stages"}), flush=True)
     identical = all(
         subprocess.run(["cmp", "-s", str(f), str(work / "out-yaml" / f.name)]).returncode == 0
@@ -324,6 +326,20 @@ def main() -> None:
             "stock_disk_for_all_adapters": args.adapters * base_bytes + base_bytes,
             "target_peak_rss": target_rss}
     write_report(data, args.out)
+
+
+def screened(runs: dict[str, dict]) -> list[str]:
+    """A line per command on what its screen kept and the passes its solve spent (runs
+    recorded before the bench read them have neither)."""
+    lines = []
+    for label, r in runs.items():
+        screen, passes = r.get("screen"), r.get("passes")
+        if screen:
+            kept = len(screen["kept"])
+            lines.append(f"- `{label}`'s screen kept {kept} of {kept + len(screen['dropped'])} adapters"
+                         + (f"; passes {passes.get('forward', 0):g} forward, {passes.get('gradient', 0):g} gradient"
+                            if passes else "") + ".")
+    return lines
 
 
 def write_report(data: dict, out: Optional[Path]) -> None:
@@ -367,6 +383,7 @@ def write_report(data: dict, out: Optional[Path]) -> None:
         f"{'met' if via_yaml['peak_rss'] <= target else '**missed**'}.",
         f"- `mergekit-yaml` against `mergekit-fw run`: {ratio_t:.2f}x the time, {ratio_m:.2f}x the peak RSS "
         f"(target 1.2x: {'met' if max(ratio_t, ratio_m) <= 1.2 else '**missed**'}).",
+        *screened(runs),
         f"- mergekit's `task_arithmetic` over all {data['adapters']} adapters would need about "
         f"{data['stock_disk_for_all_adapters'] / 1e9:.0f} GB of disk (a full copy per adapter and the output); "
         f"{data['disk_free_before_stock'] / 1e9:.0f} GB were free.",
