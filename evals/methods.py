@@ -321,6 +321,8 @@ def row_settings(parameters: Dict[str, object]) -> Dict[str, object]:
     params.setdefault("screen_per_task", 0)
     # and the screen, where there was one, kept a task's N steepest whatever their fall
     params.setdefault("screen_floor", 0.0)
+    # ranked by the first gradient's slope
+    params.setdefault("screen_by", "slope")
     if params.get("solver", "frank_wolfe") == "frank_wolfe":
         for name, value in PAPER_FW.items():
             if not (name == "step" and params.get("variant") == "soft"):  # soft FW has no step rule
@@ -593,6 +595,21 @@ BEYOND: Dict[str, Method] = {
                          step="adaptive", iterations=30, epsilon_relative=0.01, granularity="auto",
                          screen_per_task=2, screen_floor=0.1),
                "FW box, projected pairwise, adaptive, <= 30 it., granularity auto, screen 2 a task, floor 0.1"),
+        # Added after a build of the full testbed's seed 1 (AMD EPYC, 2026-12-07) where the screen by
+        # slope left out firstbigger's own adapter (not among its 5 steepest: its help is flat at the
+        # base), so every cell lost that task: rank each member by its loss alone instead
+        Method("fw_auto_screen2_loss", "frank-wolfe",
+               fw_method(variant="hard", lmo="layer", constraint="box", direction="projected_pairwise",
+                         step="adaptive", iterations=30, epsilon_relative=0.01, granularity="auto",
+                         screen_per_task=2, screen_floor=0.1, screen_by="loss"),
+               "FW box, projected pairwise, adaptive, <= 30 it., granularity auto, screen 2 a task by loss alone, floor 0.1"),
+        # Added after the quick testbed, where the screen by loss dropped related members (rotate,
+        # swappairs) that the slope kept and that helped on unseen rows: keep what either keeps
+        Method("fw_auto_screen2_both", "frank-wolfe",
+               fw_method(variant="hard", lmo="layer", constraint="box", direction="projected_pairwise",
+                         step="adaptive", iterations=30, epsilon_relative=0.01, granularity="auto",
+                         screen_per_task=2, screen_floor=0.1, screen_by="both"),
+               "FW box, projected pairwise, adaptive, <= 30 it., granularity auto, screen 2 a task by slope or loss, floor 0.1"),
         # Added after per rank component FW (fw_auto at 100 rows a task) lost 5.4 points from 4 to
         # 20 members on the full testbed's experiment 2 (seed 0), its irrelevant adapters at 0.125
         # of weight on the quick one: hard FW with the cost per unit of weight that kept stochastic
