@@ -248,13 +248,14 @@ def start_screen(
     *,
     by: str = "slope",
     oracle: TaskLossOracle | None = None,
-    at_base: torch.Tensor | None = None,
+    start_losses: torch.Tensor | None = None,
 ) -> tuple[Screen, int]:
     """The screen at a solve's starting point ``weights`` (the initial merge's vertex and
     the members the start uses are kept), logged, with the forward passes it spent.
     ``by``: 'slope' ranks by ``task_scores`` (the first gradient, per task); 'loss' by
-    each member's loss alone (:func:`alone_falls`, through ``oracle``; ``at_base``: the
-    base's task losses, when the start is the base); 'both' keeps what either keeps."""
+    each member's loss alone (:func:`alone_falls`, through ``oracle``; ``start_losses``:
+    the task losses at ``weights``, which are the base's when the start is the base, so that
+    pass is not spent again); 'both' keeps what either keeps."""
     tasks = [str(t) for t in table.meta.get("tasks", [])] or [f"task {t}" for t in range(task_scores.shape[0])]
     always = {INIT_VERTEX} if table.init is not None else set()
     signals: dict[str, torch.Tensor] = {}
@@ -264,6 +265,7 @@ def start_screen(
     if by in ("loss", "both"):
         if oracle is None:
             raise ValueError(f"screen_by {by} needs the oracle")
+        at_base = start_losses if not bool(weights[1:].any()) else None
         names, signals["loss"], spent = alone_falls(oracle, table.candidates, weights.shape[1], always, at_base)
     screens = [
         choose_members(

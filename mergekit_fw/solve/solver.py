@@ -277,7 +277,6 @@ def _frank_wolfe(
                 per_candidate = evaluation.task_scores.sum(dim=2)
                 trace.task_scores = [[float(x) for x in row] for row in per_candidate]
                 if params.screen_per_task:  # by slope, from this gradient: no pass of its own
-                    at_base = not bool(table.coefficients().any())
                     screen, spent = start_screen(
                         per_candidate,
                         table,
@@ -286,7 +285,7 @@ def _frank_wolfe(
                         params.screen_floor,
                         by=params.screen_by,
                         oracle=oracle,
-                        at_base=evaluation.task_losses if at_base else None,
+                        start_losses=evaluation.task_losses,
                     )
                     evaluate.forwards += spent
                     trace.screen = screen.to_json()

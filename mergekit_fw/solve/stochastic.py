@@ -132,7 +132,6 @@ def _stochastic(
             trace.initial_loss = first.loss
             task_scores = first.task_scores.sum(dim=2)
             trace.task_scores = [[float(x) for x in row] for row in task_scores]
-            at_base = not bool(table.coefficients_for(start).any())
             screen, _ = start_screen(
                 task_scores,
                 table,
@@ -141,7 +140,7 @@ def _stochastic(
                 params.screen_floor,
                 by=params.screen_by,
                 oracle=oracle,
-                at_base=first.task_losses if at_base else None,
+                start_losses=first.task_losses,
             )  # its forward passes are the oracle's: counted below
             trace.screen = screen.to_json()
             constraint = apply_screen(screen, constraint, table.candidates, oracle)

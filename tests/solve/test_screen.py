@@ -451,3 +451,26 @@ def test_screened_by_both_a_task_keeps_what_either_signal_keeps_by_brute_force()
         chosen = {m for places in both.by_task.values() for m in places}
         assert both.kept == [n for n in names if n in chosen] and both.dropped == [n for n in names if n not in chosen]
         assert both.by == "both" and Screen.from_json(both.to_json()) == both
+
+
+def test_from_a_start_off_the_base_the_loss_screen_measures_falls_from_the_base():
+    """The start's task losses stand in for the base's only when the start is the base;
+    elsewhere the base's own pass is spent, and the falls are measured from it."""
+    from mergekit_fw.solve.screen import alone_falls, choose_members
+
+    toy = BatchedQuadratic(6, 3, 5, seed=4, batches_per_task=(1, 1, 1))
+    calls: list[torch.Tensor] = []
+    plain = toy.task_losses
+    toy.task_losses = lambda c: calls.append(c.clone()) or plain(c)  # type: ignore[method-assign]
+    table = toy.table("box")
+    table.weights[1], table.weights[0] = 0.5, 0.5  # the start uses member c0 at half weight
+    params = FrankWolfeParameters(calibration="unused.jsonl", constraint="box", iterations=3, screen_per_task=1,
+                                  screen_by="loss")
+    _, trace = solve(toy, table, params, progress=False)
+    assert len(calls) == 1 + 6 and not bool(calls[0].any())  # the base first, then each member alone
+    fresh = BatchedQuadratic(6, 3, 5, seed=4, batches_per_task=(1, 1, 1))
+    members, falls, _ = alone_falls(fresh, table.candidates, 3)
+    in_use = torch.tensor([True] + [False] * 5)
+    expected = choose_members(members, falls, table.candidates, [f"task {t}" for t in range(3)], 1,
+                              floor=params.screen_floor, in_use=in_use, by="loss")
+    assert trace.screen == expected.to_json() and "c0" in expected.kept
