@@ -54,13 +54,22 @@ def versus(stats: List[Stats], ours: str, theirs: str) -> str:
             f"**{verdict}** (on the mean); at or above on each seed: {holds(each)}")
 
 
+def above_data_free(stats: List[Stats]) -> str:
+    """The goal line "FW at its defaults beats the best data-free mergekit method by 5+
+    points"; a run limited to some methods (``--methods``) may lack either side."""
+    free = [s for s in stats if s.family == "data-free"]
+    fw = next((s for s in stats if s.method == DEFAULT_FW), None)
+    if not free or fw is None:
+        return "FW at its defaults against the best data-free mergekit method: not run on these seeds."
+    best = max(free, key=lambda s: s.mean)
+    return (f"FW at its defaults beats the best data-free mergekit method ({best.title}) by 5+ points: "
+            f"{fw.mean - best.mean:+.1f} -> **{'met' if fw.mean - best.mean >= 5 else 'missed'}**.")
+
+
 def summarize(per_seed: Dict[int, dict], figure: Path) -> Tuple[str, List[Stats]]:
     stats = collect(records_of(per_seed))
     some = per_seed[min(per_seed)]
     asked, members = some["asked"], some["members"]
-    free = [s for s in stats if s.family == "data-free"]
-    best_free = max(free, key=lambda s: s.mean)
-    fw = next(s for s in stats if s.method == DEFAULT_FW)
     lines = [f"- {versus(stats, DEFAULT_FW, rival)}." for rival in RIVALS if any(s.method == rival for s in stats)]
     text = (
         f"# Experiment 1: all methods, {len(members)}-member pool, asked: {', '.join(asked)}\n\n"
@@ -68,8 +77,7 @@ def summarize(per_seed: Dict[int, dict], figure: Path) -> Tuple[str, List[Stats]
         + "\n## Goals\n\n"
         "- FW at its defaults at or above the supervised layer-wise baseline and LoraHub, same rows:\n  "
         + "\n  ".join(lines) + "\n"
-        f"- FW at its defaults beats the best data-free mergekit method ({best_free.title}) by 5+ points: "
-        f"{fw.mean - best_free.mean:+.1f} -> **{'met' if fw.mean - best_free.mean >= 5 else 'missed'}**.\n"
+        f"- {above_data_free(stats)}\n"
         f"- {versus(stats, 'fw_entropy', 'adamerging')} (both without labels, the same entropy objective).\n"
         "- At equal passes (forward-pass equivalents, a gradient pass counting 3), against the supervised "
         "baseline on the same labels:\n"
