@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from mergekit_fw.config import ConfigError, parameter_descriptions
+from mergekit_fw.config import ConfigError, naming_config, parameter_descriptions
 from mergekit_fw.interrupts import RESUME_HINT, Interrupted, signals_raise
 
 LOG = logging.getLogger("mergekit_fw")
@@ -141,7 +141,7 @@ def run(
                 elif processes.is_main:  # the others only lent their share of the calibration batches
                     _write(result, merge_config, out_path, shard_size, quiet)
     except (ConfigError, ValueError, OSError) as error:
-        _fail(error)
+        _fail(naming_config(error, str(config_file)))
     except Interrupted as stop:
         _stopped(stop)
     _finish()
@@ -246,7 +246,7 @@ def inspect(config_file: Path, as_json: bool, trust_remote_code: bool) -> None:
             cache=cache_root(params) / "checks",
         )
     except (ConfigError, ValueError, OSError) as error:
-        _fail(error)
+        _fail(naming_config(error, str(config_file)))
     click.echo(json.dumps(check.to_json(), indent=2) if as_json else format_check(check))
     if check.first_error():
         sys.exit(1)
@@ -344,7 +344,7 @@ def solve(
             if processes.is_main:
                 result.table.save(table_path)
     except (ConfigError, ValueError, OSError) as error:
-        _fail(error)
+        _fail(naming_config(error, str(config_file)))
     except Interrupted as stop:
         _stopped(stop)
     _finish()

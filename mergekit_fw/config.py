@@ -25,6 +25,15 @@ class ConfigError(ValueError):
     """A user-facing configuration problem, raised before any maths runs."""
 
 
+def naming_config(error: Exception, source: str) -> Exception:
+    """``error``, naming the config file where its message starts at a parameter: the
+    checks that need the files a parameter points to (the calibration rows, the init
+    merge) run in the solve, which never sees the config's file name."""
+    if isinstance(error, ConfigError) and str(error).startswith("parameters."):
+        return ConfigError(f"{source}: {error}")
+    return error
+
+
 _ADDED_LATER: dict[str, Any] = {
     "constraint": "hull",
     "epsilon_relative": 0.0,

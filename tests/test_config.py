@@ -58,12 +58,12 @@ def test_commands_fail_early_naming_the_field(random_pool, tmp_path, parameters,
         from mergekit_fw.cli import main
 
         result = CliRunner().invoke(main, ["run", str(config), str(out)])
-        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.exit_code == 2 and f"{config}: {message}" in result.output, result.output
     else:
         argv = ["mergekit-yaml", str(config), str(out), "--lora-merge-cache", str(tmp_path / "cache")]
         done = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), timeout=300)
         assert done.returncode != 0
-        assert message in done.stderr
+        assert f"mergekit-fw: error: {config}: {message}" in done.stderr, done.stderr
     assert not out.exists()  # nothing written
     assert not (tmp_path / "cache").exists()  # failed before mergekit expanded any LoRA
 

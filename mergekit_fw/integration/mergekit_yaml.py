@@ -23,7 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
+
 from mergekit_fw import METHOD_NAME
+from mergekit_fw.config import naming_config
 from mergekit_fw.integration.artifacts import write_artifacts
 from mergekit_fw.integration.configs import pool_and_parameters
 from mergekit_fw.integration.method import remember_solve
@@ -90,6 +93,15 @@ def planning_untied(module: Any, untied: set[str]) -> Iterator[None]:
         planner.plan_tensor, module._model_out_config = plan_tensor, out_config
 
 
+def config_name() -> str:
+    """The config file as the user named it on ``mergekit-yaml``'s command line, for
+    errors: ``run_merge`` is handed the parsed config only. Outside that command (a
+    script calling ``run_merge`` itself) there is no file, and errors say "config"."""
+    context = click.get_current_context(silent=True)
+    name = context.params.get("config_file") if context is not None else None
+    return str(name) if name else "config"
+
+
 def wrap_run_merge(module: Any) -> None:
     """Replace ``module.run_merge`` (``mergekit.merge``) by the wrapper, once."""
     original = module.run_merge
@@ -107,13 +119,14 @@ def wrap_run_merge(module: Any) -> None:
         try:
             with signals_raise():
                 try:
+                    source = config_name()
                     spec, params = pool_and_parameters(
-                        merge_config, trust_remote_code=bool(getattr(options, "trust_remote_code", False))
+                        merge_config, source, trust_remote_code=bool(getattr(options, "trust_remote_code", False))
                     )
                     result = solve(spec, params, progress=not getattr(options, "quiet", False))
                     untied = _untied_heads(merge_config, options, result.pool.base_index.untied)
                 except (ValueError, OSError) as error:  # a bad pool, config or calibration file, a full disk
-                    raise SystemExit(f"mergekit-fw: error: {error}") from None
+                    raise SystemExit(f"mergekit-fw: error: {naming_config(error, source)}") from None
                 remember_solve(spec, params, result)
                 call["merge_config"] = graph_config(merge_config)
                 if options is not None:
