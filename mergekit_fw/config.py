@@ -146,13 +146,16 @@ class FrankWolfeParameters(BaseModel):
         2,
         ge=0,
         le=1000,
-        description="Before the solve moves, keep for each calibration task the N pool members whose "
-        "first gradient on that task's rows falls most steeply (summed over tensors, and over a LoRA's "
-        "rank components), and hold the others at 0: irrelevant members that the rows' noise would let in "
-        "stay out, and every member keeps a row in the table and the outputs. Costs no pass under hard and "
-        "soft FW (the first gradient is taken per task anyway), one gradient pass under the other solvers; "
-        "from then on the held members leave the oracle's model, so a pass costs what the kept members' does. "
-        "The log, the trace and the model card name what was kept. 0 keeps every member.",
+        description="Before the solve moves, keep for each calibration task the N pool members that help "
+        "it most, ranked as screen_by says (by how steeply the first gradient on the task's rows falls along "
+        "each, summed over tensors and over a LoRA's rank components; by the task's loss with each alone; or "
+        "the N of each, then up to 2N), and hold the others at 0: irrelevant members that the rows' noise "
+        "would let in stay out, and every member keeps a row in the table and the outputs. The slope costs "
+        "no pass under hard and soft FW (the first gradient is taken per task anyway), one gradient pass "
+        "under the other solvers; the loss one forward pass per member (under 'both', none where the slope "
+        "already keeps every member). From then on the held members leave "
+        "the oracle's model, so a pass costs what the kept members' does. The log, the trace and the model "
+        "card name what was kept. 0 keeps every member.",
     )
     screen_floor: float = Field(
         0.1,
@@ -164,14 +167,16 @@ class FrankWolfeParameters(BaseModel):
         "noise. 0 keeps the N steepest whatever their fall.",
     )
     screen_by: Literal["slope", "loss", "both"] = Field(
-        "slope",
+        "both",
         description="With the screen on, what ranks the members for a task: 'slope', how steeply the first "
         "gradient falls along each member on the task's rows (no pass of its own); 'loss', how far the "
         "task's loss falls from the base's with the member alone at full weight (one forward pass per "
-        "member); 'both', what either keeps. 'loss' still sees a task's own adapter when its help is flat "
-        "at the base, where the slope can rank it below unrelated members (full testbed, a build of seed 1: "
-        "firstbigger's own adapter was not among its 5 steepest); the slope also keeps related members "
-        "whose help shows at first and that help on unseen rows (quick testbed).",
+        "member, all tasks' losses from the same pass); 'both', what either keeps. 'loss' still sees a "
+        "task's own adapter when its help is flat at the base, where the slope can rank it below unrelated "
+        "members (full testbed, a build of seed 1: firstbigger's own adapter was not among its 5 steepest); "
+        "the slope also keeps related members whose help shows at first and that help on unseen rows (quick "
+        "testbed). 'slope' saves the pass per member, for a pool of many members whose tasks' own adapters "
+        "are known to help from the first step.",
     )
     learning_rate: float = Field(
         0.01,

@@ -23,7 +23,9 @@ The slope is a first-order reading: an adapter whose help on its own task is fla
 base (a build of the full testbed's seed 1: firstbigger's own adapter, not among the 5
 steepest on its rows) is ranked below unrelated members, and the screen holds it at 0.
 ``screen_by: loss`` ranks by what each member does alone instead: the task's loss with
-that member merged at full weight, one forward pass per member.
+that member merged at full weight, one forward pass per member. ``screen_by: both`` (the
+default) keeps what either keeps: on the quick testbed's cells it kept the slope's members
+or one more, and on that build it kept firstbigger's own adapter.
 
 What the solve may not use is held at 0 by a :class:`~mergekit_fw.solve.constraints.Face`
 of the constraint set, so the table, the outputs and a replay still name every member.
@@ -255,40 +257,40 @@ def start_screen(
     ``by``: 'slope' ranks by ``task_scores`` (the first gradient, per task); 'loss' by
     each member's loss alone (:func:`alone_falls`, through ``oracle``; ``start_losses``:
     the task losses at ``weights``, which are the base's when the start is the base, so that
-    pass is not spent again); 'both' keeps what either keeps."""
+    pass is not spent again); 'both' keeps what either keeps. Where the slope already
+    keeps every member (each asked task's own adapter in a pool of them), the loss has
+    nothing to add, and its pass per member is not spent."""
     tasks = [str(t) for t in table.meta.get("tasks", [])] or [f"task {t}" for t in range(task_scores.shape[0])]
     always = {INIT_VERTEX} if table.init is not None else set()
-    signals: dict[str, torch.Tensor] = {}
+    in_use = (weights[1:] != 0).any(dim=1)
+    screens: list[Screen] = []
     spent = 0
     if by in ("slope", "both"):
-        names, signals["slope"] = member_scores(task_scores, table.candidates, always)
-    if by in ("loss", "both"):
+        names, slopes = member_scores(task_scores, table.candidates, always)
+        screens.append(
+            choose_members(
+                names, slopes, table.candidates, tasks, per_task, floor=floor, always=always, in_use=in_use, by="slope"
+            )
+        )
+    if by == "loss" or (by == "both" and screens[0].dropped):
         if oracle is None:
             raise ValueError(f"screen_by {by} needs the oracle")
-        at_base = start_losses if not bool(weights[1:].any()) else None
-        names, signals["loss"], spent = alone_falls(oracle, table.candidates, weights.shape[1], always, at_base)
-    screens = [
-        choose_members(
-            names,
-            falls,
-            table.candidates,
-            tasks,
-            per_task,
-            floor=floor,
-            always=always,
-            in_use=(weights[1:] != 0).any(dim=1),
-            by=signal,
+        at_base = start_losses if not bool(in_use.any()) else None
+        names, falls, spent = alone_falls(oracle, table.candidates, weights.shape[1], always, at_base)
+        screens.append(
+            choose_members(
+                names, falls, table.candidates, tasks, per_task, floor=floor, always=always, in_use=in_use, by="loss"
+            )
         )
-        for signal, falls in signals.items()
-    ]
-    screen = screens[0] if len(screens) == 1 else joined(screens, names)
+    screen = joined(screens, names) if by == "both" else screens[0]
     log_screen(screen)
     return screen, spent
 
 
 def joined(screens: list[Screen], names: list[str]) -> Screen:
     """What either screen keeps (``screen_by: both``): a task's places under each signal,
-    in that order, and every member either kept, in pool order (``names``)."""
+    in that order, and every member either kept, in pool order (``names``). One screen
+    alone: the slope's, where it kept every member and the loss's was not taken."""
     first = screens[0]
     by_task = {task: list(dict.fromkeys(m for s in screens for m in s.by_task[task])) for task in first.by_task}
     chosen = {name for s in screens for name in s.kept}

@@ -335,6 +335,23 @@ def test_ranked_by_its_loss_alone_a_tasks_flat_specialist_is_kept(by):
     assert trace.passes["gradient"] == oracle.calls["evaluate"]
 
 
+def test_screened_by_both_where_the_slope_keeps_every_member_the_loss_pass_is_not_spent():
+    """The loss can add nothing to a screen that holds no member at 0 (asked = pool, each
+    task's own adapter among its steepest): its pass per member is saved, and the places
+    are the slope's. Where the slope holds one at 0, the pass is spent (the test above)."""
+    runs = {}
+    for by in ("slope", "loss", "both"):
+        oracle = FlatHelp()
+        params = FrankWolfeParameters(calibration="unused.jsonl", constraint="box", iterations=10, screen_per_task=3,
+                                      screen_floor=0.0, screen_by=by)
+        _, trace = solve(oracle, oracle.table(), params, progress=False)
+        assert trace.screen["by"] == by and trace.screen["dropped"] == []
+        assert trace.passes["forward"] == oracle.calls["loss"] + oracle.calls["task_losses"]
+        runs[by] = (trace.screen["by_task"], oracle.calls["task_losses"])
+    assert [runs[by][1] for by in ("slope", "loss", "both")] == [0, 3, 0]
+    assert runs["both"][0] == runs["slope"][0] != runs["loss"][0]
+
+
 def test_each_members_fall_alone_is_its_task_losses_at_full_weight_minus_the_bases():
     """Against a brute-force reading of the toy: each member's rows (its rank components)
     at 1 and every other row at 0; the initial merge's row is never a member."""
@@ -372,14 +389,15 @@ def test_the_gradient_solvers_screen_by_loss_alone_and_count_its_passes(solver):
     assert trace.passes["forward"] == pytest.approx(6 + 1) and trace.passes["gradient"] == pytest.approx(1 + 20)
 
 
-def test_screen_by_is_slope_or_loss_and_counts_only_under_the_screen():
+def test_screen_by_is_slope_loss_or_both_and_counts_only_under_the_screen():
     from mergekit_fw.config import ConfigError, parse_parameters
 
-    assert FrankWolfeParameters(calibration="x.jsonl").screen_by == "slope"
+    assert FrankWolfeParameters(calibration="x.jsonl").screen_by == "both"  # the default since 2026-12-07
     with pytest.raises(ConfigError, match="screen_by"):
         parse_parameters({"calibration": "x.jsonl", "screen_by": "gradient"})
     # slope is what solves before it did: left out of the fingerprint, as is any choice without a screen
-    assert "screen_by" not in FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()
+    assert "screen_by" not in FrankWolfeParameters(calibration="x.jsonl", screen_by="slope").fingerprint_fields()
+    assert FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()["screen_by"] == "both"
     assert "screen_by" not in FrankWolfeParameters(calibration="x.jsonl", screen_per_task=0,
                                                    screen_by="loss").fingerprint_fields()
     assert FrankWolfeParameters(calibration="x.jsonl", screen_by="loss").fingerprint_fields()["screen_by"] == "loss"
@@ -410,9 +428,11 @@ def test_a_screened_merge_names_every_member_and_says_what_it_kept(random_pool, 
     trace = json.loads((tmp_path / "fast" / "fw_trace.json").read_text())
     table = json.loads((tmp_path / "fast" / "fw_table.json").read_text())
     screen = trace["screen"]
-    assert set(screen["by_task"]) == {"reverse", "sort"} and all(len(v) == 1 for v in screen["by_task"].values())
+    # screen_by both (the default): a task's steepest member and its best alone, one or two members
+    assert set(screen["by_task"]) == {"reverse", "sort"} and all(len(v) in (1, 2) for v in screen["by_task"].values())
+    assert screen["by"] == "both"
     names = [m["model"] for m in models]
-    assert sorted(screen["kept"] + screen["dropped"]) == sorted(names) and len(screen["dropped"]) >= len(names) - 2
+    assert sorted(screen["kept"] + screen["dropped"]) == sorted(names) and len(screen["dropped"]) >= len(names) - 4
     # a member's rows: itself, or its rank components (granularity auto, from 50 rows a task)
     rows = {name: [i for i, c in enumerate(table["candidates"]) if c.split("#")[0] == name] for name in names}
     assert all(rows.values())  # every member keeps its rows in the table
@@ -421,7 +441,7 @@ def test_a_screened_merge_names_every_member_and_says_what_it_kept(random_pool, 
         assert float(coefficients[:, rows[name]].abs().max()) == 0.0
     assert float(coefficients[:, [i for n in screen["kept"] for i in rows[n]]].abs().max()) > 0.0
     card = (tmp_path / "fast" / "README.md").read_text()
-    assert "**Screened** (`screen_per_task: 1`, `screen_floor: 0.1`)" in card and "`screen_per_task: 1`" in card
+    assert "**Screened** (`screen_per_task: 1`, `screen_floor: 0.1`, `screen_by: both`)" in card
     assert all(f"`{name}`" in card.split("Held at 0:")[1] for name in screen["dropped"])
     assert f"held at 0: {', '.join(screen['dropped'])}" in output
 
