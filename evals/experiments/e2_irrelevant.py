@@ -28,8 +28,8 @@ CANDIDATE_DEFAULTS = ("fw_box", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_3
                       "fw_auto_screen2_floor0.1",
                       # ranked by each member's loss alone (a task's own adapter can be flat at the base)
                       "fw_auto_screen2_loss",
-                      # what either signal keeps
-                      "fw_auto_screen2_both",
+                      # what either signal keeps; one place a task by each
+                      "fw_auto_screen2_both", "fw_auto_screen1_both",
                       # hard FW with a cost per unit of weight (issue 17)
                       "fw_rank_wp0.3", "fw_box_arc_adaptive_30_wp0.3",
                       # stochastic FW per component kept irrelevant members at 0.22 of weight: with a
