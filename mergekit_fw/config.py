@@ -25,11 +25,23 @@ class ConfigError(ValueError):
     """A user-facing configuration problem, raised before any maths runs."""
 
 
+class ParameterError(ConfigError):
+    """A problem with one of the method's parameters that only the solve can see (a file
+    it points to is missing or broken, the model cannot do what it asks). The solve never
+    sees the config's file name: the commands add it (:func:`naming_config`)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"parameters.{field}: {problem}")
+        self.field, self.problem = field, problem
+
+    def __reduce__(self) -> tuple[type[ParameterError], tuple[str, str]]:
+        # crosses process boundaries (data parallel solves) with both parts
+        return type(self), (self.field, self.problem)
+
+
 def naming_config(error: Exception, source: str) -> Exception:
-    """``error``, naming the config file where its message starts at a parameter: the
-    checks that need the files a parameter points to (the calibration rows, the init
-    merge) run in the solve, which never sees the config's file name."""
-    if isinstance(error, ConfigError) and str(error).startswith("parameters."):
+    """``error``, naming the config file ``source`` where it is about one parameter."""
+    if isinstance(error, ParameterError):
         return ConfigError(f"{source}: {error}")
     return error
 
@@ -454,7 +466,7 @@ class FrankWolfeParameters(BaseModel):
             return None
         path = Path(self.init).expanduser()
         if not path.is_file():
-            raise ConfigError(f"parameters.init: file not found: {self.init!r} (resolved to {path.resolve()})")
+            raise ParameterError("init", f"file not found: {self.init!r} (resolved to {path.resolve()})")
         return path.resolve()
 
     def oracle_dtype_for(self, merge_dtype: str | None) -> str:
@@ -470,9 +482,7 @@ class FrankWolfeParameters(BaseModel):
         working directory, like mergekit's own model paths."""
         path = Path(self.calibration).expanduser()
         if not path.is_file():
-            raise ConfigError(
-                f"parameters.calibration: file not found: {self.calibration!r} (resolved to {path.resolve()})"
-            )
+            raise ParameterError("calibration", f"file not found: {self.calibration!r} (resolved to {path.resolve()})")
         return path.resolve()
 
     def fingerprint_fields(self) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """Bad configs fail before any maths, with a message naming the field."""
 
+import pickle
 import subprocess
 
 import pytest
 import yaml
 
-from mergekit_fw.config import ConfigError, parse_parameters
+from mergekit_fw.config import ConfigError, ParameterError, naming_config, parse_parameters
 from tests.conftest import subprocess_env
 
 
@@ -66,6 +67,18 @@ def test_commands_fail_early_naming_the_field(random_pool, tmp_path, parameters,
         assert f"mergekit-fw: error: {config}: {message}" in done.stderr, done.stderr
     assert not out.exists()  # nothing written
     assert not (tmp_path / "cache").exists()  # failed before mergekit expanded any LoRA
+
+
+def test_a_parameter_error_found_in_the_solve_is_given_the_config_file_name():
+    error = ParameterError("init", "file not found: 'table.json'")
+    assert isinstance(error, ConfigError) and error.field == "init"
+    assert str(naming_config(error, "fw.yml")) == "fw.yml: parameters.init: file not found: 'table.json'"
+    # one that already names its file (an init merge's own config) is left as it is
+    own = ConfigError("init.yml: init: base_model is 'a', but the pool's base is 'b'")
+    assert naming_config(own, "fw.yml") is own
+    # a data-parallel solve's worker hands its errors back pickled
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is ParameterError and (again.field, str(again)) == ("init", str(error))
 
 
 @pytest.mark.parametrize(

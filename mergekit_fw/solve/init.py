@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from mergekit_fw import METHOD_NAME
-from mergekit_fw.config import ConfigError, FrankWolfeParameters
+from mergekit_fw.config import ConfigError, FrankWolfeParameters, ParameterError
 from mergekit_fw.files import file_fingerprint, fingerprint
 from mergekit_fw.pool.candidates import load_dense
 from mergekit_fw.pool.components import parent_name
@@ -140,7 +140,7 @@ def starting_point(
         try:  # the whole weight on the initial merge: it is the first iterate, exactly
             table.weights = constraint_set(params.constraint, radius).start_at_init(*table.weights.shape)
         except ValueError as error:
-            raise ConfigError(f"parameters.init: {error}") from None
+            raise ParameterError("init", str(error)) from None
     table.constraint, table.radius = params.constraint, radius
     table.merge_fn = params.merge_fn
     table.density = params.density if params.merge_fn == "ties" else None
@@ -185,7 +185,7 @@ def load_init_table(path: Path) -> CoefficientTable:
     try:
         return CoefficientTable.load(path)
     except (TableError, KeyError) as error:
-        raise ConfigError(f"parameters.init: {error}") from None
+        raise ParameterError("init", str(error)) from None
 
 
 def _continue(

@@ -25,7 +25,7 @@ import torch
 from mergekit_fw import __version__
 from mergekit_fw.calibration.batches import build_calibration, encode, pad_token_id
 from mergekit_fw.calibration.rows import CalibrationExample, read_jsonl, select_per_task
-from mergekit_fw.config import ConfigError, FrankWolfeParameters
+from mergekit_fw.config import FrankWolfeParameters, ParameterError
 from mergekit_fw.distributed import Processes, current
 from mergekit_fw.files import file_fingerprint, fingerprint, write_json_atomic
 from mergekit_fw.merge_fn import merge_function
@@ -133,9 +133,10 @@ def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Process
     tokenizer = load_tokenizer(pool)
     placement = params.device_map
     if placement in ACCELERATE_PLACEMENTS and processes.parallel:
-        raise ConfigError(
-            f"parameters.device_map: {placement!r} spreads one model over every device; it cannot be "
-            "combined with data parallel processes (give each process a device, or run one process)"
+        raise ParameterError(
+            "device_map",
+            f"{placement!r} spreads one model over every device; it cannot be "
+            "combined with data parallel processes (give each process a device, or run one process)",
         )
     device_map = (
         placement
@@ -150,7 +151,7 @@ def load_base_model(pool: Pool, params: FrankWolfeParameters, processes: Process
     )
     if params.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
-            raise ConfigError(f"parameters.gradient_checkpointing: {type(model).__name__} does not support it")
+            raise ParameterError("gradient_checkpointing", f"{type(model).__name__} does not support it")
         # non-reentrant: the gates that carry the scores are not inputs of the layers
         enable = getattr(model, "activation_checkpointing_enable", None)  # the transformers 5 name
         if enable is not None:
@@ -204,9 +205,9 @@ def solve_cached(
         check_chat_rows(rows, load_tokenizer(pool), params)
     vertices = 1 + len(pool.candidates)
     if params.variant == "soft" and params.top_k > vertices:
-        raise ConfigError(
-            f"parameters.top_k = {params.top_k}, but the pool has {len(pool.candidates)} candidates "
-            f"({vertices} vertices with the base)"
+        raise ParameterError(
+            "top_k",
+            f"{params.top_k}, but the pool has {len(pool.candidates)} candidates ({vertices} vertices with the base)",
         )
     result = _solve_or_reuse(spec, pool, params, calibration, init, progress, upstream)
     result.check = check

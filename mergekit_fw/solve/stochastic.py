@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_fw.config import ConfigError, FrankWolfeParameters
+from mergekit_fw.config import FrankWolfeParameters, ParameterError
 from mergekit_fw.solve.constraints import fw_gap
 from mergekit_fw.solve.lmo import ranking, vertex_norms, vertex_scores
 from mergekit_fw.solve.penalty import WeightPenalty
@@ -114,9 +114,10 @@ def _stochastic(
         and params.lmo == "task"
         and not bool((table.weights == table.weights[:, :1]).all())
     ):
-        raise ConfigError(
-            "parameters.lmo: task with solver projected_gradient learns one coefficient per candidate for the "
-            "whole model, but the starting point (init) varies by tensor; use lmo: layer"
+        raise ParameterError(
+            "lmo",
+            "task with solver projected_gradient learns one coefficient per candidate for the "
+            "whole model, but the starting point (init) varies by tensor; use lmo: layer",
         )
     state = state or {}
     start = torch.tensor(state["start"], dtype=torch.float64) if "start" in state else table.weights.clone()
