@@ -155,7 +155,7 @@ class FrankWolfeParameters(BaseModel):
         "loss plus the cost. 0 turns it off.",
     )
     screen_per_task: int = Field(
-        2,
+        1,
         ge=0,
         le=1000,
         description="Before the solve moves, keep for each calibration task the N pool members that help "
@@ -167,13 +167,15 @@ class FrankWolfeParameters(BaseModel):
         "under the other solvers; the loss one forward pass per member (under 'both', none where the slope "
         "already keeps every member). From then on the held members leave "
         "the oracle's model, so a pass costs what the kept members' does. The log, the trace and the model "
-        "card name what was kept. 0 keeps every member.",
+        "card name what was kept. 1 (under 'both': the steepest and the best alone, one member where they "
+        "agree) also keeps out related members that the calibration rows pay for and unseen rows do not; 2 or "
+        "more for a task that several members help (fine-tunes of the same task). 0 keeps every member.",
     )
     screen_floor: float = Field(
         0.1,
         ge=0.0,
         lt=1.0,
-        description="With the screen on: after a task's steepest member, another is kept for that task only "
+        description="With the screen keeping 2 or more a task: after a task's steepest member, another is kept for that task only "
         "if its first gradient there falls at least this fraction as steeply (0.1: a tenth). Where the pool "
         "holds one specialist for a task, the next places otherwise go to members whose fall is the rows' "
         "noise. 0 keeps the N steepest whatever their fall.",

@@ -23,7 +23,7 @@ CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwis
                       # granularity auto (the defaults since): per rank component from 50 rows a task
                       "fw_auto", "fw_auto_screen2", "fw_auto_screen1", "fw_auto_screen3",
                       # the screen with its floor (the defaults), and by slope or by each member's loss alone
-                      "fw_auto_screen2_floor0.1", "fw_auto_screen2_both",
+                      "fw_auto_screen2_floor0.1", "fw_auto_screen2_both", "fw_auto_screen1_both",
                       # hard FW with a cost per unit of weight (issue 17)
                       "fw_rank_wp0.3", "fw_box_arc_adaptive_30_wp0.3",
                       # with a cost per unit of weight, added after the full testbed's k = 20 (issue 17)

@@ -224,7 +224,7 @@ def test_a_killed_screened_solve_resumes_on_its_face_to_the_same_bits(tmp_path, 
 def test_the_screen_setting_is_a_count_on_by_default_and_off_at_zero():
     from mergekit_fw.config import ConfigError, parse_parameters
 
-    assert FrankWolfeParameters(calibration="x.jsonl").screen_per_task == 2
+    assert FrankWolfeParameters(calibration="x.jsonl").screen_per_task == 1
     with pytest.raises(ConfigError, match="screen_per_task"):
         parse_parameters({"calibration": "x.jsonl", "screen_per_task": -1})
     with pytest.raises(ConfigError, match="screen_per_task"):
@@ -232,7 +232,7 @@ def test_the_screen_setting_is_a_count_on_by_default_and_off_at_zero():
     # off, it stays out of the fingerprint, so solves cached before it existed stay valid
     fields = FrankWolfeParameters(calibration="x.jsonl", screen_per_task=0).fingerprint_fields()
     assert "screen_per_task" not in fields
-    assert FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()["screen_per_task"] == 2
+    assert FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()["screen_per_task"] == 1
     assert FrankWolfeParameters(calibration="x.jsonl", screen_per_task=2).fingerprint_fields()["screen_per_task"] == 2
 
 
