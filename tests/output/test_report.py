@@ -147,8 +147,10 @@ def test_the_card_says_what_ranked_the_screens_members(by):
     screen = choose_members(table.candidates, falls, table.candidates, ["t0"], 1, floor=0.1, by=by).to_json()
     card = frank_wolfe_section(table, {"iterations": [], "stopped": "x", "screen": screen})
     line = next(line for line in card.splitlines() if line.startswith("**Screened**"))
-    assert line.startswith("**Screened** (`screen_per_task: 1`, `screen_floor: 0.1`"
+    # the floor judges second places: at 1 a task it has nothing to do, and the card leaves it out
+    assert line.startswith("**Screened** (`screen_per_task: 1`"
                            + (f", `screen_by: {by}`" if by != "slope" else "") + "): the solve used 1 of 3 members")
+    assert "screen_floor" not in card
     assert ("lowered some task's loss most when merged alone" in line) == (by == "loss")
     assert ("loss most when merged alone" in line) == (by != "slope")
     assert ("first gradient fell most steeply" in line) == (by != "loss")

@@ -441,7 +441,7 @@ def test_a_screened_merge_names_every_member_and_says_what_it_kept(random_pool, 
         assert float(coefficients[:, rows[name]].abs().max()) == 0.0
     assert float(coefficients[:, [i for n in screen["kept"] for i in rows[n]]].abs().max()) > 0.0
     card = (tmp_path / "fast" / "README.md").read_text()
-    assert "**Screened** (`screen_per_task: 1`, `screen_floor: 0.1`, `screen_by: both`)" in card
+    assert "**Screened** (`screen_per_task: 1`, `screen_by: both`)" in card
     assert all(f"`{name}`" in card.split("Held at 0:")[1] for name in screen["dropped"])
     assert f"held at 0: {', '.join(screen['dropped'])}" in output
 
