@@ -35,7 +35,8 @@ class ParameterError(ConfigError):
         self.field, self.problem = field, problem
 
     def __reduce__(self) -> tuple[type[ParameterError], tuple[str, str]]:
-        # crosses process boundaries (data parallel solves) with both parts
+        # its constructor takes two parts where its args hold one message: say how to rebuild it, so
+        # that pickle and copy work on it as on any exception
         return type(self), (self.field, self.problem)
 
 

@@ -76,7 +76,7 @@ def test_a_parameter_error_found_in_the_solve_is_given_the_config_file_name():
     # one that already names its file (an init merge's own config) is left as it is
     own = ConfigError("init.yml: init: base_model is 'a', but the pool's base is 'b'")
     assert naming_config(own, "fw.yml") is own
-    # a data-parallel solve's worker hands its errors back pickled
+    # like any exception, it survives pickle (a caller's process pool) with both parts
     again = pickle.loads(pickle.dumps(error))
     assert type(again) is ParameterError and (again.field, str(again)) == ("init", str(error))
 

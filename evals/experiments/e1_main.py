@@ -22,7 +22,8 @@ CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwis
                       "fw_rank", "pg_rank", "supervised_rank", "sfw_rank",
                       # granularity auto (the defaults since): per rank component from 50 rows a task
                       "fw_auto", "fw_auto_screen2", "fw_auto_screen1", "fw_auto_screen3",
-                      # the screen with its floor (the defaults), and by slope or by each member's loss alone
+                      # the slope's screen with its floor, and by slope or loss (the defaults of 2026-12-07);
+                      # one place a task by each (the defaults since the twelfth session)
                       "fw_auto_screen2_floor0.1", "fw_auto_screen2_both", "fw_auto_screen1_both",
                       # hard FW with a cost per unit of weight (issue 17)
                       "fw_rank_wp0.3", "fw_box_arc_adaptive_30_wp0.3",
