@@ -500,6 +500,8 @@ class FrankWolfeParameters(BaseModel):
         unused |= set(SOLVER_SPECIFIC) - set(SOLVER_SETTINGS[self.solver])
         if not self.screen_per_task:
             unused |= {"screen_floor", "screen_by"}
+        elif self.screen_per_task == 1:  # the floor judges second places; at 1 a task there are none
+            unused |= {"screen_floor"}
         return self.model_dump(
             exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map", "allow_pickle"}
             | unused
