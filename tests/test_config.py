@@ -183,19 +183,6 @@ def test_a_solver_s_unread_settings_stay_out_of_its_fingerprint():
     assert not {"gradient_steps", "learning_rate"} & set(fw.fingerprint_fields())
 
 
-def test_the_screen_s_floor_counts_in_the_fingerprint_only_where_it_judges_a_second_place():
-    """At one member a task the floor changes nothing, so a solve cached under another
-    floor is the same solve; from two a task it decides who is kept."""
-    def fields(per_task: int, floor: float) -> dict:
-        return parse_parameters({"calibration": "c.jsonl", "screen_per_task": per_task,
-                                 "screen_floor": floor}).fingerprint_fields()
-
-    assert fields(1, 0.1) == fields(1, 0.5) and "screen_floor" not in fields(1, 0.1)
-    assert fields(1, 0.1)["screen_by"] == "both"
-    assert fields(2, 0.1) != fields(2, 0.5) and fields(2, 0.5)["screen_floor"] == 0.5
-    assert not {"screen_floor", "screen_by"} & set(fields(0, 0.5))
-
-
 def test_readme_parameter_table_matches_the_config():
     from pathlib import Path
 

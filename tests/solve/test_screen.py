@@ -243,8 +243,15 @@ def test_the_floor_is_a_fraction_that_counts_only_under_the_screen():
         with pytest.raises(ConfigError, match="screen_floor"):
             parse_parameters({"calibration": "x.jsonl", "screen_floor": bad})
     assert FrankWolfeParameters(calibration="x.jsonl").screen_floor == 0.1
-    fields = FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()
-    assert fields["screen_floor"] == 0.1  # so a solve cached under the screen alone is not reused
+    # from 2 a task the floor decides who is kept, so a solve cached under another floor (or
+    # before the floor existed) is not reused
+    fields = FrankWolfeParameters(calibration="x.jsonl", screen_per_task=2).fingerprint_fields()
+    assert fields["screen_floor"] == 0.1
+    assert FrankWolfeParameters(calibration="x.jsonl", screen_per_task=2, screen_floor=0.5).fingerprint_fields() != fields
+    # at 1 a task (the default) it judges no second place: any floor is the same solve
+    one = FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()
+    assert "screen_floor" not in one and one["screen_by"] == "both"
+    assert FrankWolfeParameters(calibration="x.jsonl", screen_floor=0.5).fingerprint_fields() == one
     # a floor without a screen changes nothing, and a floor of 0 is what solves before it did
     assert "screen_floor" not in FrankWolfeParameters(calibration="x.jsonl", screen_per_task=0,
                                                       screen_floor=0.1).fingerprint_fields()
