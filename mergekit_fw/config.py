@@ -87,6 +87,12 @@ SOLVER_SPECIFIC = frozenset(name for names in SOLVER_SETTINGS.values() for name 
 SEARCHED_STEPS = ("line_search", "quadratic", "adaptive")
 
 
+def floor_acts(per_task: int) -> bool:
+    """Whether ``screen_floor`` can change what a screen of ``per_task`` keeps: it judges a
+    task's places after the first, so it has nothing to judge below 2 a task."""
+    return per_task >= 2
+
+
 class FrankWolfeParameters(BaseModel):
     """Everything that decides a Frank-Wolfe solve (and so enters its fingerprint)."""
 
@@ -500,7 +506,7 @@ class FrankWolfeParameters(BaseModel):
         unused |= set(SOLVER_SPECIFIC) - set(SOLVER_SETTINGS[self.solver])
         if not self.screen_per_task:
             unused |= {"screen_floor", "screen_by"}
-        elif self.screen_per_task == 1:  # the floor judges second places; at 1 a task there are none
+        elif not floor_acts(self.screen_per_task):
             unused |= {"screen_floor"}
         return self.model_dump(
             exclude={"cache_dir", "calibration", "init", "gradient_checkpointing", "device_map", "allow_pickle"}

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from mergekit_fw.config import SOLVER_SETTINGS, SOLVER_SPECIFIC
+from mergekit_fw.config import SOLVER_SETTINGS, SOLVER_SPECIFIC, floor_acts
 from mergekit_fw.output.export import REPLAY_FILE, UNTIE_COMMAND, no_replay_reason, untie_reason
 from mergekit_fw.pool.components import parent_name
 from mergekit_fw.solve.table import GRANULARITY_AUTO, CoefficientTable
@@ -61,8 +61,8 @@ def _shown(key: str, parameters: dict) -> bool:
         return parameters.get(key) != "candidate"
     if key in ("weight_penalty", "screen_per_task"):
         return bool(parameters.get(key))
-    if key == "screen_floor":  # it judges a task's second place: nothing to do at 1 a task
-        return bool(parameters.get(key)) and int(parameters.get("screen_per_task") or 0) >= 2
+    if key == "screen_floor":
+        return bool(parameters.get(key)) and floor_acts(int(parameters.get("screen_per_task") or 0))
     if key == "screen_by":
         return parameters.get(key) != "slope" and bool(parameters.get("screen_per_task"))
     if key == "solver":
@@ -156,7 +156,7 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
     if screen:
         lines += [
             f"**Screened** (`screen_per_task: {screen['per_task']}`"
-            + (f", `screen_floor: {screen['floor']}`" if screen.get("floor") and screen["per_task"] >= 2 else "")
+            + (f", `screen_floor: {screen['floor']}`" if screen.get("floor") and floor_acts(screen["per_task"]) else "")
             + (f", `screen_by: {screen['by']}`" if screen.get("by", "slope") != "slope" else "")
             + f"): the solve used {len(screen['kept'])} of "
             f"{len(screen['kept']) + len(screen['dropped'])} members, those "
