@@ -82,6 +82,9 @@ SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
     "projected_gradient": ("gradient_steps", "learning_rate", "weight_penalty"),
     "stochastic_frank_wolfe": ("gradient_steps", "lmo_score", "weight_penalty"),
 }
+# ``auto`` resolves to one of these two (mergekit_fw.solve.solver_choice), so it accepts what either reads
+AUTO_SOLVERS = ("frank_wolfe", "projected_gradient")
+SOLVER_SETTINGS["auto"] = tuple(dict.fromkeys(n for s in AUTO_SOLVERS for n in SOLVER_SETTINGS[s]))
 SOLVER_SPECIFIC = frozenset(name for names in SOLVER_SETTINGS.values() for name in names)
 # the step rules that search gamma on the loss, which away and pairwise steps need
 SEARCHED_STEPS = ("line_search", "quadratic", "adaptive")
@@ -134,9 +137,13 @@ class FrankWolfeParameters(BaseModel):
         "the final answer only (earlier turns are context); 'all': every assistant turn of the "
         "conversation, each given the turns before it.",
     )
-    solver: Literal["frank_wolfe", "projected_gradient", "stochastic_frank_wolfe"] = Field(
-        "frank_wolfe",
-        description="How the coefficients are found in the constraint set: 'frank_wolfe' (the paper: "
+    solver: Literal["auto", "frank_wolfe", "projected_gradient", "stochastic_frank_wolfe"] = Field(
+        "auto",
+        description="How the coefficients are found in the constraint set: 'auto' (the default) takes "
+        "'projected_gradient' where the granularity is rank_component (Frank-Wolfe's iterations do not "
+        "reach its many coordinates) and 'frank_wolfe' elsewhere, or the solver that a setting given away "
+        "from its default belongs to (iterations, step, ...: frank_wolfe; gradient_steps, learning_rate: "
+        "projected_gradient); the log and the model card say which and why; 'frank_wolfe' (the paper: "
         "LMO steps on full passes over the calibration set, sparse and certified by the FW gap); "
         "'projected_gradient' (Adam on one batch per task per step, projected back onto the set "
         "after each step; with objective entropy and constraint box, AdaMerging's layer-wise form); "
@@ -144,11 +151,12 @@ class FrankWolfeParameters(BaseModel):
         "the batch gradients, step 2 / (t + 8): Mokhtari et al.'s momentum stochastic Frank-Wolfe).",
     )
     gradient_steps: int = Field(
-        200,
+        400,
         ge=1,
         le=100_000,
         description="solver projected_gradient or stochastic_frank_wolfe: steps, each on one batch "
-        "(batch_size rows) of every calibration task, cycling through each task's rows.",
+        "(batch_size rows) of every calibration task, cycling through each task's rows (at 100 rows a "
+        "task and batch_size 16, 400 steps are 57 gradient passes over the calibration set).",
     )
     weight_penalty: float = Field(
         0.0,
@@ -402,7 +410,9 @@ class FrankWolfeParameters(BaseModel):
         def value(name: str) -> Any:
             return data.get(name, fields[name].default)
 
-        if value("solver") == "frank_wolfe" and (value("variant") != "hard" or value("step") not in SEARCHED_STEPS):
+        if value("solver") in ("frank_wolfe", "auto") and (
+            value("variant") != "hard" or value("step") not in SEARCHED_STEPS
+        ):
             return {**data, "direction": "frank_wolfe"}
         return data
 
@@ -432,6 +442,15 @@ class FrankWolfeParameters(BaseModel):
                 "; ".join(f"{n} only applies to solver: {' or '.join(readers[n])}" for n in wrong)
                 + f" (solver is {self.solver!r})"
             )
+        if self.solver == "auto":
+            named = self.named_for_solvers()
+            if all(named.values()):
+                raise ValueError(
+                    "solver auto was given settings that only one solver reads and settings that only the "
+                    "other reads: "
+                    + "; ".join(f"{', '.join(names)} ({solver})" for solver, names in named.items())
+                    + "; name the solver"
+                )
         if self.direction != "frank_wolfe" and (self.variant != "hard" or self.step not in SEARCHED_STEPS):
             raise ValueError(
                 f"direction {self.direction} needs variant: hard and step: line_search, quadratic or adaptive (its "
@@ -465,6 +484,18 @@ class FrankWolfeParameters(BaseModel):
             raise ValueError("answer_tokens needs entropy_positions: answer (it counts answer positions)")
         return self
 
+    def named_for_solvers(self) -> dict[str, list[str]]:
+        """Per choice of ``solver: auto``, the settings away from their defaults that only
+        it reads (values, not typed fields: mergekit's kernel sees the defaults filled in)."""
+        fields = type(self).model_fields
+        out = {}
+        for solver in AUTO_SOLVERS:
+            others = {n for s in AUTO_SOLVERS if s != solver for n in SOLVER_SETTINGS[s]}
+            out[solver] = [
+                n for n in SOLVER_SETTINGS[solver] if n not in others and getattr(self, n) != fields[n].default
+            ]
+        return out
+
     def radius_used(self) -> float | None:
         """The radius where the constraint reads one (the scaled hull's, the capped box's cap)."""
         return self.radius if self.constraint in ("scaled_hull", "capped_box") else None
@@ -497,7 +528,11 @@ class FrankWolfeParameters(BaseModel):
     def fingerprint_fields(self) -> dict[str, Any]:
         """Fields that change the result. The cache location and where or how the
         oracle runs do not, so a run resumed on another device (say, with gradient
-        checkpointing after running out of memory) continues the same solve."""
+        checkpointing after running out of memory) continues the same solve. Only of a
+        resolved solver (``mergekit_fw.solve.solver_choice``): ``auto`` reads what either
+        reads, so its fingerprint would not be the solve's."""
+        if self.solver == "auto":
+            raise ValueError("solver auto has no fingerprint: resolve it first (mergekit_fw.solve.solver_choice)")
         unused = {"radius"} if self.radius_used() is None else set()
         # settings added later, at the value that does what runs did before they existed:
         # left out, so that solves cached by earlier versions stay valid

@@ -121,8 +121,10 @@ def test_a_parameter_error_found_in_the_solve_is_given_the_config_file_name():
         ({"solver": "projected_gradient", "gradient_steps": 0}, "gradient_steps"),
         ({"solver": "projected_gradient", "learning_rate": 0.0}, "learning_rate"),
         # one solver's settings given to the other
-        ({"gradient_steps": 100}, "gradient_steps"),
-        ({"learning_rate": 0.1}, "learning_rate"),
+        ({"solver": "frank_wolfe", "gradient_steps": 100}, "gradient_steps"),
+        ({"solver": "frank_wolfe", "learning_rate": 0.1}, "learning_rate"),
+        # solver auto takes either's settings, not both's (it could not say which to run)
+        ({"iterations": 10, "gradient_steps": 100}, "solver"),
         ({"solver": "projected_gradient", "iterations": 30}, "iterations"),
         ({"solver": "projected_gradient", "step": "quadratic"}, "step"),
         ({"solver": "projected_gradient", "variant": "soft"}, "variant"),
@@ -177,7 +179,7 @@ def test_a_solver_s_unread_settings_stay_out_of_its_fingerprint():
     """Projected gradient reads no Frank-Wolfe setting: changing one (or its default)
     must not move a cached projected-gradient solve, and must move a Frank-Wolfe one."""
     pg = parse_parameters({"calibration": "c.jsonl", "solver": "projected_gradient"})
-    fw = parse_parameters({"calibration": "c.jsonl"})
+    fw = parse_parameters({"calibration": "c.jsonl", "solver": "frank_wolfe"})
     assert not {"iterations", "step", "direction", "variant"} & set(pg.fingerprint_fields())
     assert {"iterations", "step", "direction"} <= set(fw.fingerprint_fields())
     assert not {"gradient_steps", "learning_rate"} & set(fw.fingerprint_fields())
@@ -200,17 +202,20 @@ def test_settings_added_later_keep_earlier_fingerprints_at_their_old_behaviour()
     # the paper's settings, which were the defaults before these settings existed
     paper = {"constraint": "hull", "epsilon_relative": 0.0, "direction": "frank_wolfe", "step": "line_search",
              "iterations": 10}
-    plain = FrankWolfeParameters(calibration="c.jsonl", **paper).fingerprint_fields()
+    plain = FrankWolfeParameters(calibration="c.jsonl", solver="frank_wolfe", **paper).fingerprint_fields()
     assert not {"constraint", "radius", "epsilon_relative", "direction", "solver"} & set(plain)
     # today's defaults are not those, so they cannot reuse a solve cached at the old ones
-    defaults = FrankWolfeParameters(calibration="c.jsonl").fingerprint_fields()
+    defaults = FrankWolfeParameters(calibration="c.jsonl", solver="frank_wolfe").fingerprint_fields()
     assert defaults["constraint"] == "box" and defaults["direction"] == "projected_pairwise"
     assert defaults["epsilon_relative"] == 0.01 and defaults["iterations"] == 30
-    box = FrankWolfeParameters(calibration="c.jsonl", constraint="box").fingerprint_fields()
+    box = FrankWolfeParameters(calibration="c.jsonl", solver="frank_wolfe", constraint="box").fingerprint_fields()
     assert box["constraint"] == "box" and "radius" not in box
-    scaled = FrankWolfeParameters(calibration="c.jsonl", constraint="scaled_hull", radius=3.0).fingerprint_fields()
+    scaled = FrankWolfeParameters(
+        calibration="c.jsonl", solver="frank_wolfe", constraint="scaled_hull", radius=3.0
+    ).fingerprint_fields()
     assert scaled["radius"] == 3.0
-    assert FrankWolfeParameters(calibration="c.jsonl", epsilon_relative=0.1).fingerprint_fields()["epsilon_relative"] == 0.1
+    relative = FrankWolfeParameters(calibration="c.jsonl", solver="frank_wolfe", epsilon_relative=0.1)
+    assert relative.fingerprint_fields()["epsilon_relative"] == 0.1
     assert not {"solver", "gradient_steps", "learning_rate"} & set(plain)
     projected = FrankWolfeParameters(calibration="c.jsonl", solver="projected_gradient", learning_rate=0.02)
     assert projected.fingerprint_fields()["solver"] == "projected_gradient"
@@ -218,11 +223,15 @@ def test_settings_added_later_keep_earlier_fingerprints_at_their_old_behaviour()
     # a stochastic solver's settings count at their defaults too (a later default must not reuse old
     # solves), and only the ones it reads
     stochastic = FrankWolfeParameters(calibration="c.jsonl", solver="stochastic_frank_wolfe").fingerprint_fields()
-    assert stochastic["gradient_steps"] == 200 and "learning_rate" not in stochastic
+    assert stochastic["gradient_steps"] == 400 and "learning_rate" not in stochastic
     # the weight penalty came later: at 0 (what solves did before it) it leaves fingerprints alone
     assert "weight_penalty" not in stochastic
     penalised = FrankWolfeParameters(calibration="c.jsonl", solver="stochastic_frank_wolfe", weight_penalty=0.3)
     assert penalised.fingerprint_fields()["weight_penalty"] == 0.3
     # hard Frank-Wolfe reads it too
     assert "weight_penalty" not in plain
-    assert FrankWolfeParameters(calibration="c.jsonl", weight_penalty=0.3).fingerprint_fields()["weight_penalty"] == 0.3
+    penalised_fw = FrankWolfeParameters(calibration="c.jsonl", solver="frank_wolfe", weight_penalty=0.3)
+    assert penalised_fw.fingerprint_fields()["weight_penalty"] == 0.3
+    # solver auto has no fingerprint of its own: the solve's is the resolved solver's
+    with pytest.raises(ValueError, match="solver auto"):
+        FrankWolfeParameters(calibration="c.jsonl").fingerprint_fields()

@@ -28,7 +28,12 @@ CANDIDATE_DEFAULTS = ("fw_box", "fw_scaled_hull_2", "fw_box_30", "fw_box_pairwis
                       # hard FW with a cost per unit of weight (issue 17)
                       "fw_rank_wp0.3", "fw_box_arc_adaptive_30_wp0.3",
                       # with a cost per unit of weight, added after the full testbed's k = 20 (issue 17)
-                      "sfw_rank_wp0.3")
+                      "sfw_rank_wp0.3",
+                      # the defaults' screen, then projected gradient on the members kept (issue 17, k = 20)
+                      "pg_auto_screen1_both",
+                      # solver auto: the row above per rank component, fw_auto_screen1_both per candidate
+                      # (the defaults since the fourteenth session)
+                      "auto_screen1_both")
 
 
 def records(ctx: Context) -> list:

@@ -36,7 +36,12 @@ CANDIDATE_DEFAULTS = ("fw_box", "fw_box_30", "fw_box_pairwise_30", "fw_box_arc_3
                       # cost per unit of weight (weight_penalty), added after the full testbed's k = 20
                       "sfw_rank_wp0.3",
                       # the capped box: at most cap candidates (rank components) at full weight a tensor
-                      "fw_rank_cap40", "fw_box_cap4")
+                      "fw_rank_cap40", "fw_box_cap4",
+                      # the defaults' screen, then projected gradient on the members kept (issue 17, k = 20)
+                      "pg_auto_screen1_both",
+                      # solver auto: the row above per rank component, fw_auto_screen1_both per candidate
+                      # (the defaults since the fourteenth session)
+                      "auto_screen1_both")
 
 
 def run(ctx: Context) -> Path:

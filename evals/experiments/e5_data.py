@@ -23,7 +23,10 @@ CANDIDATE_DEFAULTS = ("fw_box_pairwise_30", "fw_box_arc_30", "fw_box_arc_adaptiv
                       # hard FW with a cost per unit of weight (issue 17)
                       "fw_rank_wp0.3", "fw_box_arc_adaptive_30_wp0.3",
                       # with a cost per unit of weight, added after the full testbed's k = 20 (issue 17)
-                      "sfw_rank_wp0.3")
+                      "sfw_rank_wp0.3",
+                      # the defaults' screen, then projected gradient (issue 17, k = 20); solver auto, the
+                      # defaults since the fourteenth session
+                      "pg_auto_screen1_both", "auto_screen1_both")
 
 
 def run(ctx: Context) -> Path:

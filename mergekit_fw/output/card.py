@@ -17,7 +17,7 @@ from pathlib import Path
 from mergekit_fw.config import SOLVER_SETTINGS, SOLVER_SPECIFIC, floor_acts
 from mergekit_fw.output.export import REPLAY_FILE, UNTIE_COMMAND, no_replay_reason, untie_reason
 from mergekit_fw.pool.components import parent_name
-from mergekit_fw.solve.table import GRANULARITY_AUTO, CoefficientTable
+from mergekit_fw.solve.table import GRANULARITY_AUTO, SOLVER_AUTO, CoefficientTable
 
 LOG = logging.getLogger(__name__)
 SECTION_TITLE = "## Frank-Wolfe merge (mergekit-fw)"
@@ -122,6 +122,14 @@ def frank_wolfe_section(table: CoefficientTable, trace: dict, top: int = 5) -> s
         *(
             [f"**Granularity** chosen by `granularity: auto`: {table.granularity} ({meta[GRANULARITY_AUTO]}).", ""]
             if GRANULARITY_AUTO in meta
+            else []
+        ),
+        *(
+            [
+                f"**Solver** chosen by `solver: auto`: {parameters.get('solver', 'frank_wolfe')} ({meta[SOLVER_AUTO]}).",
+                "",
+            ]
+            if SOLVER_AUTO in meta
             else []
         ),
         f"**Run:** {len(trace.get('iterations', []))} "

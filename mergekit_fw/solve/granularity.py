@@ -50,7 +50,7 @@ def choose_granularity(
         (params.constraint != "box", f"constraint {params.constraint} (rank components are measured in the box)"),
         (params.merge_fn != "convex", f"merge_fn {params.merge_fn} (it trims whole task vectors)"),
         (params.lmo != "layer", f"lmo {params.lmo}"),
-        (params.solver == "frank_wolfe" and params.variant != "hard", f"variant {params.variant}"),
+        (params.solver in ("frank_wolfe", "auto") and params.variant != "hard", f"variant {params.variant}"),
         (params.objective != "cross_entropy", f"objective {params.objective} (measured with labelled rows)"),
         (params.init.endswith((".yml", ".yaml")), "init is a mergekit merge (measured from the base)"),
     ]

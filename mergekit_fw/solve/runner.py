@@ -36,8 +36,9 @@ from mergekit_fw.pool.validate import PoolCheck, validated_pool
 from mergekit_fw.solve.granularity import resolve_granularity
 from mergekit_fw.solve.init import attach_init, check_init_config, load_init_table, starting_point
 from mergekit_fw.solve.solver import Trace, load_checkpoint, solve
+from mergekit_fw.solve.solver_choice import resolve_solver
 from mergekit_fw.solve.stochastic import solve_stochastic
-from mergekit_fw.solve.table import GRANULARITY, GRANULARITY_AUTO, UNTIED, CoefficientTable
+from mergekit_fw.solve.table import GRANULARITY, GRANULARITY_AUTO, SOLVER_AUTO, UNTIED, CoefficientTable
 from mergekit_fw.solve.upstream import Upstream, require
 
 LOG = logging.getLogger(__name__)
@@ -198,6 +199,9 @@ def solve_cached(
     params, chosen = resolve_granularity(params, pool, rows_per_task, init_granularity)
     if chosen is not None:
         LOG.info("granularity auto: %s (%s)", chosen.granularity, chosen.reason)
+    params, solver_chosen = resolve_solver(params)
+    if solver_chosen is not None:
+        LOG.info("solver auto: %s (%s)", solver_chosen.solver, solver_chosen.reason)
     if params.granularity == "rank_component":
         pool = split_rank_components(pool)
         LOG.info("granularity rank_component: %d vertices besides the base", len(pool.candidates))
@@ -211,8 +215,11 @@ def solve_cached(
         )
     result = _solve_or_reuse(spec, pool, params, calibration, init, progress, upstream)
     result.check = check
-    if chosen is not None:  # the card says why (a copy: a cached solve's table is shared)
-        result.table = replace(result.table, meta={**result.table.meta, GRANULARITY_AUTO: chosen.reason})
+    reasons = {
+        key: choice.reason for key, choice in ((GRANULARITY_AUTO, chosen), (SOLVER_AUTO, solver_chosen)) if choice
+    }
+    if reasons:  # the card says why (a copy: a cached solve's table is shared)
+        result.table = replace(result.table, meta={**result.table.meta, **reasons})
     return result
 
 

@@ -33,6 +33,8 @@ UNTIED = "untied"
 GRANULARITY = "granularity"
 # meta key: why granularity auto chose what it did (absent: the config named it)
 GRANULARITY_AUTO = "granularity_auto"
+# meta key: why solver auto chose what it did (absent: the config named it)
+SOLVER_AUTO = "solver_auto"
 
 
 class TableError(ValueError):

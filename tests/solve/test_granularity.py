@@ -24,6 +24,11 @@ def _params(**settings) -> FrankWolfeParameters:
     return FrankWolfeParameters(calibration="calib.jsonl", **settings)
 
 
+def _fingerprint(params: FrankWolfeParameters) -> dict:
+    """The fingerprint of the solve with ``params`` under Frank-Wolfe (solver auto has none)."""
+    return params.model_copy(update={"solver": "frank_wolfe"}).fingerprint_fields()
+
+
 @pytest.fixture(scope="module")
 def loras(random_pool):
     return open_pool(pool_spec(random_pool, kinds=("lora",)))
@@ -34,14 +39,14 @@ def test_auto_is_the_default_and_splits_loras_with_enough_rows_on_every_task(lor
     assert params.granularity == "auto"
     resolved, choice = resolve_granularity(params, loras, ENOUGH)
     assert resolved.granularity == choice.granularity == "rank_component"
-    assert resolved.fingerprint_fields() == _params(granularity="rank_component").fingerprint_fields()
+    assert _fingerprint(resolved) == _fingerprint(_params(granularity="rank_component"))
     # one task under the threshold keeps whole candidates, naming that task and its rows
     few = {**ENOUGH, "sort": RANK_ROWS - 1}
     resolved, choice = resolve_granularity(params, loras, few)
     assert resolved.granularity == "candidate" and f"'sort' has {RANK_ROWS - 1} rows" in choice.reason
     # resolved to candidate, the fingerprint is the one runs had before auto existed
-    assert resolved.fingerprint_fields() == _params(granularity="candidate").fingerprint_fields()
-    assert "granularity" not in resolved.fingerprint_fields()
+    assert _fingerprint(resolved) == _fingerprint(_params(granularity="candidate"))
+    assert "granularity" not in _fingerprint(resolved)
 
 
 @pytest.mark.parametrize(

@@ -224,16 +224,16 @@ def test_a_killed_screened_solve_resumes_on_its_face_to_the_same_bits(tmp_path, 
 def test_the_screen_setting_is_a_count_on_by_default_and_off_at_zero():
     from mergekit_fw.config import ConfigError, parse_parameters
 
-    assert FrankWolfeParameters(calibration="x.jsonl").screen_per_task == 1
+    assert FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe").screen_per_task == 1
     with pytest.raises(ConfigError, match="screen_per_task"):
         parse_parameters({"calibration": "x.jsonl", "screen_per_task": -1})
     with pytest.raises(ConfigError, match="screen_per_task"):
         parse_parameters({"calibration": "x.jsonl", "screen_per_task": 1.5})
     # off, it stays out of the fingerprint, so solves cached before it existed stay valid
-    fields = FrankWolfeParameters(calibration="x.jsonl", screen_per_task=0).fingerprint_fields()
+    fields = FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe", screen_per_task=0).fingerprint_fields()
     assert "screen_per_task" not in fields
-    assert FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()["screen_per_task"] == 1
-    assert FrankWolfeParameters(calibration="x.jsonl", screen_per_task=2).fingerprint_fields()["screen_per_task"] == 2
+    assert FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe").fingerprint_fields()["screen_per_task"] == 1
+    assert FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe", screen_per_task=2).fingerprint_fields()["screen_per_task"] == 2
 
 
 def test_the_floor_is_a_fraction_that_counts_only_under_the_screen():
@@ -242,20 +242,20 @@ def test_the_floor_is_a_fraction_that_counts_only_under_the_screen():
     for bad in (-0.1, 1.0, "a"):
         with pytest.raises(ConfigError, match="screen_floor"):
             parse_parameters({"calibration": "x.jsonl", "screen_floor": bad})
-    assert FrankWolfeParameters(calibration="x.jsonl").screen_floor == 0.1
+    assert FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe").screen_floor == 0.1
     # from 2 a task the floor decides who is kept, so a solve cached under another floor (or
     # before the floor existed) is not reused
-    fields = FrankWolfeParameters(calibration="x.jsonl", screen_per_task=2).fingerprint_fields()
+    fields = FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe", screen_per_task=2).fingerprint_fields()
     assert fields["screen_floor"] == 0.1
-    assert FrankWolfeParameters(calibration="x.jsonl", screen_per_task=2, screen_floor=0.5).fingerprint_fields() != fields
+    assert FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe", screen_per_task=2, screen_floor=0.5).fingerprint_fields() != fields
     # at 1 a task (the default) it judges no second place: any floor is the same solve
-    one = FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()
+    one = FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe").fingerprint_fields()
     assert "screen_floor" not in one and one["screen_by"] == "both"
-    assert FrankWolfeParameters(calibration="x.jsonl", screen_floor=0.5).fingerprint_fields() == one
+    assert FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe", screen_floor=0.5).fingerprint_fields() == one
     # a floor without a screen changes nothing, and a floor of 0 is what solves before it did
-    assert "screen_floor" not in FrankWolfeParameters(calibration="x.jsonl", screen_per_task=0,
+    assert "screen_floor" not in FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe", screen_per_task=0,
                                                       screen_floor=0.1).fingerprint_fields()
-    assert "screen_floor" not in FrankWolfeParameters(calibration="x.jsonl", screen_floor=0.0).fingerprint_fields()
+    assert "screen_floor" not in FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe", screen_floor=0.0).fingerprint_fields()
 
 
 
@@ -399,15 +399,15 @@ def test_the_gradient_solvers_screen_by_loss_alone_and_count_its_passes(solver):
 def test_screen_by_is_slope_loss_or_both_and_counts_only_under_the_screen():
     from mergekit_fw.config import ConfigError, parse_parameters
 
-    assert FrankWolfeParameters(calibration="x.jsonl").screen_by == "both"  # the default since 2026-12-07
+    assert FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe").screen_by == "both"  # the default since 2026-12-07
     with pytest.raises(ConfigError, match="screen_by"):
         parse_parameters({"calibration": "x.jsonl", "screen_by": "gradient"})
     # slope is what solves before it did: left out of the fingerprint, as is any choice without a screen
-    assert "screen_by" not in FrankWolfeParameters(calibration="x.jsonl", screen_by="slope").fingerprint_fields()
-    assert FrankWolfeParameters(calibration="x.jsonl").fingerprint_fields()["screen_by"] == "both"
-    assert "screen_by" not in FrankWolfeParameters(calibration="x.jsonl", screen_per_task=0,
+    assert "screen_by" not in FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe", screen_by="slope").fingerprint_fields()
+    assert FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe").fingerprint_fields()["screen_by"] == "both"
+    assert "screen_by" not in FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe", screen_per_task=0,
                                                    screen_by="loss").fingerprint_fields()
-    assert FrankWolfeParameters(calibration="x.jsonl", screen_by="loss").fingerprint_fields()["screen_by"] == "loss"
+    assert FrankWolfeParameters(calibration="x.jsonl", solver="frank_wolfe", screen_by="loss").fingerprint_fields()["screen_by"] == "loss"
     # a trace written before the setting reads back as ranked by slope
     old = {"per_task": 2, "floor": 0.1, "by_task": {"t": ["a"]}, "kept": ["a"], "dropped": ["b"]}
     assert Screen.from_json(old).by == "slope" and Screen.from_json(old).to_json() == {**old, "by": "slope"}
