@@ -4,18 +4,17 @@ same cached solve as one that named the same granularity."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from mergekit_fw.config import FrankWolfeParameters
-from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
 from mergekit_fw.integration.stock import solve
 from mergekit_fw.output.card import frank_wolfe_section
 from mergekit_fw.pool.pool import open_pool
 from mergekit_fw.solve.granularity import RANK_ROWS, GranularityChoice, choose_granularity, resolve_granularity
 from tests.oracle.helpers import pool_spec
-from tests.paths import mergekit_yaml, write_config
+from tests.paths import mergekit_yaml
+from tests.solve.helpers import rank_rows_configs
 
 ENOUGH = {"reverse": RANK_ROWS, "sort": RANK_ROWS + 7}
 
@@ -83,22 +82,7 @@ def test_an_auto_solve_is_the_named_solve_and_the_card_says_why(random_pool, tmp
     """Through the real entry point: enough rows on each task give a table per rank
     component, read back from the cache by a run that names rank_component, and the
     table carries the reason the card prints."""
-    calibration = tmp_path / "calib.jsonl"
-    with calibration.open("w") as handle:
-        for task in ("reverse", "sort"):
-            for i in range(RANK_ROWS):
-                handle.write(json.dumps({"task": task, "prompt": f"{task} a b", "completion": "= b a"[: 2 + i % 4]}) + "\n")
-    models = [{"model": f"{random_pool['base']}+{p}"} for p in random_pool["adapters"]]
-
-    def write(name: str, **parameters) -> Path:
-        return write_config(tmp_path / name, {
-            "merge_method": "frank_wolfe", "base_model": str(random_pool["base"]), "models": models, "dtype": "float32",
-            "parameters": {"calibration": str(calibration), "iterations": 1, "cache_dir": str(tmp_path / "cache"),
-                           **parameters}})
-
-    def config(name: str, **parameters) -> tuple:
-        return pool_and_parameters(load_merge_config(write(name, **parameters)))
-
+    write, config = rank_rows_configs(random_pool, tmp_path, iterations=1)
     auto = solve(*config("auto.yml"), progress=False)
     assert auto.table.granularity == "rank_component" and not auto.reused
     assert "at least 50 calibration rows" in auto.table.meta["granularity_auto"]

@@ -5,17 +5,15 @@ cached solve as one that named the same solver."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from mergekit_fw.config import ConfigError, FrankWolfeParameters, from_method_kwargs, parse_parameters
-from mergekit_fw.integration.configs import load_merge_config, pool_and_parameters
 from mergekit_fw.integration.stock import solve
 from mergekit_fw.output.card import frank_wolfe_section
-from mergekit_fw.solve.granularity import RANK_ROWS
 from mergekit_fw.solve.solver_choice import SolverChoice, choose_solver, resolve_solver
-from tests.paths import mergekit_yaml, write_config
+from tests.paths import mergekit_yaml
+from tests.solve.helpers import rank_rows_configs
 
 
 def _params(**settings) -> FrankWolfeParameters:
@@ -86,22 +84,7 @@ def test_an_auto_solve_is_the_named_solve_and_the_card_says_why(random_pool, tmp
     coefficient per rank component and projected gradient, read back from the cache by a run
     that names that solver, with the reason in the table and the card; mergekit-yaml makes
     the same choice."""
-    calibration = tmp_path / "calib.jsonl"
-    with calibration.open("w") as handle:
-        for task in ("reverse", "sort"):
-            for i in range(RANK_ROWS):
-                handle.write(json.dumps({"task": task, "prompt": f"{task} a b", "completion": "= b a"[: 2 + i % 4]}) + "\n")
-    models = [{"model": f"{random_pool['base']}+{p}"} for p in random_pool["adapters"]]
-
-    def write(name: str, **parameters) -> Path:
-        return write_config(tmp_path / name, {
-            "merge_method": "frank_wolfe", "base_model": str(random_pool["base"]), "models": models, "dtype": "float32",
-            "parameters": {"calibration": str(calibration), "batch_size": 64, "cache_dir": str(tmp_path / "cache"),
-                           **parameters}})
-
-    def config(name: str, **parameters) -> tuple:
-        return pool_and_parameters(load_merge_config(write(name, **parameters)))
-
+    write, config = rank_rows_configs(random_pool, tmp_path, batch_size=64)
     auto = solve(*config("auto.yml"), progress=False)
     assert auto.table.granularity == "rank_component" and not auto.reused
     assert len(auto.trace.iterations) == 400 and {r.direction for r in auto.trace.iterations} == {"projected_gradient"}
