@@ -140,8 +140,9 @@ class FrankWolfeParameters(BaseModel):
     solver: Literal["auto", "frank_wolfe", "projected_gradient", "stochastic_frank_wolfe"] = Field(
         "auto",
         description="How the coefficients are found in the constraint set: 'auto' (the default) takes "
-        "'projected_gradient' where the granularity is rank_component (Frank-Wolfe's iterations do not "
-        "reach its many coordinates) and 'frank_wolfe' elsewhere, or the solver that a setting given away "
+        "'projected_gradient' where the granularity is rank_component (many coefficients a tensor, which "
+        "projected gradient fitted further than Frank-Wolfe's iterations on the testbeds) and 'frank_wolfe' "
+        "elsewhere, or the solver that a setting given away "
         "from its default belongs to (iterations, step, ...: frank_wolfe; gradient_steps, learning_rate: "
         "projected_gradient); the log and the model card say which and why; 'frank_wolfe' (the paper: "
         "LMO steps on full passes over the calibration set, sparse and certified by the FW gap); "

@@ -53,8 +53,9 @@ DEFAULTS = defaults_row() or "fw_hard_layer"  # merge_method: frank_wolfe with n
 
 
 def ours(name: str) -> bool:
-    """mergekit-fw's own rows: its Frank-Wolfe variants and its stochastic solvers."""
-    return name.startswith(("fw_", "pg_", "sfw_"))
+    """mergekit-fw's own rows: every row that runs ``mergekit-fw run`` (its Frank-Wolfe variants,
+    its stochastic solvers, its defaults under ``solver: auto``)."""
+    return hasattr(method(name).produce, "settings")
 
 
 def goal_lines(stats: List[Stats], k: int) -> List[str]:

@@ -20,6 +20,14 @@ def test_the_defaults_and_the_best_row_of_ours_meet_or_miss_against_the_best_oth
     assert lines[1].startswith("- best row, pg_rank_500: 55.0 vs supervised 45.0: +10.0") and lines[1].endswith("**met**")
 
 
+def test_ours_are_the_rows_that_run_mergekit_fw_whatever_their_name():
+    """The defaults' row (``auto_screen1_both`` since solver auto) is mergekit-fw's; the
+    supervised recipe per rank component, an evals baseline, is another method."""
+    lines = goal_lines([_row("supervised_rank", 50.0), _row("auto_screen1_both", 61.0)], 20)
+    assert len(lines) == 1 and "auto_screen1_both: 61.0 vs supervised_rank 50.0: +11.0" in lines[0]
+    assert lines[0].endswith("**met**")
+
+
 def test_a_k_where_one_side_did_not_run_says_so():
     assert goal_lines([_row("fw_rank", 45.0)], 20) == ["- no other method ran at this k"]
     assert goal_lines([_row("supervised", 45.0)], 20) == ["- no row of mergekit-fw ran at this k"]
