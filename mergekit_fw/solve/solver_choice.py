@@ -47,7 +47,8 @@ def choose_solver(params: FrankWolfeParameters) -> SolverChoice:
         )
     return SolverChoice(
         "frank_wolfe",
-        f"granularity {params.granularity}: few coefficients a tensor, which Frank-Wolfe fits within its cap",
+        f"granularity {params.granularity}: few coefficients a tensor, where Frank-Wolfe spends fewer passes and "
+        "keeps its gap as a certificate",
     )
 
 
